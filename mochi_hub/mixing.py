@@ -1,0 +1,150 @@
+"""MoCHi: hard negative mixing for contrastive learning.
+
+Kalantidis, Sariyildiz, Pion, Weinzaepfel, Larlus. NeurIPS 2020, arXiv:2010.01028.
+
+Symbols follow the paper. For each query q (unit norm) and the queue Q of K unit-norm keys:
+- N: the number of hardest negatives kept per query (largest q.n), its "hard set";
+- s: synthetic negatives h = normalize(alpha n_i + (1 - alpha) n_j), alpha ~ U(0, 1), n_i, n_j from the hard set;
+- s': synthetic negatives h' = normalize(beta q~ + (1 - beta) n_j), beta ~ U(0, beta_max), q~ = q without
+  gradient, so the query's share stays below a half.
+
+Synthetic points serve their own query's logits only, never enter the queue, and carry no gradient.
+
+Nothing here materialises the B x (s + s') x D mixed vectors. Every n is unit norm, so
+    q.h  = (alpha q.n_i + (1 - alpha) q.n_j) / sqrt(alpha^2 + (1 - alpha)^2 + 2 alpha (1 - alpha) n_i.n_j)
+    q.h' = (beta q.q~ + (1 - beta) q.n_j) / sqrt(beta^2 |q~|^2 + (1 - beta)^2 + 2 beta (1 - beta) q~.n_j)
+The numerators reuse entries of l_neg = q Q^T (which carry q's gradient); the denominators are constants
+for backward (n_i.n_j needs one dot product per pair, computed without grad in bounded chunks). The
+gradient w.r.t. q is then exactly the mixed point h (or h'), as with the materialised form.
+
+Sampling (indices and coefficients, from a torch.Generator) is kept apart from computing, so the math
+can be checked against a slow reference with a fixed plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Upper bound on the elements of the temporary [rows, s, D] gather used for the pair dot products.
+PAIR_CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass(frozen=True)
+class MixingPlan:
+    """The random part of one MoCHi step: which hard negatives to mix, and with which weights.
+
+    Indices are positions in each query's own hard set (0..N-1), not queue rows.
+    """
+
+    pair_i: Tensor  # [B, s] long
+    pair_j: Tensor  # [B, s] long
+    alpha: Tensor  # [B, s] in (0, 1): weight of n_i
+    query_j: Tensor  # [B, s'] long
+    beta: Tensor  # [B, s'] in (0, beta_max): weight of the query
+
+    @property
+    def s(self) -> int:
+        return self.pair_i.shape[1]
+
+    @property
+    def s_prime(self) -> int:
+        return self.query_j.shape[1]
+
+    def to(self, device: torch.device | str) -> MixingPlan:
+        return MixingPlan(*(t.to(device, non_blocking=True) for t in
+                            (self.pair_i, self.pair_j, self.alpha, self.query_j, self.beta)))
+
+
+def check_mochi_settings(n_hard: int, s: int, s_prime: int, *, queue_size: int | None = None,
+                         beta_max: float = 0.5) -> None:
+    """Raise ValueError naming the setting when (N, s, s') or beta_max cannot work."""
+    for name, value in (("N (n_hard)", n_hard), ("s", s), ("s' (s_prime)", s_prime)):
+        if value < 0:
+            raise ValueError(f"MoCHi {name} must be >= 0, got {value}")
+    if n_hard == 0 and (s > 0 or s_prime > 0):
+        raise ValueError(f"MoCHi N (n_hard) = 0 leaves nothing to mix, but s={s}, s'={s_prime}; "
+                         "use N > 0, or (0, 0, 0) for plain MoCo-v2")
+    if queue_size is not None and n_hard > queue_size:
+        raise ValueError(f"MoCHi N (n_hard) = {n_hard} exceeds the queue size K = {queue_size}")
+    if not 0.0 < beta_max < 1.0:
+        raise ValueError(f"MoCHi beta_max must lie in (0, 1), got {beta_max}")
+
+
+def hardest_negatives(l_neg: Tensor, n: int) -> Tensor:
+    """Per query, the queue indices of the n largest entries of l_neg = q @ queue.T.
+
+    l_neg: [B, K]. Returns [B, n] long, hardest first.
+    """
+    if not 0 < n <= l_neg.shape[1]:
+        raise ValueError(f"MoCHi N (n_hard) must lie in 1..K = {l_neg.shape[1]}, got {n}")
+    return l_neg.detach().topk(n, dim=1, sorted=True).indices  # [B, n]
+
+
+def sample_plan(batch: int, n_hard: int, s: int, s_prime: int, *, beta_max: float = 0.5,
+                generator: torch.Generator | None = None) -> MixingPlan:
+    """Draw the mixing plan for a batch: all randomness comes from `generator` (on its device)."""
+    check_mochi_settings(n_hard, s, s_prime, beta_max=beta_max)
+    device = generator.device if generator is not None else torch.device("cpu")
+
+    def positions(count: int) -> Tensor:
+        return torch.randint(n_hard, (batch, count), generator=generator, device=device)
+
+    pair_i, pair_j = positions(s), positions(s)  # [B, s] each
+    alpha = torch.rand(batch, s, generator=generator, device=device)  # [B, s] ~ U(0, 1)
+    query_j = positions(s_prime)  # [B, s']
+    beta = beta_max * torch.rand(batch, s_prime, generator=generator, device=device)  # [B, s'] ~ U(0, beta_max)
+    return MixingPlan(pair_i, pair_j, alpha, query_j, beta)
+
+
+def require_finite(name: str, tensor: Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} holds non-finite values (NaN or Inf)")
+
+
+@torch.no_grad()
+def _pair_dots(queue: Tensor, rows_i: Tensor, rows_j: Tensor) -> Tensor:
+    """n_i . n_j for each pair of queue rows: [B, s] from rows [B, s], in bounded chunks of queries."""
+    batch, s = rows_i.shape
+    out = torch.empty(batch, s, dtype=queue.dtype, device=queue.device)
+    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, s * queue.shape[1]))
+    for start in range(0, batch, chunk):
+        stop = start + chunk
+        n_i = queue[rows_i[start:stop]]  # [chunk, s, D]
+        n_j = queue[rows_j[start:stop]]  # [chunk, s, D]
+        out[start:stop] = (n_i * n_j).sum(-1)  # [chunk, s]
+    return out
+
+
+def synthetic_logits(q: Tensor, l_neg: Tensor, queue: Tensor, hard: Tensor, plan: MixingPlan) -> Tensor:
+    """Cosine similarity of each query with its s + s' synthetic negatives, pair mixes first.
+
+    q: [B, D] unit-norm queries (with gradient); l_neg: [B, K] = q @ queue.T, computed from this q so
+    that it carries q's gradient; queue: [K, D] unit rows; hard: [B, N] queue indices from
+    `hardest_negatives`; plan: from `sample_plan`. Returns [B, s + s'] in q's dtype.
+    """
+    require_finite("q", q)
+    queue = queue.detach()
+    plan = plan.to(q.device)
+    dtype = q.dtype
+
+    # Pair mixes: h = normalize(alpha n_i + (1 - alpha) n_j).
+    rows_i = hard.gather(1, plan.pair_i)  # [B, s] queue rows
+    rows_j = hard.gather(1, plan.pair_j)  # [B, s]
+    alpha = plan.alpha.to(dtype)  # [B, s]
+    n_dot = _pair_dots(queue, rows_i, rows_j).to(dtype)  # [B, s] n_i.n_j, no grad
+    pair_norm = (alpha.square() + (1 - alpha).square() + 2 * alpha * (1 - alpha) * n_dot).sqrt()  # [B, s]
+    pair = (alpha * l_neg.gather(1, rows_i) + (1 - alpha) * l_neg.gather(1, rows_j)) / pair_norm  # [B, s]
+
+    # Query mixes: h' = normalize(beta q~ + (1 - beta) n_j), q~ = q detached.
+    rows_q = hard.gather(1, plan.query_j)  # [B, s']
+    beta = plan.beta.to(dtype)  # [B, s']
+    q_dot_qt = (q * q.detach()).sum(1, keepdim=True)  # [B, 1] value |q|^2, gradient q~
+    qt_sq = q_dot_qt.detach()  # [B, 1] |q~|^2
+    qt_dot_n = l_neg.detach().gather(1, rows_q)  # [B, s'] q~.n_j, no grad
+    query_norm = (beta.square() * qt_sq + (1 - beta).square() + 2 * beta * (1 - beta) * qt_dot_n).sqrt()
+    query = (beta * q_dot_qt + (1 - beta) * l_neg.gather(1, rows_q)) / query_norm  # [B, s']
+
+    return torch.cat([pair, query], dim=1)  # [B, s + s']
