@@ -1,6 +1,64 @@
+"""`mochi train`: options -> TrainConfig -> mochi_hub.train.train."""
+
+from __future__ import annotations
+
+from typing import Any
+
 import typer
 
+from mochi_hub.config import TRAIN_PRESETS, TrainConfig, resolve_train_config
 
-def train() -> None:
-    typer.echo("mochi train: not implemented yet", err=True)
-    raise typer.Exit(2)
+from .options import config_options, with_signature
+
+HELP = {
+    "dataset": "Hub dataset id (org/name), local imagefolder (train/ [val/]), or imagenet-100 | imagenet-1k | fashion-mnist.",
+    "model": "timm architecture of the backbone (created with num_classes=0). [default: resnet50]",
+    "image_size": "Crop size of the augmented views, in pixels. [default: 224]",
+    "epochs": "Training epochs. [default: 200]",
+    "batch_size": "Global batch size, split evenly over processes. [default: 256]",
+    "queue_size": "K, the number of negatives in the queue. [default: 16384]",
+    "mochi": "MoCHi N,s,s' (hardest negatives, pair mixes, query mixes); 0,0,0 is plain MoCo-v2. [default: 1024,1024,512]",
+    "warmup_epochs": "Epochs of plain MoCo-v2 before mixing starts. [default: 10]",
+    "lr": "Base learning rate. [default: 0.03 x batch-size / 256]",
+    "temperature": "Softmax temperature tau. [default: 0.2]",
+    "key_momentum": "Momentum m of the key encoder update. [default: 0.999]",
+    "seed": "Seed of every random draw (data order, augmentation, plans). [default: 0]",
+    "workers": "Data-loading worker processes per training process. [default: 4]",
+    "output": "Run directory: run.json, metrics.jsonl, checkpoints/, export/. [default: runs/mochi]",
+    "max_steps": "Stop after this many steps (smoke runs); still checkpoints and exports.",
+    "save_every_steps": "Also checkpoint every N steps (always at each epoch end).",
+    "resume": "Continue from a checkpoint folder, or 'auto' for the newest complete one in --output.",
+    "mixed_precision": "no | bf16 | fp16 (logits, loss and queue stay in fp32). [default: no]",
+    "preset": f"Start from a preset: {', '.join(TRAIN_PRESETS)}.",
+    "proj_dim": "Output width of the MLP projection head. [default: 128]",
+    "weight_decay": "SGD weight decay. [default: 1e-4]",
+    "sgd_momentum": "SGD momentum. [default: 0.9]",
+    "beta_max": "Upper bound of the query's weight beta in query mixes. [default: 0.5]",
+    "channels_last": "Use channels_last memory format (faster on CPUs and tensor cores).",
+    "log_every_steps": "Write a metrics.jsonl line every N steps. [default: 10]",
+    "keep_checkpoints": "Number of newest checkpoints kept. [default: 2]",
+    "strict_data": "Stop at the first unusable image instead of reporting and skipping it.",
+    "max_train_images": "Use only the first N training images (smoke runs, CPU studies).",
+    "report_to": "Trackers: auto (TensorBoard when installed) | none | tensorboard | wandb | trackio. [default: auto]",
+    "on_nonfinite": "On a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step. [default: stop]",
+}
+
+
+def run(**options: Any) -> None:
+    try:
+        config = resolve_train_config(**options)
+    except ValueError as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    from mochi_hub.data import BadImageError
+    from mochi_hub.train import NonFiniteLossError, train as train_run
+
+    try:
+        train_run(config)
+    except (ValueError, BadImageError, NonFiniteLossError) as error:  # bad input or a stopped run: no traceback
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+train = with_signature(run, config_options(TrainConfig, HELP),
+                       "Pretrain a timm backbone with MoCo-v2 + MoCHi (Accelerate: CPU, GPUs, nodes).")

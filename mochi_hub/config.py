@@ -16,6 +16,7 @@ from typing import Any
 from .mixing import check_mochi_settings
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+REPORTERS = ("auto", "none", "tensorboard", "wandb", "trackio")
 
 
 def parse_mochi(value: str | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
@@ -73,6 +74,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     strict_data: bool = False
     max_train_images: int | None = None  # subset for smoke runs and the CPU study
+    report_to: str = "auto"  # Accelerate trackers: auto (TensorBoard when installed), none, tensorboard, wandb, trackio
+    on_nonfinite: str = "stop"  # a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step
 
     def __post_init__(self) -> None:
         self.mochi = parse_mochi(self.mochi)
@@ -89,6 +92,10 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        if self.report_to not in REPORTERS:
+            raise ValueError(f"--report-to must be one of {', '.join(REPORTERS)}, got {self.report_to!r}")
         if self.queue_size < self.batch_size:
             raise ValueError(f"--queue-size (K = {self.queue_size}) must be at least the global "
                              f"--batch-size ({self.batch_size})")

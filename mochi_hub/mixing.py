@@ -99,9 +99,13 @@ def sample_plan(batch: int, n_hard: int, s: int, s_prime: int, *, beta_max: floa
     return MixingPlan(pair_i, pair_j, alpha, query_j, beta)
 
 
+class NonFiniteError(ValueError):
+    """An input of the loss holds NaN or Inf: training decides whether to stop or skip the step."""
+
+
 def require_finite(name: str, tensor: Tensor) -> None:
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} holds non-finite values (NaN or Inf)")
+        raise NonFiniteError(f"{name} holds non-finite values (NaN or Inf)")
 
 
 @torch.no_grad()
