@@ -95,7 +95,7 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     real gloo group; a plain Accelerator would silently run independent single-process jobs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = world > 1 and not torch.cuda.is_available()
-    log_with = _trackers(config.report_to)
+    log_with = _trackers(config.report_to) or None
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=log_with,
                               project_dir=str(run_dir))
     if accelerator.num_processes != world:

@@ -1,0 +1,81 @@
+"""The negative queue and the typed config: exact contents, wrap-around, validation, precedence."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mochi_hub.config import TRAIN_PRESETS, TrainConfig, resolve_train_config
+from mochi_hub.queue import NegativeQueue
+
+
+def test_enqueue_wraps_around_when_k_is_not_a_multiple_of_the_batch():
+    queue = NegativeQueue(size=5, dim=2)
+    batches = [torch.full((3, 2), float(i)) for i in range(1, 4)]  # 3 keys a step, K = 5
+    for i, keys in enumerate(batches):
+        queue.enqueue(keys, torch.full((3,), i))
+    # rows 0-2 <- batch 1, rows 3-4 and 0 <- batch 2, rows 1-3 <- batch 3: pointer at 4.
+    assert queue.keys[:, 0].tolist() == [2.0, 3.0, 3.0, 3.0, 2.0]
+    assert queue.labels.tolist() == [1, 2, 2, 2, 1]
+    assert int(queue.ptr) == 4
+
+
+def test_queue_state_round_trip():
+    queue = NegativeQueue(size=7, dim=3, generator=torch.Generator().manual_seed(0))
+    queue.enqueue(F.normalize(torch.randn(4, 3), dim=1), torch.arange(4))
+    restored = NegativeQueue(size=7, dim=3)
+    restored.load_state_dict(queue.state_dict())
+    assert set(queue.state_dict()) == {"keys", "labels", "ptr"}
+    for name, tensor in queue.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor)
+
+
+def test_queue_starts_with_unit_rows_and_refuses_more_keys_than_rows():
+    queue = NegativeQueue(size=4, dim=8)
+    torch.testing.assert_close(queue.keys.norm(dim=1), torch.ones(4))
+    with pytest.raises(ValueError, match="global batch"):
+        queue.enqueue(torch.zeros(5, 8))
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(queue_size=128, batch_size=256), "--queue-size"),
+    (dict(queue_size=512, batch_size=256, mochi=(1024, 16, 16)), "exceeds the queue size"),
+    (dict(mochi="0,16,0"), "N \\(n_hard\\) = 0"),
+    (dict(mochi="16,0,8", warmup_epochs=5, epochs=5), "--warmup-epochs"),
+    (dict(mochi="1,2"), "--mochi"),
+    (dict(temperature=0.0), "--temperature"),
+    (dict(batch_size=0), "--batch-size"),
+    (dict(key_momentum=1.0), "--key-momentum"),
+    (dict(mixed_precision="fp8"), "--mixed-precision"),
+    (dict(beta_max=0.7 + 0.5), "beta_max"),
+    (dict(preset="imagenet-22k"), "--preset"),
+    (dict(color="blue"), "unknown config field"),
+])
+def test_bad_settings_name_the_option(options, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_train_config(**options)
+
+
+def test_precedence_defaults_preset_file_options(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("epochs: 7\nqueue_size: 2048\nmochi: [64, 32, 16]\n")
+    config = resolve_train_config(preset="demo", config_file=config_file, queue_size=4096, lr=None)
+    assert config.model == TRAIN_PRESETS["demo"]["model"]  # preset over default
+    assert config.epochs == 7 and config.mochi == (64, 32, 16)  # file over preset
+    assert config.queue_size == 4096  # option over file
+    assert config.lr == TRAIN_PRESETS["demo"]["lr"]  # None means "not given"
+    assert config.preset == "demo"
+    json_file = tmp_path / "c.json"
+    json_file.write_text(json.dumps({"seed": 3}))
+    assert resolve_train_config(config_file=json_file).seed == 3
+
+
+def test_paper_presets_hold_the_paper_settings():
+    i100 = resolve_train_config(preset="imagenet-100")
+    assert (i100.queue_size, i100.mochi, i100.warmup_epochs, i100.epochs, i100.batch_size) == (
+        16384, (1024, 1024, 512), 10, 200, 256)
+    i1k = resolve_train_config(preset="imagenet-1k")
+    assert (i1k.queue_size, i1k.warmup_epochs) == (65536, 15)
+    assert i100.base_lr == pytest.approx(0.03) and TrainConfig(batch_size=512, queue_size=4096).base_lr == pytest.approx(0.06)
+    assert (i100.temperature, i100.key_momentum, i100.proj_dim) == (0.2, 0.999, 128)

@@ -1,0 +1,183 @@
+"""`mochi train` end to end on real Fashion-MNIST images with a tiny timm backbone."""
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mochi_hub import train as train_module
+from mochi_hub.cli.app import app
+from mochi_hub.config import TrainConfig
+from mochi_hub.data import DEBIAN_FASHION_MNIST
+from mochi_hub.train import GlobalBatches, cosine_lr, train
+
+pytestmark = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
+                                reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+
+
+def tiny(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    """4 steps an epoch: 64 real images, global batch 16, K = 64."""
+    values = dict(dataset="fashion-mnist", model="test_resnet", image_size=32, epochs=2, batch_size=16,
+                  queue_size=64, mochi=(8, 8, 4), warmup_epochs=1, max_train_images=64, workers=0,
+                  output=str(tmp_path / name), log_every_steps=1, report_to="none", keep_checkpoints=5)
+    return TrainConfig(**(values | overrides))
+
+
+def snapshot(info) -> dict[str, torch.Tensor]:
+    tensors = {f"query.{k}": v.detach().clone() for k, v in info["query"].state_dict().items()}
+    tensors.update({f"queue.{k}": v.detach().clone() for k, v in info["queue"].state_dict().items()})
+    return tensors
+
+
+def run_recording(config: TrainConfig) -> dict[int, dict[str, torch.Tensor]]:
+    states = {}
+    train(config, on_step=lambda step, info: states.__setitem__(step, snapshot(info)))
+    return states
+
+
+def test_cosine_schedule_and_global_batches():
+    assert cosine_lr(0, 100, 0.3) == pytest.approx(0.3)
+    assert cosine_lr(50, 100, 0.3) == pytest.approx(0.15)
+    assert cosine_lr(100, 100, 0.3) == pytest.approx(0.0)
+    ranks = [list(GlobalBatches(50, 8, seed=1, epoch=2, rank=r, world=2)) for r in range(2)]
+    assert len(ranks[0]) == 6  # 50 // 8 global batches, the last partial one dropped
+    merged = [ranks[0][b] + ranks[1][b] for b in range(6)]  # rank 0 holds the first half of each batch
+    assert sorted(i for batch in merged for i in batch) == sorted(set(i for batch in merged for i in batch))
+    assert list(GlobalBatches(50, 8, seed=1, epoch=2, rank=1, world=2, start=4)) == ranks[1][4:]
+    assert list(GlobalBatches(50, 8, seed=1, epoch=3, rank=0, world=2)) != ranks[0]
+
+
+def test_mochi_on_and_off_are_identical_through_warmup_then_differ(tmp_path):
+    mochi = run_recording(tiny(tmp_path, "mochi"))
+    moco = run_recording(tiny(tmp_path, "moco", mochi=(0, 0, 0)))
+    assert sorted(mochi) == list(range(1, 9))
+    for step in range(1, 5):  # epoch 0: warm-up, no mixing
+        for name, tensor in mochi[step].items():
+            assert torch.equal(tensor, moco[step][name]), (step, name)
+    assert not torch.equal(mochi[8]["query.backbone.conv1.weight"], moco[8]["query.backbone.conv1.weight"])
+    lines = [json.loads(line) for line in (tmp_path / "mochi" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mixing"] for r in lines if r["kind"] == "step"] == [False] * 4 + [True] * 4
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = run_recording(tiny(tmp_path, "straight", save_every_steps=3))
+    interrupted = tiny(tmp_path, "resumed", save_every_steps=3, max_steps=5)
+    train(interrupted)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [
+        "step-0000003", "step-0000004", "step-0000005"]
+    resumed = run_recording(dataclasses.replace(interrupted, max_steps=None, resume="auto"))
+    assert sorted(resumed) == [6, 7, 8]
+    # Same data order, augmentations, plans, optimizer state and RNG: bit-identical on this CPU.
+    for name, tensor in straight[8].items():
+        assert torch.equal(resumed[8][name], tensor), name
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "step"] == list(range(1, 9))
+    run = json.loads((tmp_path / "resumed" / "run.json").read_text())
+    assert run["summary"]["resumes"] == 1 and run["summary"]["images_seen"] == 8 * 16
+
+
+def test_resume_refuses_an_incompatible_config(tmp_path):
+    config = tiny(tmp_path, max_steps=2, epochs=1, warmup_epochs=0)
+    train(config)
+    with pytest.raises(ValueError, match="incompatible config.*queue_size"):
+        train(dataclasses.replace(config, queue_size=128, resume="auto"))
+
+
+CLI_VALUES = {  # a non-default value for every TrainConfig field
+    "dataset": "some/dataset", "model": "resnet18", "image_size": "64", "epochs": "3", "batch_size": "32",
+    "queue_size": "512", "mochi": "16,8,4", "warmup_epochs": "1", "lr": "0.5", "temperature": "0.1",
+    "key_momentum": "0.99", "seed": "7", "workers": "1", "output": "out/dir", "max_steps": "11",
+    "save_every_steps": "5", "resume": "auto", "mixed_precision": "bf16", "preset": "demo", "proj_dim": "64",
+    "weight_decay": "0.0005", "sgd_momentum": "0.8", "beta_max": "0.4", "channels_last": None,
+    "log_every_steps": "3", "keep_checkpoints": "4", "strict_data": None, "max_train_images": "100",
+    "report_to": "none", "on_nonfinite": "skip",
+}
+
+
+def test_cli_maps_onto_the_config_one_to_one(monkeypatch):
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(CLI_VALUES) == set(fields)
+    received = []
+    monkeypatch.setattr(train_module, "train", received.append)
+    args = ["train"]
+    for name, value in CLI_VALUES.items():
+        args += [f"--{name.replace('_', '-')}"] + ([value] if value is not None else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (config,) = received
+    for name, value in CLI_VALUES.items():
+        default = getattr(TrainConfig(), name)
+        got = getattr(config, name)
+        assert got != default, name  # the option reached its field
+        assert str(got).replace(" ", "").strip("()") == (value or "True"), name
+
+
+def test_cli_reports_bad_options_without_a_traceback():
+    result = CliRunner().invoke(app, ["train", "--queue-size", "8", "--batch-size", "16"])
+    assert result.exit_code == 2
+    assert "--queue-size (K = 8) must be at least the global --batch-size (16)" in result.output
+    assert "Traceback" not in result.output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_two_processes_share_one_queue_and_one_model(tmp_path):
+    """torchrun, 2 CPU processes (gloo): the ranks end identical, and the queue holds the gathered keys in order."""
+    out = tmp_path / "dist"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    options = [f"{k}={v}" for k, v in dict(
+        dataset="fashion-mnist", model="test_resnet", image_size=32, epochs=2, batch_size=16, queue_size=40,
+        mochi="8,8,4", warmup_epochs=1, max_train_images=64, workers=0, output=out, report_to="none").items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}",
+                    str(Path(__file__).parent / "helpers" / "dist_train.py"), *options],
+                   check=True, env=env, timeout=300)
+    rank0, rank1 = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
+    for name in rank0:
+        if not name.startswith("keys."):
+            assert torch.equal(rank0[name], rank1[name]), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["num_processes"] == 2 and run["global_batch_size"] == 16 and run["per_process_batch_size"] == 8
+    # 8 steps of 16 gathered keys (rank 0's 8, then rank 1's) wrote 128 rows into K = 40 rows.
+    written = [torch.cat([rank0[f"keys.{i}"], rank1[f"keys.{i}"]]) for i in range(8)]
+    stream = torch.cat(written)  # [128, D] in enqueue order
+    expected = torch.empty_like(rank0["queue.keys"])
+    for row, key in enumerate(stream):
+        expected[row % 40] = key
+    torch.testing.assert_close(rank0["queue.keys"], expected, rtol=0, atol=0)
+    assert int(rank0["queue.ptr"]) == 128 % 40
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_short_real_run_learns_and_exports_for_timm(tmp_path):
+    config = tiny(tmp_path, epochs=6, warmup_epochs=2, max_train_images=512, batch_size=64, queue_size=256,
+                  mochi=(32, 32, 16), lr=0.3, log_every_steps=4)
+    run_dir = train(config)
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    first, last = steps[:3], steps[-3:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "loss") < mean(first, "loss")
+    assert mean(last, "proxy_top1") > mean(first, "proxy_top1")
+    model = timm.create_model(f"local-dir:{run_dir / 'export'}", pretrained=True)
+    features = timm.create_model(f"local-dir:{run_dir / 'export'}", pretrained=True, features_only=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.eval()(x).shape == (2, model.num_features)
+    assert len(features.eval()(x)) == len(features.feature_info.channels())
