@@ -179,3 +179,101 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a saved config (run.json, checkpoint), ignoring fields this version does not know."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in data.items() if k in known})
+
+
+# --- Evaluation: `mochi probe` --------------------------------------------------------------------------
+
+PROBE_PROTOCOLS = ("linear", "knn", "fast")
+
+
+def parse_milestones(value: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """'30,40,50' or (30, 40, 50) -> (30, 40, 50); '' or 'none' -> () (a constant lr)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace("(", "").replace(")", "").split(",")]
+        parts = [p for p in parts if p and p.lower() != "none"]
+    else:
+        parts = list(value)
+    try:
+        milestones = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--lr-milestones takes epochs separated by commas (e.g. 30,40,50), got {value!r}") from None
+    if any(m <= 0 for m in milestones) or list(milestones) != sorted(set(milestones)):
+        raise ValueError(f"--lr-milestones must be increasing positive epochs, got {value!r}")
+    return milestones
+
+
+@dataclass
+class ProbeConfig:
+    """Evaluation of a frozen backbone. Field names are the CLI option names; SOURCE is not a field
+    (it is what is evaluated, not how). Defaults are the paper's ImageNet-100 linear protocol."""
+
+    dataset: str = "fashion-mnist"  # Hub dataset id, local imagefolder (train/ + val/), or a named source
+    protocol: str = "linear"  # linear (the paper's), knn, or fast (cached features; not the paper's)
+    split: str = "val"  # the split reported; the classifier / kNN memory is always fitted on train
+    epochs: int = 60
+    batch_size: int = 128  # global batch, split over processes
+    lr: float = 10.0
+    lr_milestones: tuple[int, ...] = (30, 40, 50)  # epochs at which lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    sgd_momentum: float = 0.9
+    weight_decay: float = 0.0
+    augment: bool = True  # RandomResizedCrop + flip for training (off: the evaluation transform)
+    image_size: int = 224  # crop size; evaluation resizes to 256/224 of it, then centre-crops
+    knn_k: int = 200
+    knn_temperature: float = 0.07
+    seed: int = 0
+    workers: int = 4
+    output: str | None = None  # a JSON file of the results
+    resume: bool = False  # continue the classifier from its last per-epoch state
+    cache_dir: str | None = None  # feature cache (fast, knn); None: $MOCHI_HUB_CACHE or ~/.cache/mochi-hub
+    max_images: int | None = None  # a seeded subset of each split (smoke runs)
+    mixed_precision: str = "no"  # autocast of the backbone's forward: no, bf16, fp16
+    strict_data: bool = False
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        self.lr_milestones = parse_milestones(self.lr_milestones)
+        if self.protocol not in PROBE_PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {', '.join(PROBE_PROTOCOLS)}, got {self.protocol!r}")
+        if self.split not in ("train", "val"):
+            raise ValueError(f"--split must be train or val, got {self.split!r}")
+        for name in ("epochs", "batch_size", "lr", "image_size", "knn_k", "knn_temperature"):
+            _positive(name, getattr(self, name))
+        for name in ("sgd_momentum", "weight_decay", "workers"):
+            _positive(name, getattr(self, name), zero=True)
+        _positive("max_images", self.max_images, allow_none=True)
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ValueError(f"--lr-gamma must lie in (0, 1], got {self.lr_gamma}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lr_milestones"] = list(self.lr_milestones)
+        return data
+
+
+# The paper's linear protocol (Appendix, following MoCo) and a small-image setting for Fashion-MNIST.
+# When --preset is not given and --dataset names one of these, that preset applies.
+PROBE_PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet-100": dict(dataset="imagenet-100", image_size=224, epochs=60, lr=10.0, batch_size=128,
+                         lr_milestones=(30, 40, 50)),
+    "imagenet-1k": dict(dataset="imagenet-1k", image_size=224, epochs=100, lr=30.0, batch_size=512,
+                        lr_milestones=(60, 80)),
+    # 28 px images probed at 32 px (eval: resize 37, centre crop 32), as the demo pretrains.
+    "fashion-mnist": dict(dataset="fashion-mnist", image_size=32, epochs=20, lr=10.0, batch_size=256,
+                          lr_milestones=(12, 16)),
+}
+
+
+def resolve_probe_config(*, preset: str | None = None, config_file: str | Path | None = None,
+                         **options: Any) -> ProbeConfig:
+    """As resolve_config; without --preset, a --dataset (option or config file) that names a preset selects it."""
+    if preset is None:
+        dataset = options.get("dataset")
+        if dataset is None and config_file is not None:
+            dataset = load_config_file(config_file).get("dataset")
+        dataset = dataset if dataset is not None else ProbeConfig.dataset
+        preset = dataset if dataset in PROBE_PRESETS else None
+    return resolve_config(ProbeConfig, PROBE_PRESETS, preset=preset, config_file=config_file, **options)

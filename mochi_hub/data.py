@@ -29,6 +29,20 @@ HUB_SOURCES = {
     "imagenet-1k": "ILSVRC/imagenet-1k",
     "fashion-mnist": "zalando-datasets/fashion_mnist",
 }
+# ImageNet-100 as CMC defined it (Tian et al., arXiv:1906.05849; HobbitLong/CMC imagenet100.txt), in CMC's
+# order, which is also the label order of the Hub copy clane9/imagenet-100.
+IMAGENET100_CMC_CLASSES = """
+n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
+n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
+n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531
+n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855
+n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051
+n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
+n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322
+n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029
+n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
+n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622
+""".split()
 SPLITS = ("train", "val")
 HUB_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "test")}
 
@@ -145,6 +159,13 @@ def load_hub_dataset(name: str, split: str) -> HubImages:
     raise ValueError(f"--dataset {name}: no split among {HUB_SPLIT_NAMES[split]}: {errors[-1]}")
 
 
+def known_class_order(folder: Path) -> list[str] | None:
+    """A local ImageNet-100 (every class folder a CMC synset) takes CMC's order, so its labels agree with the
+    Hub copy and the paper; any other folder keeps its sorted folder names (None)."""
+    found = {d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    return IMAGENET100_CMC_CLASSES if found and found <= set(IMAGENET100_CMC_CLASSES) else None
+
+
 def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | None = None) -> ImageSource:
     """`--dataset` -> an image source. spec: named source, local folder, or Hub dataset id."""
     if split not in SPLITS:
@@ -154,7 +175,7 @@ def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | Non
         folder = path / split if (path / "train").is_dir() else path
         if not folder.is_dir():
             raise ValueError(f"--dataset {spec}: no {split}/ folder (expected {path}/train and {path}/val)")
-        return ImageFolder(folder, classes=classes)
+        return ImageFolder(folder, classes=classes if classes is not None else known_class_order(folder))
     if spec == "fashion-mnist" and (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         return FashionMNIST(split)
     if spec in HUB_SOURCES:
