@@ -1,0 +1,91 @@
+"""What `mochi probe SOURCE` evaluates: one backbone (timm, `num_classes=0`), from any of three places.
+
+- a run directory (has run.json): its export/ folder when present, else the newest complete checkpoint's
+  query backbone, built as run.json's "config"."model";
+- an exported timm folder (config.json + model.safetensors): `timm.create_model("local-dir:PATH")`;
+- `hf-hub:org/name[@revision]`: timm's Hub loader (the HF cache serves it offline).
+
+The same weights give the same module whichever way they came, and the same `weights_sha256`: the
+feature cache and the probe results are keyed by it, not by where the weights were read from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .augment import MEAN, STD
+from .checkpoint import latest_checkpoint, load_query_backbone_tensors, read_state
+from .model import create_backbone
+
+HF_HUB = "hf-hub:"
+LOCAL_DIR = "local-dir:"
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over every tensor of the state dict (names, dtypes, shapes, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _timm_folder(path: Path) -> nn.Module:
+    return timm.create_model(f"{LOCAL_DIR}{path}", pretrained=True, num_classes=0)
+
+
+def _run_directory(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    export = path / "export"
+    if (export / "config.json").is_file():
+        return _timm_folder(export), {"kind": "run-export", "run_dir": str(path), "path": str(export)}
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise ValueError(f"SOURCE {path}: a run directory with neither export/ nor a complete checkpoint "
+                         f"under checkpoints/")
+    architecture = json.loads((path / "run.json").read_text())["config"]["model"]
+    backbone = create_backbone(architecture)
+    missing, unexpected = backbone.load_state_dict(load_query_backbone_tensors(checkpoint), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"SOURCE {path}: checkpoint {checkpoint.name} does not fit {architecture} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    step = read_state(checkpoint).get("step")
+    return backbone, {"kind": "run-checkpoint", "run_dir": str(path), "checkpoint": str(checkpoint), "step": step}
+
+
+def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
+    """SOURCE -> (backbone in eval mode, info). info: kind, source, architecture, num_features,
+    weights_sha256, where it came from, and the mean/std the weights declare."""
+    if source.startswith(HF_HUB):
+        repo_id, _, revision = source[len(HF_HUB):].partition("@")
+        try:
+            backbone = timm.create_model(source, pretrained=True, num_classes=0)
+        except Exception as error:  # noqa: BLE001 - hub, cache and config errors come in many types; say which
+            raise ValueError(f"SOURCE {source}: could not load from the Hub or the HF cache "
+                             f"({type(error).__name__}: {error})") from error
+        info: dict[str, Any] = {"kind": "hf-hub", "repo_id": repo_id, "revision": revision or "main"}
+    else:
+        path = Path(source.removeprefix(LOCAL_DIR)).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"SOURCE {source}: not a folder and not hf-hub:org/name "
+                             "(expected a run directory, an exported timm folder, or hf-hub:org/name[@revision])")
+        path = path.resolve()
+        if (path / "run.json").is_file():
+            backbone, info = _run_directory(path)
+        elif (path / "config.json").is_file():
+            backbone, info = _timm_folder(path), {"kind": "timm-folder", "path": str(path)}
+        else:
+            raise ValueError(f"SOURCE {source}: neither a run directory (run.json) nor a timm folder (config.json)")
+    backbone.eval()
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    info.update(source=source, architecture=cfg.get("architecture") or type(backbone).__name__,
+                num_features=int(backbone.num_features), weights_sha256=weights_sha256(backbone),
+                declared_mean=list(cfg.get("mean", MEAN)), declared_std=list(cfg.get("std", STD)))
+    return backbone, info
