@@ -1,6 +1,70 @@
+"""`mochi probe SOURCE`: options -> ProbeConfig -> mochi_hub.probe.run_probe."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any
+
 import typer
 
+from mochi_hub.config import PROBE_PRESETS, ProbeConfig, resolve_probe_config
 
-def probe() -> None:
-    typer.echo("mochi probe: not implemented yet", err=True)
-    raise typer.Exit(2)
+from .options import config_options, with_signature
+
+HELP = {
+    "dataset": "Hub dataset id (org/name), local imagefolder (train/ + val/), or imagenet-100 | imagenet-1k | "
+               "fashion-mnist (each also selects its preset). A local folder of ImageNet-100 synsets takes "
+               "CMC's class order. [default: fashion-mnist]",
+    "protocol": "linear (the paper's: frozen backbone, augmented images every epoch) | knn (weighted kNN) | "
+                "fast (linear classifier on cached, un-augmented features; not the paper's). [default: linear]",
+    "split": "Split reported: val (Hub: validation) or train; the classifier is always fitted on train. [default: val]",
+    "epochs": "Classifier epochs (linear, fast). [default: 60; imagenet-1k 100; fashion-mnist 20]",
+    "batch_size": "Global batch size, split evenly over processes. [default: 128; imagenet-1k 512; fashion-mnist 256]",
+    "lr": "Initial learning rate. [default: 10.0; imagenet-1k 30.0]",
+    "lr_milestones": "Epochs at which lr is multiplied by --lr-gamma, e.g. 30,40,50. [default: 30,40,50; "
+                     "imagenet-1k 60,80; fashion-mnist 12,16]",
+    "lr_gamma": "Factor applied to lr at each milestone. [default: 0.1]",
+    "sgd_momentum": "SGD momentum. [default: 0.9]",
+    "weight_decay": "SGD weight decay. [default: 0]",
+    "augment": "Train the linear protocol on RandomResizedCrop + flip (--no-augment: the evaluation crop). [default: on]",
+    "image_size": "Crop size in pixels; evaluation resizes to 256/224 of it and centre-crops. "
+                  "[default: 224; fashion-mnist 32]",
+    "knn_k": "Neighbours voting in kNN. [default: 200]",
+    "knn_temperature": "kNN vote weight exp(similarity / T). [default: 0.07]",
+    "seed": "Seed of the classifier's initialisation, data order, augmentation and subsets. [default: 0]",
+    "workers": "Data-loading worker processes per process. [default: 4]",
+    "output": "Write the results (top1, top5, source, hyperparameters, time) as JSON to this file.",
+    "resume": "Continue the classifier from its last per-epoch state (in RUN/probes/, or next to --output).",
+    "cache_dir": "Feature cache of fast and knn. [default: $MOCHI_HUB_CACHE or ~/.cache/mochi-hub, /features]",
+    "max_images": "Use a seeded random subset of N images of each split (smoke runs).",
+    "mixed_precision": "no | bf16 | fp16: autocast of the backbone's forward. [default: no]",
+    "strict_data": "Stop at the first unusable image instead of reporting and skipping it.",
+    "preset": f"Start from a preset: {', '.join(PROBE_PRESETS)}. [default: the one --dataset names, if any]",
+}
+
+SOURCE = inspect.Parameter(
+    "source", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Annotated[str, typer.Argument(
+        help="A run directory (its export/, else its newest checkpoint), an exported timm folder "
+             "(config.json + model.safetensors), or hf-hub:org/name[@revision].", metavar="SOURCE",
+        show_default=False)])
+
+
+def run(source: str, **options: Any) -> None:
+    try:
+        config = resolve_probe_config(**options)
+    except ValueError as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    from mochi_hub.data import BadImageError
+    from mochi_hub.probe import run_probe
+
+    try:
+        run_probe(source, config)
+    except (ValueError, BadImageError) as error:  # bad input: no traceback. FrozenBackboneError is a bug: it raises.
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+probe = with_signature(run, [SOURCE, *config_options(ProbeConfig, HELP)],
+                       "Evaluate a frozen backbone: the paper's linear protocol, kNN, or cached-feature linear.")
