@@ -89,6 +89,8 @@ def finish_checkpoint(final: Path, keep: int) -> None:
     if final.exists():  # the same step saved twice (end of epoch == save_every_steps): keep the newer
         shutil.rmtree(final)
     tmp.rename(final)
+    for stale in final.parent.glob("step-*.tmp"):  # saves interrupted by a crash: never complete now
+        shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(final.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -11,12 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
-    """timm.create_model(name, num_classes=0): pooled features, no classifier. Unknown names list close matches."""
+def check_model_name(name: str) -> None:
+    """Unknown timm architectures fail with the closest names."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ValueError(f"--model: unknown timm architecture {name!r}{hint}")
+
+
+def create_backbone(name: str, **kwargs) -> nn.Module:
+    """timm.create_model(name, num_classes=0): pooled features, no classifier."""
+    check_model_name(name)
     return timm.create_model(name, num_classes=0, **kwargs)
 
 

@@ -15,12 +15,13 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
@@ -143,17 +144,19 @@ def shuffled_keys(key_encoder: Encoder, images: Tensor, accelerator: Accelerator
 
 @dataclass
 class RunSummary:
+    """What the run did, saved in every checkpoint and in run.json at the end."""
+
     images_seen: int = 0
-    images_skipped: int = 0
     resumes: int = 0
     nonfinite_steps: int = 0
     wall_time_s: float = 0.0
+    bad_files: list[str] = field(default_factory=list)  # "path: reason", each unusable file once
 
     def to_dict(self) -> dict[str, Any]:
         throughput = self.images_seen / self.wall_time_s if self.wall_time_s else 0.0
-        return {"images_seen": self.images_seen, "images_skipped": self.images_skipped, "resumes": self.resumes,
+        return {"images_seen": self.images_seen, "images_skipped": len(self.bad_files), "resumes": self.resumes,
                 "nonfinite_steps": self.nonfinite_steps, "wall_time_s": round(self.wall_time_s, 2),
-                "images_per_sec": round(throughput, 2)}
+                "images_per_sec": round(throughput, 2), "bad_files": self.bad_files}
 
 
 def _check_output_writable(run_dir: Path) -> None:
@@ -263,6 +266,9 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
     window_images, window_start = 0, time.perf_counter()
 
     def checkpoint(epoch: int) -> None:
+        if world > 1:  # BN statistics follow each rank's shard: publish rank 0's, as DDP does at each forward
+            for buffer in [*modules["query"].buffers(), *key.buffers()]:
+                torch.distributed.broadcast(buffer, src=0)
         state = {"step": step, "epoch": epoch, "config": config.to_dict(), "summary": summary.to_dict(),
                  "num_processes": world}
         final = save_checkpoint(run_dir, step, modules=modules, optimizer=optimizer, state=state,
@@ -289,8 +295,9 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
             images_q, images_k = (v.to(device, non_blocking=True, memory_format=memory_format) for v in batch["images"])
             labels = batch["labels"].to(device)
             for reason in batch["skipped"]:
-                summary.images_skipped += 1
-                accelerator.print(f"skipped unusable image: {reason}")
+                if reason not in summary.bad_files:  # an unusable file is met every epoch: report it once
+                    summary.bad_files.append(reason)
+                    print(f"skipped unusable image: {reason}", flush=True)
 
             with accelerator.autocast():
                 q = query(images_q)  # [L, D]
@@ -355,6 +362,8 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
     progress.close()
 
     summary.wall_time_s += time.perf_counter() - started
+    if world > 1:  # each process met its own unusable files
+        summary.bad_files = sorted(set(gather_object(summary.bad_files)))
     if is_main:
         run_info["summary"] = summary.to_dict()
         _write_json(run_dir / "run.json", run_info)

@@ -64,7 +64,7 @@ def test_mochi_on_and_off_are_identical_through_warmup_then_differ(tmp_path):
     for step in range(1, 5):  # epoch 0: warm-up, no mixing
         for name, tensor in mochi[step].items():
             assert torch.equal(tensor, moco[step][name]), (step, name)
-    assert not torch.equal(mochi[8]["query.backbone.conv1.weight"], moco[8]["query.backbone.conv1.weight"])
+    assert not torch.equal(mochi[8]["query.backbone.conv1.0.weight"], moco[8]["query.backbone.conv1.0.weight"])
     lines = [json.loads(line) for line in (tmp_path / "mochi" / "metrics.jsonl").read_text().splitlines()]
     assert [r["mixing"] for r in lines if r["kind"] == "step"] == [False] * 4 + [True] * 4
 

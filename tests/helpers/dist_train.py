@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_train.py: a real training run that records, on every rank, the
 keys each step produced and the final queue and weights, so that the test can compare the ranks."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def record(step, info):
 
 
 train(config, on_step=record)
-rank = torch.distributed.get_rank()
+rank = int(os.environ["RANK"])  # end_training() has already closed the process group
 modules = recorded["modules"]
 tensors = {f"keys.{i}": k for i, k in enumerate(recorded["keys"])}
 tensors["queue.keys"] = modules["queue"].keys.cpu()
