@@ -103,6 +103,11 @@ class TrainConfig:
             check_mochi_settings(n_hard, s, s_prime, queue_size=self.queue_size, beta_max=self.beta_max)
         except ValueError as error:
             raise ValueError(f"--mochi: {error}") from None
+        from .data import check_dataset_spec
+        from .model import check_model_name
+
+        check_dataset_spec(self.dataset)
+        check_model_name(self.model)
         if s + s_prime > 0 and self.warmup_epochs >= self.epochs:
             raise ValueError(f"--warmup-epochs ({self.warmup_epochs}) must be < --epochs ({self.epochs}) "
                              "or MoCHi never mixes; use --mochi 0,0,0 for plain MoCo-v2")

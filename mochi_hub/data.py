@@ -166,10 +166,21 @@ def known_class_order(folder: Path) -> list[str] | None:
     return IMAGENET100_CMC_CLASSES if found and found <= set(IMAGENET100_CMC_CLASSES) else None
 
 
+def check_dataset_spec(spec: str) -> None:
+    """Fail fast, when the config is built, on a `--dataset` that names nothing we know how to read."""
+    if Path(spec).expanduser().is_dir() or spec in HUB_SOURCES:
+        return
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        return  # a Hub id: whether it exists is known only when it is loaded
+    raise ValueError(f"--dataset {spec!r}: not a folder, not a Hub dataset id (org/name), and not one of the "
+                     f"named sources {', '.join(HUB_SOURCES)}")
+
+
 def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | None = None) -> ImageSource:
     """`--dataset` -> an image source. spec: named source, local folder, or Hub dataset id."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_dataset_spec(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         folder = path / split if (path / "train").is_dir() else path
@@ -180,10 +191,7 @@ def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | Non
         return FashionMNIST(split)
     if spec in HUB_SOURCES:
         return load_hub_dataset(HUB_SOURCES[spec], split)
-    if "/" in spec and not spec.startswith((".", "/", "~")):
-        return load_hub_dataset(spec, split)
-    raise ValueError(f"--dataset {spec!r}: not a folder, not a Hub dataset id (org/name), and not one of the "
-                     f"named sources {', '.join(HUB_SOURCES)}")
+    return load_hub_dataset(spec, split)  # an org/name id (check_dataset_spec let nothing else through)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
