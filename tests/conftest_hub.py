@@ -113,3 +113,18 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
     diff = (a - b).abs().max().item()
     assert math.isfinite(diff) and diff <= atol, f"max abs difference {diff}"
+
+
+def probes_from_card(card) -> dict[tuple, dict]:
+    """A card's model-index -> {(protocol, dataset, split): {"top1": .., "top5": ..}}, to compare with probe JSON."""
+    found: dict[tuple, dict] = {}
+    for result in card.data.eval_results:
+        key = (result.metric_config, result.dataset_name, result.dataset_split)
+        label = "top1" if result.metric_name.startswith("top-1") else "top5"
+        found.setdefault(key, {})[label] = result.metric_value
+    return found
+
+
+def probes_by_key(probes: list[dict]) -> dict[tuple, dict]:
+    return {(p["protocol"], p["dataset"], p["split"]): {"top1": p["top1"], "top5": p["top5"]} for p in probes}
+

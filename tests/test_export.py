@@ -132,6 +132,16 @@ def test_run_without_run_json_uses_checkpoint_config(tmp_path):
     assert json.loads((out / "config.json").read_text())["architecture"] == "test_resnet"
 
 
+def test_run_whose_local_dataset_is_gone_still_exports(tmp_path):
+    data = tmp_path / "my-images"
+    (data / "train").mkdir(parents=True)
+    run = make_run(tmp_path / "r", dataset=str(data), metrics=False, probes=[])
+    data.joinpath("train").rmdir()
+    data.rmdir()  # exported later, on a machine without the training data
+    cfg = json.loads((export_run(run) / "config.json").read_text())
+    assert cfg["dataset"] == "<local>/my-images" and cfg["training_config"]["dataset"] == "<local>/my-images"
+
+
 def test_torchvision_format_loads_strictly(run18, tmp_path):
     path = export_run(run18, tmp_path / "tv", format="torchvision")
     assert path.name == "torchvision_resnet18.safetensors"
