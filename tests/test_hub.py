@@ -1,0 +1,324 @@
+"""`mochi push` against a Hub-compatible endpoint on 127.0.0.1 (tests/hub_server.py), with the REAL
+huggingface_hub client; and timm's REAL `hf-hub:` loader reading back what was pushed (the slow test).
+
+The fast tests run the CLI in-process (typer's CliRunner) with huggingface_hub's endpoint pointed at the
+local server; the slow one runs the installed `mochi` command and timm in fresh subprocesses through
+HF_ENDPOINT, then again offline from the populated cache with the server stopped.
+"""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from conftest_hub import (PROBES, clean_env, make_run, mochi_command, probes_by_key, probes_from_card, run,
+                          sample_images, single_thread)  # noqa: F401
+from huggingface_hub import ModelCard, constants
+from hub_server import FakeHub
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from mochi_hub.card import redact_local_paths
+from mochi_hub.cli.app import app
+from mochi_hub.export import export_run, load_run_backbone
+from mochi_hub.hub import resolve_source
+
+ALICE = "hf_alice_0123456789abcdef"  # may write alice/* and mochi-org/*
+BOB = "hf_bob_fedcba9876543210"  # may write bob/* only
+TOKENS = {ALICE: {"user": "alice", "write": ["alice", "mochi-org"]}, BOB: {"user": "bob", "write": ["bob"]}}
+EXPORT_FILES = {"README.md", "config.json", "model.safetensors", "training_curves.png"}
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = FakeHub(TOKENS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(hub, monkeypatch, tmp_path):
+    """huggingface_hub in this process talks to the local endpoint, with ALICE's token and no saved login."""
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    return hub
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = make_run(tmp_path_factory.mktemp("hub") / "run")
+    export_run(run_dir)
+    return run_dir
+
+
+def push(*args: str):
+    result = CliRunner().invoke(app, ["push", *args])
+    for token in TOKENS:
+        assert token not in result.output, "a token was printed"
+    assert "Traceback" not in result.output
+    return result
+
+
+def assert_clean_upload(files: dict[str, bytes], run_dir) -> None:
+    """No token and no absolute local path in any uploaded file."""
+    for name, content in files.items():
+        for token in TOKENS:
+            assert token.encode() not in content, name
+        assert str(run_dir).encode() not in content and b"/tmp/" not in content, name
+
+
+def test_push_run_dir_in_one_commit(hub_env, run_dir):
+    hub = hub_env
+    result = push(str(run_dir), "--repo-id", "mochi-org/demo")
+    assert result.exit_code == 0, result.output
+    files = hub.files("mochi-org/demo")
+    assert set(files) == EXPORT_FILES | {".gitattributes"}
+    export = run_dir / "export"
+    for name in ("config.json", "model.safetensors", "training_curves.png"):
+        assert files[name] == (export / name).read_bytes(), name
+    repo = hub.repos["mochi-org/demo"]
+    assert len(repo.commits) == 2  # the repo's initial commit + ours, with every file
+    assert f"url: {hub.url}/mochi-org/demo" in result.stdout
+    assert 'load it with: timm.create_model("hf-hub:mochi-org/demo", pretrained=True)' in result.stdout
+    assert "verified" in result.stdout
+
+    card = ModelCard(files["README.md"].decode())  # the card, re-rendered with the repo id
+    assert card.data.library_name == "timm" and "mochi" in card.data.tags
+    assert probes_from_card(card) == probes_by_key(redact_local_paths(PROBES))
+    assert 'name = "hf-hub:mochi-org/demo"' in card.text
+    assert json.loads(files["config.json"])["probe_results"] == redact_local_paths(PROBES)
+    assert_clean_upload(files, run_dir)
+
+    again = push(str(run_dir), "--repo-id", "mochi-org/demo")  # nothing changed: no new commit
+    assert again.exit_code == 0, again.output
+    assert len(repo.commits) == 2
+
+
+def test_pull_request_branch_and_tag(hub_env, run_dir):
+    hub = hub_env
+    assert push(str(run_dir / "export"), "--repo-id", "alice/reviewed").exit_code == 0
+    main_before = hub.repos["alice/reviewed"].branches["main"]
+    changed = run_dir.parent / "export-v2"  # the same export after one more probe result
+    shutil.copytree(run_dir / "export", changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["probe_results"].append({**PROBES[0], "split": "test", "top1": 70.5})
+    (changed / "config.json").write_text(json.dumps(config, indent=2))
+
+    result = push(str(changed), "--repo-id", "alice/reviewed", "--create-pr")
+    assert result.exit_code == 0, result.output
+    repo = hub.repos["alice/reviewed"]
+    assert repo.branches["main"] == main_before and list(repo.pulls) == [1]
+    assert f"{hub.url}/alice/reviewed/discussions/1" in result.stdout
+    assert 'hf-hub:alice/reviewed@refs/pr/1' in result.stdout
+
+    result = push(str(changed), "--repo-id", "alice/reviewed", "--revision", "dev", "--tag", "v1",
+                  "--commit-message", "MoCHi demo weights")
+    assert result.exit_code == 0, result.output
+    assert repo.tags["v1"] == repo.branches["dev"] != main_before
+    assert repo.commits[repo.branches["dev"]].title == "MoCHi demo weights"
+    assert set(hub.files("alice/reviewed", "v1")) == EXPORT_FILES | {".gitattributes"}
+    assert "/alice/reviewed/tree/dev" in result.stdout and "hf-hub:alice/reviewed@dev" in result.stdout
+
+    result = push(str(changed), "--repo-id", "alice/reviewed", "--create-pr", "--tag", "v2")
+    assert result.exit_code == 1 and "--tag cannot be combined with --create-pr" in result.stderr
+
+
+def test_private_repo_is_not_public(hub_env, run_dir):
+    assert push(str(run_dir), "--repo-id", "alice/private-demo", "--private").exit_code == 0
+    assert hub_env.repos["alice/private-demo"].private
+
+
+def test_dry_run_sends_nothing(hub_env, run_dir, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")  # not even needed
+    sent = len(hub_env.requests)
+    result = push(str(run_dir), "--repo-id", "mochi-org/dry", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "dry run: nothing was sent" in result.stdout
+    for name in EXPORT_FILES:
+        assert name in result.stdout
+    assert len(hub_env.requests) == sent and "mochi-org/dry" not in hub_env.repos
+
+
+def test_no_token(hub_env, run_dir, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    sent = len(hub_env.requests)
+    result = push(str(run_dir), "--repo-id", "mochi-org/no-token")
+    assert result.exit_code == 1
+    assert "no Hugging Face token" in result.stderr and "HF_TOKEN" in result.stderr
+    assert len(hub_env.requests) == sent and "mochi-org/no-token" not in hub_env.repos
+
+
+def test_rejected_token(hub_env, run_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_known_token")
+    result = push(str(run_dir), "--repo-id", "mochi-org/bad-token")
+    assert result.exit_code == 1 and "rejected the token (401" in result.stderr
+    assert "hf_not_a_known_token" not in result.output
+    assert "mochi-org/bad-token" not in hub_env.repos
+
+
+@pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "bad name/model", "org/--x", "org/x..y"])
+def test_invalid_repo_id(hub_env, run_dir, repo_id):
+    sent = len(hub_env.requests)
+    result = push(str(run_dir), "--repo-id", repo_id)
+    assert result.exit_code == 1 and "invalid --repo-id" in result.stderr
+    assert len(hub_env.requests) == sent
+
+
+def test_token_may_not_write_namespace(hub_env, run_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    result = push(str(run_dir), "--repo-id", "mochi-org/not-bobs")
+    assert result.exit_code == 1
+    assert "may not write to mochi-org/not-bobs" in result.stderr and "403" in result.stderr
+    assert "mochi-org/not-bobs" not in hub_env.repos
+
+
+def test_token_may_not_write_existing_repo(hub_env, run_dir, monkeypatch):
+    assert push(str(run_dir), "--repo-id", "mochi-org/guarded").exit_code == 0
+    before = hub_env.files("mochi-org/guarded")
+    commits = len(hub_env.repos["mochi-org/guarded"].commits)
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    result = push(str(run_dir), "--repo-id", "mochi-org/guarded", "--allow-extra", "--commit-message", "bob was here")
+    assert result.exit_code == 1
+    assert "may not write to mochi-org/guarded" in result.stderr and "nothing was committed" in result.stderr
+    assert hub_env.files("mochi-org/guarded") == before
+    assert len(hub_env.repos["mochi-org/guarded"].commits) == commits
+
+
+def test_endpoint_dies_mid_push(hub_env, run_dir):
+    hub_env.fail_commit = True
+    result = push(str(run_dir), "--repo-id", "mochi-org/flaky")
+    assert result.exit_code == 1
+    assert "lost the connection" in result.stderr and "while uploading" in result.stderr
+    assert not hub_env.fail_commit  # the commit request did reach the endpoint
+    assert set(hub_env.files("mochi-org/flaky")) == {".gitattributes"}  # created, nothing half-committed
+    result = push(str(run_dir), "--repo-id", "mochi-org/flaky")  # the same command again
+    assert result.exit_code == 0, result.output
+    assert set(hub_env.files("mochi-org/flaky")) == EXPORT_FILES | {".gitattributes"}
+
+
+def test_source_without_weights(hub_env, tmp_path, run_dir):
+    sent = len(hub_env.requests)
+    (tmp_path / "empty").mkdir()
+    result = push(str(tmp_path / "empty"), "--repo-id", "mochi-org/x")
+    assert result.exit_code == 1 and "holds no weights (model.safetensors)" in result.stderr
+
+    (tmp_path / "bare-run").mkdir()
+    (tmp_path / "bare-run" / "run.json").write_text(json.dumps({"config": {}}))
+    result = push(str(tmp_path / "bare-run"), "--repo-id", "mochi-org/x")
+    assert result.exit_code == 1 and "run without weights" in result.stderr
+
+    (tmp_path / "half-export").mkdir()
+    shutil.copy(run_dir / "export" / "config.json", tmp_path / "half-export")
+    result = push(str(tmp_path / "half-export"), "--repo-id", "mochi-org/x")
+    assert result.exit_code == 1 and "holds no weights" in result.stderr
+
+    result = push(str(tmp_path / "missing"), "--repo-id", "mochi-org/x")
+    assert result.exit_code == 1 and "no such run directory or export folder" in result.stderr
+    assert len(hub_env.requests) == sent and "mochi-org/x" not in hub_env.repos
+
+
+def test_training_state_is_refused_unless_allowed(hub_env, run_dir, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(run_dir / "export", folder)
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    (folder / "checkpoints" / "step-0000003").mkdir(parents=True)
+    (folder / "checkpoints" / "step-0000003" / "state.json").write_text("{}")
+    result = push(str(folder), "--repo-id", "mochi-org/extra")
+    assert result.exit_code == 1
+    assert "not part of an export: checkpoints/step-0000003/state.json, optimizer.pt" in result.stderr
+    assert "--allow-extra" in result.stderr and "mochi-org/extra" not in hub_env.repos
+    result = push(str(folder), "--repo-id", "mochi-org/extra", "--allow-extra", "--dry-run")
+    assert result.exit_code == 0 and "optimizer.pt" in result.stdout
+
+
+def test_stale_export_is_redone(tmp_path):
+    run_dir = make_run(tmp_path / "run", metrics=False, probes=[])
+    assert resolve_source(run_dir) == (run_dir / "export", True)  # no export yet
+    assert resolve_source(run_dir) == (run_dir / "export", False)
+    config = json.loads((run_dir / "export" / "config.json").read_text())
+    config["run"]["checkpoint_step"] = 1  # as if exported before the newest checkpoint
+    (run_dir / "export" / "config.json").write_text(json.dumps(config))
+    assert resolve_source(run_dir) == (run_dir / "export", True)
+
+
+LOADER = r"""
+import json, sys
+import timm, torch
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+from mochi_hub.card import usage_snippet
+
+repo, reference = sys.argv[1], load_file(sys.argv[2])
+images = reference["images"]
+with torch.no_grad():
+    model = timm.create_model(f"hf-hub:{repo}", pretrained=True).eval()
+    out = {"diff": (model(images) - reference["features"]).abs().max().item(),
+           "num_classes": model.num_classes, "cfg": {k: model.pretrained_cfg.get(k) for k in
+           ("license", "paper_ids", "tag", "hf_hub_id", "input_size", "mean", "std", "test_input_size")}}
+    head = timm.create_model(f"hf-hub:{repo}", pretrained=True, num_classes=7).eval()
+    backbone = model.state_dict()
+    out["head"] = list(head(images).shape)
+    out["head_keeps_backbone"] = all(torch.equal(t, backbone[k]) for k, t in head.state_dict().items()
+                                     if not k.startswith("fc."))
+    features = timm.create_model(f"hf-hub:{repo}@v1", pretrained=True, features_only=True).eval()
+    out["channels"] = features.feature_info.channels()
+    out["reduction"] = features.feature_info.reduction()
+    out["maps"] = [list(m.shape) for m in features(images)]
+# The card's usage snippet, exactly as published.
+namespace = {}
+exec(usage_snippet(open(hf_hub_download(repo, "README.md")).read()), namespace)
+out["snippet"] = {"features": list(namespace["features"].shape), "classes": namespace["classifier"].num_classes,
+                  "channels": namespace["backbone"].feature_info.channels()}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_mochi_push_then_timm_loads_from_hub_and_offline_cache(tmp_path):
+    """The installed `mochi` pushes through HF_ENDPOINT; timm's hf-hub loader, in a fresh process and a fresh
+    HF_HOME, gets the same outputs as the exported backbone, a new head and feature maps; then the same
+    from the cache with HF_HUB_OFFLINE=1 once the endpoint is gone."""
+    run_dir = make_run(tmp_path / "run")
+    hub = FakeHub(TOKENS).start()
+    try:
+        push_home = tmp_path / "hf-home-push"
+        result = run([*mochi_command(), "push", str(run_dir), "--repo-id", "mochi-org/test-resnet-mochi",
+                      "--tag", "v1"], clean_env(HF_ENDPOINT=hub.url, HF_TOKEN=ALICE, HF_HOME=str(push_home)))
+        assert result.returncode == 0, result.stderr
+        assert "exported the newest checkpoint" in result.stderr  # a run directory: exported first
+        assert 'timm.create_model("hf-hub:mochi-org/test-resnet-mochi", pretrained=True)' in result.stdout
+        assert ALICE not in result.stdout + result.stderr
+        files = hub.files("mochi-org/test-resnet-mochi")
+        assert set(files) == EXPORT_FILES | {".gitattributes"}
+        assert_clean_upload(files, run_dir)
+        for path in [*push_home.rglob("*"), *(run_dir / "export").rglob("*")]:  # the token is written nowhere
+            if path.is_file():
+                assert ALICE.encode() not in path.read_bytes(), path
+
+        backbone, *_ = load_run_backbone(run_dir)
+        images = sample_images(3)
+        with torch.no_grad():
+            save_file({"images": images, "features": backbone(images)}, tmp_path / "reference.safetensors")
+        home = tmp_path / "hf-home-user"
+        loader = [sys.executable, "-c", LOADER, "mochi-org/test-resnet-mochi", str(tmp_path / "reference.safetensors")]
+        online = run(loader, clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(home)))
+        assert online.returncode == 0, online.stderr
+    finally:
+        hub.stop()
+    offline = run(loader, clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_OFFLINE="1"))
+    assert offline.returncode == 0, offline.stderr
+
+    for output in (online, offline):
+        out = json.loads(output.stdout.split("RESULT ", 1)[1])
+        assert out["diff"] <= 1e-5 and out["num_classes"] == 0
+        assert out["cfg"]["license"] == "apache-2.0" and out["cfg"]["paper_ids"] == "arXiv:2010.01028"
+        assert out["cfg"]["tag"] is None and out["cfg"]["test_input_size"] is None
+        assert out["cfg"]["input_size"] == [3, 32, 32]
+        assert out["head"] == [3, 7] and out["head_keeps_backbone"]
+        assert out["channels"] == [32, 32, 48, 192, 96] and out["reduction"] == [2, 4, 8, 16, 32]
+        assert out["maps"] == [[3, c, 32 // r, 32 // r] for c, r in zip(out["channels"], out["reduction"])]
+        assert out["snippet"] == {"features": [2, 96], "classes": 10, "channels": [32, 32, 48, 192, 96]}
