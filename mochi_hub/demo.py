@@ -14,6 +14,7 @@ import timm
 import torch
 
 from .config import resolve_train_config
+from .export import export_run
 from .train import train
 
 
@@ -29,12 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     from .config import resolve_probe_config
     from .probe import run_probe
 
-    for protocol in ("knn", "fast"):
-        run_probe(resolve_probe_config(source=str(run_dir), dataset="fashion-mnist", protocol=protocol,
-                                       image_size=32, max_images=4096, workers=2))
+    for protocol in ("knn", "fast"):  # results land in RUN/probes/, so the export's card reports them
+        run_probe(str(run_dir), resolve_probe_config(dataset="fashion-mnist", protocol=protocol, max_images=4096,
+                                                     workers=2))
 
-    print("== 3/3 load the export with timm")
-    export = Path(run_dir) / "export"
+    print("== 3/3 export again (the card now reports the probes), then load it with timm")
+    export = export_run(Path(run_dir))
     backbone = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     detector_trunk = timm.create_model(f"local-dir:{export}", pretrained=True, features_only=True).eval()
     with torch.no_grad():
