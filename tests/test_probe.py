@@ -488,3 +488,43 @@ def test_cli_knn_end_to_end_writes_json_and_a_table(tmp_path, fmnist_folder, exp
     assert result["seed"] == 0 and result["time"]["seconds"] > 0 and result["protocol"] == "knn"
     assert "top-1" in outcome.output and f"{result['top1']:.2f}" in outcome.output
     assert "not the paper's linear protocol" in outcome.output
+
+
+# --- several processes ----------------------------------------------------------------------------------
+
+DIST_CHILD = textwrap.dedent("""
+    import json, sys
+    from mochi_hub.config import resolve_probe_config
+    from mochi_hub.probe import run_probe
+    result = run_probe(sys.argv[1], resolve_probe_config(**json.loads(sys.argv[2])), show=False)
+    assert result["num_processes"] == 2, result["num_processes"]
+""")
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_two_processes_train_the_classifier_one_process_trains(tmp_path, export_dir):
+    """torchrun, 2 CPU processes (gloo): each global batch is split over the ranks and DDP averages the
+    gradients, and each image's augmentation depends on (seed, epoch, index) only, so the classifier and
+    the accuracy equal a single process's."""
+    import socket
+
+    options = dict(dataset="fashion-mnist", max_images=64, epochs=2, lr_milestones="1", batch_size=16, lr=0.5,
+                   workers=0, cache_dir=str(tmp_path / "cache"))
+    single = run_probe(str(export_dir), resolve_probe_config(**options, output=str(tmp_path / "one.json")), show=False)
+    script = tmp_path / "dist_probe.py"
+    script.write_text(DIST_CHILD)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    done = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", f"--master_port={port}",
+                           str(script), str(export_dir), json.dumps({**options, "output": str(tmp_path / "two.json")})],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = json.loads((tmp_path / "two.json").read_text())
+    assert double["num_processes"] == 2 and (double["train_images"], double["eval_images"]) == (64, 64)
+    weights = [load_file(Path(r["state_dir"]) / "epoch-0002" / "classifier.safetensors") for r in (single, double)]
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)
+    assert (double["top1"], double["top5"]) == (single["top1"], single["top5"])
