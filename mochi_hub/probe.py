@@ -247,6 +247,7 @@ def fit_classifier(classifier: nn.Module, make_dataset: Callable[[int], Dataset]
         shutil.rmtree(state_root, ignore_errors=True)  # a fresh start: states of an earlier probe are stale
     accelerator.wait_for_everyone()
     losses: list[float] = []
+    skipped: set[str] = set()  # the same bad image is met every epoch: report it once
     epochs_bar = progress.add_task("epochs", total=config.epochs, completed=start)
     for epoch in range(start, config.epochs):
         for group in optimizer.param_groups:
@@ -267,6 +268,7 @@ def fit_classifier(classifier: nn.Module, make_dataset: Callable[[int], Dataset]
             optimizer.step()
             total += loss.detach() * len(batch["labels"])
             count += len(batch["labels"])
+            skipped.update(batch["skipped"])
             progress.advance(batches)
         progress.remove_task(batches)
         losses.append(float(accelerator.reduce(total, "sum")) / max(1, int(accelerator.reduce(
@@ -275,7 +277,7 @@ def fit_classifier(classifier: nn.Module, make_dataset: Callable[[int], Dataset]
             save_state(state_root, epoch + 1, accelerator.unwrap_model(classifier), optimizer, state_meta)
         accelerator.wait_for_everyone()
         progress.advance(epochs_bar)
-    return {"classifier": classifier, "epoch_losses": losses, "resumed_from_epoch": resumed}
+    return {"classifier": classifier, "epoch_losses": losses, "resumed_from_epoch": resumed, "skipped": sorted(skipped)}
 
 
 @torch.no_grad()
@@ -451,6 +453,7 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
                 encode=module, collate=image_batch, config=config, accelerator=accelerator, state_root=state_root,
                 state_meta=state_meta, workers=workers, progress=progress)
             timings["train_s"] = time.perf_counter() - t
+            skipped += fit["skipped"]
             t = time.perf_counter()
             hits, bad = evaluate_classifier(fit["classifier"], DecodedImages(eval_source, eval_tf, strict=config.strict_data,
                                                                              indices=eval_indices),

@@ -27,7 +27,7 @@ from mochi_hub.checkpoint import finish_checkpoint, save_checkpoint
 from mochi_hub.cli import probe as cli_probe
 from mochi_hub.cli.app import app
 from mochi_hub.config import ProbeConfig, TrainConfig, resolve_probe_config
-from mochi_hub.data import (DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, IMAGENET100_CMC_CLASSES, DecodedImages,
+from mochi_hub.data import (DEBIAN_FASHION_MNIST, BadImageError, FASHION_MNIST_CLASSES, IMAGENET100_CMC_CLASSES, DecodedImages,
                             FashionMNIST, HubImages, resolve_dataset)
 from mochi_hub.features import load_cached
 from mochi_hub.model import Encoder, create_backbone, make_key_encoder
@@ -241,6 +241,21 @@ def test_knn_end_to_end_gives_the_hand_computed_accuracy(tmp_path):
         result = run_probe("colour-mean", config, backbone=(ColourMean(), info), show=False)
         assert (result["top1"], result["top5"], result["top5_k"]) == (expected, 100.0, 2)
         assert result["knn"] == {"k": 3, "temperature": temperature}
+
+
+def test_unusable_images_are_reported_or_stop_the_probe_under_strict_data(tmp_path):
+    root = solid_folder(tmp_path / "colours", {"train": {"a": [(255, 0, 0)] * 2, "b": [(0, 255, 0)] * 2},
+                                               "val": {"a": [(250, 5, 5)], "b": [(5, 250, 5)]}})
+    (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    info = {"kind": "test", "num_features": 3, "weights_sha256": "colour-mean"}
+    for protocol in ("knn", "linear"):
+        config = small(tmp_path, dataset=str(root), protocol=protocol, knn_k=2, image_size=8, epochs=1,
+                       lr_milestones=(), batch_size=5)
+        result = run_probe("colour-mean", config, backbone=(ColourMean(), info), show=False)
+        assert result["skipped_images"] == 1 and "broken.png" in result["skipped_examples"][0], protocol
+        assert result["train_images"] == 5 and result["eval_images"] == 2
+    with pytest.raises(BadImageError, match="broken.png"):
+        run_probe("colour-mean", dataclasses.replace(config, strict_data=True), backbone=(ColourMean(), info), show=False)
 
 
 # --- fast (cached features) against linear ---------------------------------------------------------------
