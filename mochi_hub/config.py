@@ -103,11 +103,6 @@ class TrainConfig:
             check_mochi_settings(n_hard, s, s_prime, queue_size=self.queue_size, beta_max=self.beta_max)
         except ValueError as error:
             raise ValueError(f"--mochi: {error}") from None
-        from .data import check_dataset_spec
-        from .model import check_model_name
-
-        check_dataset_spec(self.dataset)
-        check_model_name(self.model)
         if s + s_prime > 0 and self.warmup_epochs >= self.epochs:
             raise ValueError(f"--warmup-epochs ({self.warmup_epochs}) must be < --epochs ({self.epochs}) "
                              "or MoCHi never mixes; use --mochi 0,0,0 for plain MoCo-v2")
@@ -177,7 +172,15 @@ def resolve_config(cls: type, presets: dict[str, dict[str, Any]], *, preset: str
 
 
 def resolve_train_config(**kwargs: Any) -> TrainConfig:
-    return resolve_config(TrainConfig, TRAIN_PRESETS, **kwargs)
+    """A new run's config. Beyond the values, what they name must exist here: the dataset and the model.
+    (A saved config is rebuilt without that check: its local dataset may be gone.)"""
+    from .data import check_dataset_spec
+    from .model import check_model_name
+
+    config = resolve_config(TrainConfig, TRAIN_PRESETS, **kwargs)
+    check_dataset_spec(config.dataset)
+    check_model_name(config.model)
+    return config
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -358,16 +358,10 @@ def read_run(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any], Path]:
 
 
 def _saved_config(config_dict: dict[str, Any]) -> TrainConfig:
-    """Rebuild a run's config. Its --dataset need not exist any more (a local folder on the training
-    machine): exporting weights does not read data, so only that check is waived."""
     try:
         return train_config_from_dict(config_dict)
     except ValueError as error:
-        if "--dataset" not in str(error):
-            raise ExportError(f"the run's saved config is invalid: {error}") from None
-    config = train_config_from_dict({**config_dict, "dataset": "fashion-mnist"})  # a named source: always valid
-    config.dataset = config_dict["dataset"]
-    return config
+        raise ExportError(f"the run's saved config is invalid: {error}") from None
 
 
 def load_run_backbone(run_dir: str | Path) -> tuple[nn.Module, TrainConfig, dict[str, Any], Path]:
