@@ -108,7 +108,8 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch))).tolist())
+        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class SeededItems(Dataset):
@@ -282,7 +283,8 @@ def fit_classifier(classifier: nn.Module, make_dataset: Callable[[int], Dataset]
 
 @torch.no_grad()
 def evaluate_classifier(classifier: nn.Module, dataset: Dataset, *, encode: Callable[[Tensor], Tensor], collate: Callable,
-                        config: ProbeConfig, accelerator: Accelerator, workers: int, progress: Any) -> tuple[Tensor, list[str]]:
+                        config: ProbeConfig, accelerator: Accelerator, workers: int,
+                        progress: Any) -> tuple[Tensor, list[str]]:
     """Top-1 and top-5 hits summed over the dataset, [2], every image counted once on every process."""
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
                                                         num_workers=workers, collate_fn=collate))
@@ -404,7 +406,8 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
     train_source, eval_source = sources if sources is not None else _resolve_sources(config)
     num_classes = _num_classes(train_source)
     train_indices = subset(len(train_source), config.max_images, config.seed, 0)
-    eval_indices = train_indices if eval_source is train_source else subset(len(eval_source), config.max_images, config.seed, 1)
+    eval_indices = (train_indices if eval_source is train_source
+                    else subset(len(eval_source), config.max_images, config.seed, 1))
     eval_tf = eval_transform(config.image_size)
     train_tf = probe_train_transform(config.image_size) if config.augment and config.protocol == "linear" else eval_tf
     workers = config.workers
@@ -435,7 +438,8 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
             if hit is not None:
                 return hit
             task = progress.add_task(f"features {split}", total=len(indices))
-            features, labels, bad = extract(module, DecodedImages(images_source, eval_tf, strict=config.strict_data, indices=indices),
+            images = DecodedImages(images_source, eval_tf, strict=config.strict_data, indices=indices)
+            features, labels, bad = extract(module, images,
                                             accelerator=accelerator, batch_size=config.batch_size, workers=workers,
                                             on_batch=lambda n: progress.advance(task, n))
             skipped.extend(bad)
@@ -485,7 +489,8 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
                     progress=progress)
                 timings["train_s"] = time.perf_counter() - t
                 t = time.perf_counter()
-                hits, _ = evaluate_classifier(fit["classifier"], FeatureTensors(eval_features, eval_labels), encode=lambda x: x,
+                hits, _ = evaluate_classifier(fit["classifier"], FeatureTensors(eval_features, eval_labels),
+                                              encode=lambda x: x,
                                               collate=feature_batch, config=config, accelerator=accelerator, workers=0,
                                               progress=progress)
                 timings["eval_s"] = time.perf_counter() - t

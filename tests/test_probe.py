@@ -27,8 +27,8 @@ from mochi_hub.checkpoint import finish_checkpoint, save_checkpoint
 from mochi_hub.cli import probe as cli_probe
 from mochi_hub.cli.app import app
 from mochi_hub.config import ProbeConfig, TrainConfig, resolve_probe_config
-from mochi_hub.data import (DEBIAN_FASHION_MNIST, BadImageError, FASHION_MNIST_CLASSES, IMAGENET100_CMC_CLASSES, DecodedImages,
-                            FashionMNIST, HubImages, resolve_dataset)
+from mochi_hub.data import (DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, IMAGENET100_CMC_CLASSES, BadImageError,
+                            DecodedImages, FashionMNIST, HubImages, resolve_dataset)
 from mochi_hub.features import load_cached
 from mochi_hub.model import Encoder, create_backbone, make_key_encoder
 from mochi_hub.probe import FrozenBackboneError, check_frozen, knn_scores, lr_at, run_probe, snapshot, topk_hits
