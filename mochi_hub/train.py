@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
@@ -77,8 +78,8 @@ class GlobalBatches(Sampler[list[int]]):
 class SeededAugment:
     """Each image's augmentation drawn from a generator seeded by (seed, epoch, index): reproducible for
     any number of workers and across resumes. torchvision's transforms draw from torch's global RNG,
-    so the global RNG is forked around each call (and only the CPU generator reseeded: torch.manual_seed
-    would also queue seeding of every accelerator, ~0.3 ms an image)."""
+    so the CPU generator's state is saved and restored around each call (torch.manual_seed or fork_rng
+    would also touch every accelerator's generator, ~0.3 ms an image)."""
 
     def __init__(self, dataset: DecodedImages, seed: int):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -87,9 +88,12 @@ class SeededAugment:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        try:
             return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
 
 
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
@@ -141,6 +145,48 @@ def shuffled_keys(key_encoder: Encoder, images: Tensor, accelerator: Accelerator
         keys_shuffled = torch.cat([key_encoder(part) for part in all_images[perm].chunk(splits)])  # [G, D]
     keys = keys_shuffled[perm.argsort()]  # [G, D] global order
     return keys.chunk(world)[rank], keys
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # [] float32
+    logits: Tensor | None  # [L, 1 + K + s + s'] / temperature; None when an input was non-finite
+    q: Tensor  # [L, D] this process's queries
+    k: Tensor  # [L, D] this process's keys
+    finite: bool  # False: nothing was updated
+
+
+def training_step(query: torch.nn.Module, key: Encoder, queue: NegativeQueue, optimizer: torch.optim.Optimizer,
+                  accelerator: Accelerator, images_q: Tensor, images_k: Tensor, labels: Tensor, *,
+                  config: TrainConfig, step: int, mixing: bool) -> StepOutput:
+    """One MoCo-v2 + MoCHi step: forward, loss, SGD step, momentum update, enqueue of every process's keys.
+
+    A non-finite loss on any process updates nothing anywhere; the caller decides to stop or go on.
+    """
+    n_hard, s, s_prime = config.mochi
+    world = accelerator.num_processes
+    with accelerator.autocast():
+        q = query(images_q)  # [L, D]
+        k, keys_all = shuffled_keys(key, images_k, accelerator, seeded(config.seed, step, -2, device=q.device))
+    plan = sample_plan(q.shape[0], n_hard, s, s_prime, beta_max=config.beta_max,
+                       generator=seeded(config.seed, step, accelerator.process_index)) if mixing else None
+    try:
+        logits, targets = contrastive_logits(q, k, queue.keys, temperature=config.temperature, n_hard=n_hard,
+                                             plan=plan)  # [L, 1 + K + s + s']
+        loss = info_nce(logits, targets)
+        finite = bool(torch.isfinite(loss))
+    except NonFiniteError:
+        logits, loss, finite = None, torch.tensor(float("nan")), False
+    if world > 1:  # every process must take the same branch, or the gradient all-reduce waits forever
+        finite = bool(accelerator.gather(torch.tensor([finite], device=q.device)).all())
+    optimizer.zero_grad(set_to_none=True)
+    if finite:
+        accelerator.backward(loss)
+        optimizer.step()
+        momentum_update(key, accelerator.unwrap_model(query), config.key_momentum)
+        labels_all = accelerator.gather(labels) if world > 1 else labels  # [G]
+        queue.enqueue(keys_all.float(), labels_all)
+    return StepOutput(loss, logits, q, k, finite)
 
 
 @dataclass
@@ -259,9 +305,7 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
     if accelerator.log_with:
         accelerator.init_trackers("mochi", config={k: str(v) for k, v in config.to_dict().items()})
 
-    n_hard, s, s_prime = config.mochi
-    analysis_n = n_hard or min(1024, config.queue_size)  # hard-set size for the false-negative analysis
-    from tqdm.auto import tqdm
+    analysis_n = config.mochi[0] or min(1024, config.queue_size)  # hard-set size for the false-negative analysis
 
     progress = tqdm(total=last_step, initial=step, disable=not is_main, desc="mochi train", unit="step")
     window_images, window_start = 0, time.perf_counter()
@@ -300,46 +344,28 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
                     summary.bad_files.append(reason)
                     print(f"skipped unusable image: {reason}", flush=True)
 
-            with accelerator.autocast():
-                q = query(images_q)  # [L, D]
-                k, keys_all = shuffled_keys(key, images_k, accelerator, seeded(config.seed, step, -2, device=device))
-            plan = sample_plan(q.shape[0], n_hard, s, s_prime, beta_max=config.beta_max,
-                               generator=seeded(config.seed, step, rank)) if mixing else None
-            try:
-                logits, targets = contrastive_logits(q, k, queue.keys, temperature=config.temperature,
-                                                     n_hard=n_hard, plan=plan)  # [L, 1 + K + s + s']
-                loss = info_nce(logits, targets)
-                finite = bool(torch.isfinite(loss))
-            except NonFiniteError:
-                finite = False
-            if not finite:
+            out = training_step(query, key, queue, optimizer, accelerator, images_q, images_k, labels,
+                                config=config, step=step, mixing=mixing)
+            if not out.finite:
                 summary.nonfinite_steps += 1
                 if config.on_nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step} (epoch {epoch}); the last good checkpoint is kept in "
                         f"{run_dir / 'checkpoints'}. Lower --lr, or pass --on-nonfinite skip to skip such steps")
-                optimizer.zero_grad(set_to_none=True)
                 accelerator.print(f"step {step}: non-finite loss, step skipped ({summary.nonfinite_steps} so far)")
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                optimizer.step()
-                momentum_update(key, modules["query"], config.key_momentum)
-                labels_all = accelerator.gather(labels) if world > 1 else labels
-                queue.enqueue(keys_all.float(), labels_all)
 
             step += 1
             summary.images_seen += config.batch_size
             window_images += config.batch_size
             progress.update(1)
-            if finite and (step % config.log_every_steps == 0 or step == last_step):
+            if out.finite and (step % config.log_every_steps == 0 or step == last_step):
                 with torch.no_grad():
-                    fnr = false_negative_rate(hardest_negatives(logits[:, 1:1 + config.queue_size], analysis_n),
+                    fnr = false_negative_rate(hardest_negatives(out.logits[:, 1:1 + config.queue_size], analysis_n),
                                               queue.labels, labels)
                     elapsed = time.perf_counter() - window_start
-                    record = {"kind": "step", "step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
-                              "mixing": mixing, "proxy_top1": proxy_top1(logits),
-                              "alignment": alignment(q, k), "uniformity": uniformity(q),
+                    record = {"kind": "step", "step": step, "epoch": epoch, "loss": out.loss.item(), "lr": lr,
+                              "mixing": mixing, "proxy_top1": proxy_top1(out.logits),
+                              "alignment": alignment(out.q, out.k), "uniformity": uniformity(out.q),
                               "false_negative_rate": fnr, "images_per_sec": window_images / elapsed}
                 window_images, window_start = 0, time.perf_counter()
                 progress.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['proxy_top1']:.2f}")
@@ -349,7 +375,7 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
                     if accelerator.log_with:
                         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
             if on_step is not None:
-                on_step(step, {"query": modules["query"], "key": key, "queue": queue, "keys": k, "finite": finite})
+                on_step(step, {"query": modules["query"], "key": key, "queue": queue, "keys": out.k, "finite": out.finite})
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch or step == last_step or (config.save_every_steps and step % config.save_every_steps == 0):
                 summary.wall_time_s += time.perf_counter() - started
