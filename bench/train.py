@@ -11,11 +11,8 @@ and training images/s against lightly's MoCo building blocks.
    medians, and the median of the per-pair ratios (robust to slow drift on a shared machine).
    Target: MoCHi / MoCo-v2 <= 1.02.
 
-   The step is ``bench_step`` below: a line-for-line copy of the body of the loop in
-   ``mochi_hub.train.train`` (forward under ``accelerator.autocast``, ``shuffled_keys``, ``sample_plan``,
-   ``contrastive_logits``, ``info_nce``, backward, SGD, ``momentum_update``, ``enqueue``), built from the
-   same functions. STOPGAP: it should become ``mochi_hub.train.training_step``, shared by the loop and
-   this bench, so the two cannot drift apart (proposed to the lead; until then keep them in sync).
+   The step is ``mochi_hub.train.training_step``, the very function the loop calls (``bench_step``
+   only adds the loop's lr schedule), so the bench cannot drift from the loop.
 
 2. ``throughput``: training images/s of ``mochi train`` against the same backbone, batch, queue,
    projection head, optimiser, schedule and augmentation written with lightly's MoCo building blocks
@@ -125,45 +122,20 @@ def train_config(sizes: dict, *, mochi: tuple[int, int, int], precision: str, wo
 
 
 def bench_step(state: dict, batch: dict, step: int) -> float:
-    """One training step; returns its loss.
+    """One step of the training loop (mochi_hub.train.training_step, the same function the loop calls,
+    with the loop's lr schedule); returns its loss."""
+    from mochi_hub.train import cosine_lr, training_step
 
-    STOPGAP copy of the body of the loop in mochi_hub.train.train (same functions, same order), minus
-    the metrics, progress bar and checkpoint logic. Replace by mochi_hub.train.training_step once the
-    loop exposes its step; until then, any change to the loop's step must be mirrored here.
-    """
-    import torch
-
-    from mochi_hub.loss import contrastive_logits, info_nce
-    from mochi_hub.mixing import sample_plan
-    from mochi_hub.model import momentum_update
-    from mochi_hub.train import cosine_lr, seeded, shuffled_keys
-
-    config, accelerator = state["config"], state["accelerator"]
-    query, key, queue, optimizer = state["query"], state["key"], state["queue"], state["optimizer"]
+    config, accelerator, optimizer = state["config"], state["accelerator"], state["optimizer"]
     device, memory_format = accelerator.device, state["memory_format"]
-    n_hard, s, s_prime = config.mochi
-
-    lr = cosine_lr(step, state["total_steps"], config.base_lr)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = cosine_lr(step, state["total_steps"], config.base_lr)
     images_q, images_k = (v.to(device, non_blocking=True, memory_format=memory_format) for v in batch["images"])
-    labels = batch["labels"].to(device)
-    with accelerator.autocast():
-        q = query(images_q)  # [B, D]
-        k, keys_all = shuffled_keys(key, images_k, accelerator, seeded(config.seed, step, -2, device=device))
-    plan = sample_plan(q.shape[0], n_hard, s, s_prime, beta_max=config.beta_max,
-                       generator=seeded(config.seed, step, 0)) if state["mixing"] else None
-    logits, targets = contrastive_logits(q, k, queue.keys, temperature=config.temperature, n_hard=n_hard,
-                                         plan=plan)  # [B, 1 + K + s + s']
-    loss = info_nce(logits, targets)
-    if not bool(torch.isfinite(loss)):
+    out = training_step(state["query"], state["key"], state["queue"], optimizer, accelerator, images_q, images_k,
+                        batch["labels"].to(device), config=config, step=step, mixing=state["mixing"])
+    if not out.finite:
         raise RuntimeError(f"non-finite loss at step {step} ({config.mochi})")
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    optimizer.step()
-    momentum_update(key, state["unwrapped_query"], config.key_momentum)
-    queue.enqueue(keys_all.float(), labels)
-    return float(loss.detach())
+    return float(out.loss.detach())
 
 
 def step_child(settings: dict) -> dict:
@@ -208,7 +180,7 @@ def step_child(settings: dict) -> dict:
         query.train()
         key.train()
         states[name] = dict(config=config, accelerator=accelerator, query=query, key=key, queue=queue,
-                            optimizer=optimizer, unwrapped_query=accelerator.unwrap_model(query),
+                            optimizer=optimizer,
                             memory_format=memory_format, mixing=config.uses_mixing,
                             total_steps=len(source) // config.batch_size)
 
