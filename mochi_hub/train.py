@@ -253,6 +253,9 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     resume_from = _resume_point(config, run_dir)
+    if resume_from is None and config.resume is None and latest_checkpoint(run_dir) is not None:
+        raise ValueError(f"--output {run_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                         "or choose another --output (nothing was overwritten)")
     started = time.perf_counter()
 
     # Data: every image decoded lazily; undecodable ones replaced and reported (DecodedImages).

@@ -91,6 +91,8 @@ def test_resume_refuses_an_incompatible_config(tmp_path):
     train(config)
     with pytest.raises(ValueError, match="incompatible config.*queue_size"):
         train(dataclasses.replace(config, queue_size=128, resume="auto"))
+    with pytest.raises(ValueError, match="already holds checkpoints: pass --resume auto"):
+        train(config)  # a fresh run never mixes its checkpoints with an older run's
 
 
 CLI_VALUES = {  # a non-default value for every TrainConfig field
@@ -164,18 +166,54 @@ def test_two_processes_share_one_queue_and_one_model(tmp_path):
     assert int(rank0["queue.ptr"]) == 128 % 40
 
 
+def heldout_contrastive(query, key, images_q, images_k, temperature=0.2):
+    """In-batch InfoNCE and top-1 on held-out pairs: the same negatives for any pair of encoders."""
+    with torch.no_grad():
+        logits = query.train()(images_q) @ key.train()(images_k).T / temperature  # [B, B]
+    labels = torch.arange(len(logits))
+    return torch.nn.functional.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_short_real_run_learns_and_exports_for_timm(tmp_path):
-    config = tiny(tmp_path, epochs=6, warmup_epochs=2, max_train_images=512, batch_size=64, queue_size=256,
-                  mochi=(32, 32, 16), lr=0.3, log_every_steps=4)
+    """128 steps of CPU are far from the paper's regime: within the run, the training loss first rises as
+    the queue fills with real keys (lightly's MoCo does the same here, see the issue notes). What a short
+    run does show: on held-out images, the trained encoders separate positives from other images better
+    than the initial ones, and the proxy task is learned during the warm-up."""
+    from mochi_hub.augment import TwoViews, moco_v2_transform
+    from mochi_hub.checkpoint import latest_checkpoint, load_checkpoint
+    from mochi_hub.data import DecodedImages, collate_samples, resolve_dataset
+    from mochi_hub.model import Encoder, create_backbone, make_key_encoder
+    from mochi_hub.queue import NegativeQueue
+    from mochi_hub.train import SeededAugment
+
+    config = tiny(tmp_path, epochs=8, warmup_epochs=4, max_train_images=512, batch_size=64, queue_size=256,
+                  mochi=(32, 32, 16), lr=0.3, key_momentum=0.9, log_every_steps=4)
     run_dir = train(config)
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if r["kind"] == "step"]
-    first, last = steps[:3], steps[-3:]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    assert mean(last, "loss") < mean(first, "loss")
-    assert mean(last, "proxy_top1") > mean(first, "proxy_top1")
+
+    views = SeededAugment(DecodedImages(resolve_dataset("fashion-mnist", "val"), TwoViews(moco_v2_transform(32)),
+                                        indices=list(range(256))), seed=123)
+    images_q, images_k = collate_samples([views[i] for i in range(256)])["images"]
+    torch.manual_seed(config.seed)  # the initial weights, as train() draws them
+    initial = Encoder(create_backbone(config.model), config.proj_dim)
+    trained = Encoder(create_backbone(config.model), config.proj_dim)
+    trained_key = make_key_encoder(trained)
+    load_checkpoint(latest_checkpoint(run_dir), modules={"query": trained, "key": trained_key,
+                                                         "queue": NegativeQueue(256, config.proj_dim)},
+                    optimizer=None, rank=0)
+    exported = load_file(run_dir / "export" / "model.safetensors")
+    for name, tensor in trained.backbone.state_dict().items():
+        assert torch.equal(exported[name], tensor), name  # the export is the newest checkpoint's backbone
+    loss_before, _ = heldout_contrastive(initial, make_key_encoder(initial), images_q, images_k)
+    loss_after, _ = heldout_contrastive(trained, trained_key, images_q, images_k)
+    assert loss_after < loss_before - 0.1
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    warmup = [r for r in lines if r["kind"] == "step" and not r["mixing"]]
+    assert max(r["proxy_top1"] for r in warmup) > warmup[0]["proxy_top1"] + 0.3
+    assert all(r["mixing"] for r in lines if r["kind"] == "step" and r["epoch"] >= 4)
+
     model = timm.create_model(f"local-dir:{run_dir / 'export'}", pretrained=True)
     features = timm.create_model(f"local-dir:{run_dir / 'export'}", pretrained=True, features_only=True)
     x = torch.randn(2, 3, 32, 32)
