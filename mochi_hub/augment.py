@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 # ImageNet statistics, as in MoCo; also written into the exported pretrained_cfg.
@@ -9,9 +11,22 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def _blur_kernel(image_size: int) -> int:
-    """About 10% of the image side, odd, as in SimCLR / MoCo-v2 (23 px at 224)."""
-    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+class GaussianBlur:
+    """MoCo-v2's blur, as in its reference code: PIL's GaussianBlur with radius sigma ~ U(0.1, 2.0).
+
+    sigma is drawn from torch's RNG, so seeded augmentation stays reproducible; PIL's filter is ~3.5x
+    faster than torchvision's GaussianBlur on a PIL image on the CPU.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        sigma = float(torch.empty(()).uniform_(*self.sigma))
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
 
 
 def moco_v2_transform(image_size: int) -> T.Compose:
@@ -20,7 +35,7 @@ def moco_v2_transform(image_size: int) -> T.Compose:
         T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(_blur_kernel(image_size), sigma=(0.1, 2.0))], p=0.5),
+        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(MEAN, STD),

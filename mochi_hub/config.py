@@ -131,7 +131,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Minutes on a 2-core CPU: a small ResNet on 32 px Fashion-MNIST crops.
     "demo": dict(dataset="fashion-mnist", model="resnet18", image_size=32, epochs=2, batch_size=64,
                  queue_size=1024, mochi=(64, 64, 32), warmup_epochs=1, lr=0.06, workers=2,
-                 max_train_images=4096, channels_last=False, log_every_steps=8),
+                 max_train_images=4096, key_momentum=0.99, log_every_steps=8),
 }
 
 

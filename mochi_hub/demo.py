@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     print("== 1/3 pretrain: MoCo-v2 + MoCHi on Fashion-MNIST (preset 'demo')")
-    run_dir = train(resolve_train_config(preset="demo", output=args.output))
+    # resume="auto": a second `make demo` finishes or re-exports the same run instead of refusing its folder.
+    run_dir = train(resolve_train_config(preset="demo", output=args.output, resume="auto"))
 
     print("== 2/3 evaluate the frozen backbone")
     from .config import resolve_probe_config
