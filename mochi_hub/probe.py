@@ -424,6 +424,7 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
                   "train_data": dataset_fingerprint(train_source, config.dataset)}
     extra: dict[str, Any] = {}
     skipped: list[str] = []
+    decoded = 0  # images decoded and run through the backbone (cached features cost none)
 
     with _progress(is_main and show) as progress:
 
@@ -437,6 +438,8 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
             extra.setdefault("feature_cache", {})[split] = {"key": key, "hit": hit is not None, "dir": str(cache_dir)}
             if hit is not None:
                 return hit
+            nonlocal decoded
+            decoded += len(indices)
             task = progress.add_task(f"features {split}", total=len(indices))
             images = DecodedImages(images_source, eval_tf, strict=config.strict_data, indices=indices)
             features, labels, bad = extract(module, images,
@@ -467,6 +470,7 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
             timings["eval_s"] = time.perf_counter() - t
             extra.update(epoch_losses=fit["epoch_losses"], resumed_from_epoch=fit["resumed_from_epoch"],
                          state_dir=str(state_root))
+            decoded += (config.epochs - (fit["resumed_from_epoch"] or 0)) * len(train_indices) + len(eval_indices)
         else:
             t = time.perf_counter()
             train_features, train_labels = features_of(train_source, train_indices, "train")
@@ -515,6 +519,10 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
         "num_processes": accelerator.num_processes, "device": str(accelerator.device),
         "versions": {"mochi_hub": __version__, "torch": torch.__version__, "timm": __import__("timm").__version__},
         **extra,
+        "summary": {"images_seen": decoded, "images_skipped": len(skipped),
+                    "resumes": int(extra.get("resumed_from_epoch") is not None),
+                    "wall_time_s": round(time.perf_counter() - clock, 2),
+                    "images_per_sec": round(decoded / (time.perf_counter() - clock), 2)},
         "time": {"started": started_at.isoformat(timespec="seconds"),
                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "seconds": round(time.perf_counter() - clock, 3), **{k: round(v, 3) for k, v in timings.items()}},

@@ -543,3 +543,44 @@ def test_two_processes_train_the_classifier_one_process_trains(tmp_path, export_
     for name in ("weight", "bias"):
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)
     assert (double["top1"], double["top5"]) == (single["top1"], single["top5"])
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_linear_probe_killed_twice_resumes_to_the_uninterrupted_classifier(tmp_path, fmnist_folder, export_dir):
+    """kill -9 after an epoch's state and during a state save; `--resume` ends bit-identical (every draw
+    is seeded by (seed, epoch, index) and the CPU kernels are deterministic, so no tolerance)."""
+    import signal
+    import time
+
+    def command(output: Path) -> list[str]:
+        return [sys.executable, "-m", "mochi_hub.cli", "probe", str(export_dir), "--dataset", str(fmnist_folder),
+                "--protocol", "linear", "--image-size", "32", "--epochs", "6", "--batch-size", "16", "--lr", "0.5",
+                "--lr-milestones", "4", "--workers", "0", "--output", str(output), "--resume",
+                "--cache-dir", str(tmp_path / "cache")]
+
+    subprocess.run(command(tmp_path / "full.json"), check=True, capture_output=True, timeout=300)
+    expected = load_file(tmp_path / "full.state" / "epoch-0006" / "classifier.safetensors")
+
+    states = tmp_path / "part.state"
+    kill_when = [lambda: (states / "epoch-0002").is_dir(),
+                 lambda: states.is_dir() and any(p.name.endswith(".tmp") for p in os.scandir(states))]
+    for when in kill_when:
+        process = subprocess.Popen(command(tmp_path / "part.json"), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and not when() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert process.poll() is None, "the probe finished before the kill point"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    subprocess.run(command(tmp_path / "part.json"), check=True, capture_output=True, timeout=300)
+    result = json.loads((tmp_path / "part.json").read_text())
+    assert result["resumed_from_epoch"] >= 2
+    summary = result["summary"]
+    assert summary["resumes"] == 1 and summary["images_skipped"] == 0
+    assert summary["images_seen"] == (6 - result["resumed_from_epoch"]) * 80 + 30  # 80 train, 30 val images
+    got = load_file(states / "epoch-0006" / "classifier.safetensors")
+    for name in ("weight", "bias"):
+        assert torch.equal(got[name], expected[name])
+    assert result["top1"] == json.loads((tmp_path / "full.json").read_text())["top1"]
