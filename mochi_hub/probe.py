@@ -20,7 +20,6 @@ BatchNorm statistic changed, the result is not a frozen-backbone evaluation and 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -42,6 +41,7 @@ from .data import IMAGENET100_CMC_CLASSES, DecodedImages, HubImages, ImageFolder
 from .features import (FeatureTensors, cache_key, dataset_fingerprint, default_cache_dir, extract, feature_batch,
                        image_batch, load_cached, save_cached)
 from .sources import load_backbone
+from .train import launched_accelerator
 
 FAST_NOTE = ("fast: a linear classifier on cached features of un-augmented centre crops; "
              "NOT the paper's linear protocol (use --protocol linear for that)")
@@ -303,18 +303,9 @@ def evaluate_classifier(classifier: nn.Module, dataset: Dataset, *, encode: Call
 # --- putting it together ---------------------------------------------------------------------------------
 
 def make_accelerator(config: ProbeConfig) -> Accelerator:
-    """One process, or as launched (accelerate launch / torchrun). Without GPUs, several processes need
-    cpu=True to form a real gloo group. Batches are global: each is split over the processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(cpu=world > 1 and not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if accelerator.num_processes != world:
-        raise RuntimeError(f"{world} processes were launched but Accelerate formed a group of "
-                           f"{accelerator.num_processes}: refusing to run independent copies of the probe")
-    if config.batch_size % accelerator.num_processes:
-        raise ValueError(f"--batch-size ({config.batch_size}) is the global batch and must divide evenly over "
-                         f"{accelerator.num_processes} processes")
-    return accelerator
+    """Batches are global: each is split over the processes."""
+    return launched_accelerator(config.batch_size, mixed_precision=config.mixed_precision,
+                                dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def dataset_slug(spec: str) -> str:

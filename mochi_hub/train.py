@@ -96,21 +96,24 @@ class SeededAugment:
             torch.set_rng_state(state)
 
 
-def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
-    """Accelerate on whatever was launched. Without GPUs, several processes need `cpu=True` to form a
-    real gloo group; a plain Accelerator would silently run independent single-process jobs."""
+def launched_accelerator(global_batch: int, **kwargs: Any) -> Accelerator:
+    """Accelerate on whatever was launched (one process, accelerate launch, torchrun). Without GPUs,
+    several processes need `cpu=True` to form a real gloo group; a plain Accelerator would silently run
+    independent single-process copies of the job, so a group of the wrong size is refused."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu = world > 1 and not torch.cuda.is_available()
-    log_with = _trackers(config.report_to) or None
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=log_with,
-                              project_dir=str(run_dir))
+    accelerator = Accelerator(cpu=world > 1 and not torch.cuda.is_available(), **kwargs)
     if accelerator.num_processes != world:
         raise RuntimeError(f"{world} processes were launched but Accelerate formed a group of "
                            f"{accelerator.num_processes}: refusing to run independent copies of the job")
-    if config.batch_size % accelerator.num_processes:
-        raise ValueError(f"--batch-size ({config.batch_size}) is the global batch and must divide evenly "
+    if global_batch % accelerator.num_processes:
+        raise ValueError(f"--batch-size ({global_batch}) is the global batch and must divide evenly "
                          f"over {accelerator.num_processes} processes")
     return accelerator
+
+
+def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
+    return launched_accelerator(config.batch_size, mixed_precision=config.mixed_precision,
+                                log_with=_trackers(config.report_to) or None, project_dir=str(run_dir))
 
 
 def _trackers(report_to: str) -> list[str]:
