@@ -8,8 +8,9 @@ import dataclasses
 import inspect
 import types
 import typing
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Iterator
 
 import typer
 
@@ -56,3 +57,13 @@ def with_signature(run: Callable[..., None], params: list[inspect.Parameter], do
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = doc
     return command
+
+
+@contextmanager
+def exit_on(*errors: type[BaseException], code: int) -> Iterator[None]:
+    """Errors of the user's making (bad options, bad input): one line on stderr and `code`, no traceback."""
+    try:
+        yield
+    except errors as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(code) from None

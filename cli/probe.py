@@ -9,7 +9,7 @@ import typer
 
 from mochi_hub.config import PROBE_PRESETS, ProbeConfig, resolve_probe_config
 
-from .options import config_options, with_signature
+from .options import config_options, exit_on, with_signature
 
 HELP = {
     "dataset": "Hub dataset id (org/name), local imagefolder (train/ + val/), or imagenet-100 | imagenet-1k | "
@@ -51,19 +51,13 @@ SOURCE = inspect.Parameter(
 
 
 def run(source: str, **options: Any) -> None:
-    try:
+    with exit_on(ValueError, code=2):
         config = resolve_probe_config(**options)
-    except ValueError as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
     from mochi_hub.data import BadImageError
     from mochi_hub.probe import run_probe
 
-    try:
+    with exit_on(ValueError, BadImageError, code=1):  # FrozenBackboneError is a bug, not bad input: it raises
         run_probe(source, config)
-    except (ValueError, BadImageError) as error:  # bad input: no traceback. FrozenBackboneError is a bug: it raises.
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(1) from None
 
 
 probe = with_signature(run, [SOURCE, *config_options(ProbeConfig, HELP)],

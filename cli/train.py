@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import typer
 
 from mochi_hub.config import TRAIN_PRESETS, TrainConfig, resolve_train_config
 
-from .options import config_options, with_signature
+from .options import config_options, exit_on, with_signature
 
 HELP = {
     "dataset": "Hub dataset id (org/name), local imagefolder (train/ [val/]), or imagenet-100 | imagenet-1k | fashion-mnist.",
@@ -45,19 +44,13 @@ HELP = {
 
 
 def run(**options: Any) -> None:
-    try:
+    with exit_on(ValueError, code=2):
         config = resolve_train_config(**options)
-    except ValueError as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
     from mochi_hub.data import BadImageError
     from mochi_hub.train import NonFiniteLossError, train as train_run
 
-    try:
+    with exit_on(ValueError, BadImageError, NonFiniteLossError, code=1):  # bad input or a stopped run
         train_run(config)
-    except (ValueError, BadImageError, NonFiniteLossError) as error:  # bad input or a stopped run: no traceback
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(1) from None
 
 
 train = with_signature(run, config_options(TrainConfig, HELP),
