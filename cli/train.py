@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from mochi_hub.config import TRAIN_PRESETS, TrainConfig, resolve_train_config
 
 from .options import config_options, exit_on, with_signature
