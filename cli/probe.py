@@ -27,6 +27,7 @@ HELP = {
     "sgd_momentum": "SGD momentum. [default: 0.9]",
     "weight_decay": "SGD weight decay. [default: 0]",
     "augment": "Train the linear protocol on RandomResizedCrop + flip (--no-augment: the evaluation crop). [default: on]",
+    "crop_min_scale": "Smallest area share of the training crops (RandomResizedCrop). [default: 0.08; fashion-mnist 0.5]",
     "image_size": "Crop size in pixels; evaluation resizes to 256/224 of it and centre-crops. "
                   "[default: 224; fashion-mnist 32]",
     "knn_k": "Neighbours voting in kNN. [default: 200]",

@@ -52,9 +52,10 @@ class TwoViews:
         return self.transform(image), self.transform(image)
 
 
-def probe_train_transform(image_size: int) -> T.Compose:
-    """The linear protocol's training augmentation: RandomResizedCrop + flip."""
-    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+def probe_train_transform(image_size: int, min_scale: float = 0.08) -> T.Compose:
+    """The linear protocol's training augmentation: RandomResizedCrop (area share min_scale..1) + flip."""
+    return T.Compose([T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
 
 
 def eval_transform(image_size: int) -> T.Compose:

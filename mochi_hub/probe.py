@@ -48,7 +48,7 @@ FAST_NOTE = ("fast: a linear classifier on cached features of un-augmented centr
 KNN_NOTE = "knn: weighted k-nearest-neighbour vote on L2-normalised features; not the paper's linear protocol"
 # Settings a resumed classifier must share with the state it continues.
 RESUME_MUST_MATCH = ("protocol", "dataset", "epochs", "batch_size", "lr", "lr_milestones", "lr_gamma", "sgd_momentum",
-                     "weight_decay", "augment", "image_size", "seed", "max_images", "mixed_precision")
+                     "weight_decay", "augment", "crop_min_scale", "image_size", "seed", "max_images", "mixed_precision")
 
 
 class FrozenBackboneError(RuntimeError):
@@ -400,7 +400,7 @@ def run_probe(source: str, config: ProbeConfig, *, backbone: tuple[nn.Module, di
     eval_indices = (train_indices if eval_source is train_source
                     else subset(len(eval_source), config.max_images, config.seed, 1))
     eval_tf = eval_transform(config.image_size)
-    train_tf = probe_train_transform(config.image_size) if config.augment and config.protocol == "linear" else eval_tf
+    train_tf = probe_train_transform(config.image_size, config.crop_min_scale) if config.augment and config.protocol == "linear" else eval_tf
     workers = config.workers
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir() / "features"
     name = result_name(config)

@@ -464,7 +464,7 @@ def test_cli_options_map_one_to_one_onto_probe_config(monkeypatch):
 
     # Every option given a value that is not its default must arrive in the field of the same name.
     values = dict(dataset="org/data", protocol="fast", split="train", epochs=7, batch_size=12, lr=0.25,
-                  lr_milestones=(3, 5), lr_gamma=0.5, sgd_momentum=0.8, weight_decay=0.001, augment=False, image_size=48,
+                  lr_milestones=(3, 5), lr_gamma=0.5, sgd_momentum=0.8, weight_decay=0.001, augment=False, crop_min_scale=0.3, image_size=48,
                   knn_k=20, knn_temperature=0.1, seed=3, workers=1, output="o.json", resume=True, cache_dir="c",
                   max_images=99, mixed_precision="bf16", strict_data=True, preset="imagenet-1k")
     assert set(values) == fields
