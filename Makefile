@@ -28,8 +28,11 @@ test: $(BIN)/.installed fashion-mnist
 test-all: $(BIN)/.installed fashion-mnist
 	$(BIN)/python -m pytest -q
 
+# Figures for BENCHMARKS.md (about 30 minutes on 2 quiet cores; bench/train.py also wants `pip install -e '.[bench]'`).
 bench: $(BIN)/.installed
 	$(BIN)/python bench/head.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/probe.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs
