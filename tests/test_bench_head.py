@@ -1,0 +1,22 @@
+"""bench/head.py keeps running: a --quick smoke run in a subprocess writes the three variants."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_head_benchmark_quick_run_writes_three_variants(tmp_path):
+    out = tmp_path / "head.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "head.py"), "--quick", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"mochi", "reference", "moco"}
+    for row in rows.values():
+        assert row["median_ms"] > 0 and all(t > 0 for t in row["times_ms"])
+        assert row["peak_extra_mib"] >= 0
+    assert [r["K"] for r in result["ratios"]] == [1024]
