@@ -637,7 +637,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clock = time.perf_counter()
     exe = sys.executable
     exe = os.path.relpath(exe) if exe.startswith(os.getcwd() + os.sep) else exe
-    command = " ".join(shlex.quote(a) for a in [exe, "bench/study.py", *(sys.argv[1:] if argv is None else argv)])
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]  # the study's command
+    command = " ".join(shlex.quote(a) for a in [exe, "bench/study.py", *given])
 
     def log(message: str) -> None:
         print(f"[study {datetime.now(timezone.utc):%H:%M:%S}] {message}", flush=True)

@@ -35,7 +35,7 @@ def test_quick_study_writes_a_parsable_report(tmp_path):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     out, runs = tmp_path / "study", tmp_path / "runs"
     command = [sys.executable, str(ROOT / "bench" / "study.py"), "--quick", "--out", str(out), "--runs-dir", str(runs)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     readme = (out / "README.md").read_text()
@@ -58,7 +58,7 @@ def test_quick_study_writes_a_parsable_report(tmp_path):
     assert study["machine"]["versions"]["torch"] and study["machine"]["cpu_model"]
 
     # Resumable: a second invocation finds every run finished and trains nothing.
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier, kept") == 2
     assert "mochi train" not in again.stderr
