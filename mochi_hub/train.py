@@ -350,6 +350,8 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
                     summary.bad_files.append(reason)
                     print(f"skipped unusable image: {reason}", flush=True)
 
+            logging = (step + 1) % config.log_every_steps == 0 or step + 1 == last_step
+            queue_labels = queue.labels.clone() if logging else None  # the hard set indexes the queue before the enqueue
             out = training_step(query, key, queue, optimizer, accelerator, images_q, images_k, labels,
                                 config=config, step=step, mixing=mixing)
             if not out.finite:
@@ -364,10 +366,10 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
             summary.images_seen += config.batch_size
             window_images += config.batch_size
             progress.update(1)
-            if out.finite and (step % config.log_every_steps == 0 or step == last_step):
+            if out.finite and logging:
                 with torch.no_grad():
                     fnr = false_negative_rate(hardest_negatives(out.logits[:, 1:1 + config.queue_size], analysis_n),
-                                              queue.labels, labels)
+                                              queue_labels, labels)
                     elapsed = time.perf_counter() - window_start
                     record = {"kind": "step", "step": step, "epoch": epoch, "loss": out.loss.item(), "lr": lr,
                               "mixing": mixing, "proxy_top1": proxy_top1(out.logits),
