@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mixing import MixingPlan, require_finite, hardest_negatives, synthetic_logits
+from .mixing import MixingPlan, _synthetic_logits, hardest_negatives, require_finite
 
 
 def contrastive_logits(q: Tensor, k: Tensor, queue: Tensor, *, temperature: float, n_hard: int = 0,
@@ -36,7 +36,7 @@ def contrastive_logits(q: Tensor, k: Tensor, queue: Tensor, *, temperature: floa
         if n_hard <= 0:
             raise ValueError(f"MoCHi N (n_hard) must be > 0 to mix s={plan.s}, s'={plan.s_prime}, got {n_hard}")
         hard = hardest_negatives(l_neg, n_hard)  # [B, N]
-        parts.append(synthetic_logits(q, l_neg, queue, hard, plan))  # [B, s + s']
+        parts.append(_synthetic_logits(q, l_neg, queue, hard, plan))  # q checked above  # [B, s + s']
     logits = torch.cat(parts, dim=1) / temperature  # [B, 1 + K + s + s']
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=logits.device)  # [B]
     return logits, labels

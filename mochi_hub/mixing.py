@@ -153,6 +153,11 @@ def synthetic_logits(q: Tensor, l_neg: Tensor, queue: Tensor, hard: Tensor, plan
     `hardest_negatives`; plan: from `sample_plan`. Returns [B, s + s'] in q's dtype.
     """
     require_finite("q", q)
+    return _synthetic_logits(q, l_neg, queue, hard, plan)
+
+
+def _synthetic_logits(q: Tensor, l_neg: Tensor, queue: Tensor, hard: Tensor, plan: MixingPlan) -> Tensor:
+    """synthetic_logits for a caller that has already checked q (each check synchronises a GPU)."""
     queue = queue.detach()
     plan = plan.to(q.device)
     dtype = q.dtype
