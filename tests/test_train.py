@@ -69,6 +69,25 @@ def test_mochi_on_and_off_are_identical_through_warmup_then_differ(tmp_path):
     assert [r["mixing"] for r in lines if r["kind"] == "step"] == [False] * 4 + [True] * 4
 
 
+def test_false_negative_rate_reads_the_labels_the_hard_set_was_chosen_from(tmp_path):
+    """K = B and N = K: every step overwrites the whole queue and the hard set is the whole queue, so the logged
+    rate is exactly the share of (query, queue entry) pairs whose labels match, with the queue of the previous step."""
+    config = tiny(tmp_path, mochi=(0, 0, 0), warmup_epochs=0, queue_size=16, epochs=1)  # 4 steps of 16
+    queue_labels = {}  # step -> the queue's labels after that step's enqueue (in batch order: K = B)
+    train(config, on_step=lambda step, info: queue_labels.__setitem__(step, info["queue"].labels.clone()))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["false_negative_rate"] for r in rows if r["kind"] == "step"}
+
+    assert logged[1] is None  # the queue holds no labelled key before the first enqueue
+    after_enqueue = []
+    for step in (2, 3, 4):
+        batch, before = queue_labels[step], queue_labels[step - 1]  # [B], [K]
+        expected = (batch[:, None] == before[None, :]).float().mean().item()
+        assert logged[step] == pytest.approx(expected, abs=1e-6)
+        after_enqueue.append((batch[:, None] == batch[None, :]).float().mean().item())
+    assert after_enqueue != pytest.approx([logged[s] for s in (2, 3, 4)])  # the test tells the two readings apart
+
+
 def test_resume_continues_exactly(tmp_path):
     straight = run_recording(tiny(tmp_path, "straight", save_every_steps=3))
     interrupted = tiny(tmp_path, "resumed", save_every_steps=3, max_steps=5)
