@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seeds whose initial weights are probed as the random-init reference (default: the first "
                         "seed; 'none' for no reference)")
     p.add_argument("--report-only", action="store_true", help="only rewrite --out from finished runs")
+    p.add_argument("--compare-with", type=Path, default=None,
+                   help="an earlier study.json: the report then says whether this study reproduces its table "
+                        "within the seed spread, and which runs of the same setting and seed came out identical")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's checkpoints/ (default: removed; export/ is kept)")
     args = p.parse_args(argv)
@@ -428,7 +431,8 @@ def fmt_cmp(c: dict[str, Any] | None, digits: int) -> str:
 
 
 def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, Any]], expected: list[tuple[str, int]],
-                 references: dict[int, dict[str, float]], meta: dict[str, Any]) -> dict[str, Any]:
+                 references: dict[int, dict[str, float]], meta: dict[str, Any],
+                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     settings = args.settings
     agg = aggregate(records, settings)
@@ -462,12 +466,14 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
                        "knn_gain": verdict(c["knn_top1"], +1), "fast_gain": verdict(c["fast_top1"], +1)})
 
     study = {"command": meta["command"], "partial": partial, "missing": missing, "args": {
-        k: v for k, v in vars(args).items() if k != "settings"}, "settings": {k: list(v) for k, v in settings.items()},
+        k: v for k, v in vars(args).items() if k not in ("settings", "compare_with")}, "settings": {k: list(v) for k, v in settings.items()},
         "machine": meta["machine"], "git_commit": meta["git_commit"], "started": meta["started"],
         "finished": meta["finished"], "study_wall_time_s": meta["wall_time_s"], "invocations": meta["invocations"],
         "sum_of_run_wall_times_s": sum(r["wall_time_s"] for r in records),
         "random_init_reference": references, "aggregate": agg, "comparisons_vs_moco": comparisons,
         "claims": claims, "runs": records}
+    if previous is not None:
+        study["reproducibility"] = reproducibility(agg, records, previous)
     (out / "study.json").write_text(json.dumps(study, indent=1))
 
     m = meta["machine"]
@@ -551,10 +557,69 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
     for key, name in plots:
         lines += [f"![{key}]({name})", ""]
     lines += ["## The paper's claims at this scale", "", CLAIMS_PLACEHOLDER, ""]
+    if previous is not None:
+        lines += reproducibility_section(study["reproducibility"], str(args.compare_with))
     text = "\n".join(lines)
     text = text.replace(CLAIMS_PLACEHOLDER, claims_section(agg, comparisons, claims, settings))
     (out / "README.md").write_text(text)
     return study
+
+
+def reproducibility(agg: dict[str, Any], records: list[dict[str, Any]], previous: dict[str, Any]) -> dict[str, Any]:
+    """This study against an earlier one. Per setting and table column: the difference of the seed means and
+    whether it lies within the seed spread (the larger of the two standard deviations over seeds). Per run of
+    the same setting and seed in both: the largest absolute difference of each column (0 = identical)."""
+    columns = [key for key, _, _ in TABLE_COLUMNS]
+    settings = {}
+    for name, entry in agg.items():
+        before = previous.get("aggregate", {}).get(name)
+        if before is None:
+            continue
+        settings[name] = {}
+        for key in columns:
+            now, then = entry[key], before.get(key)
+            if then is None or now["mean"] is None or then["mean"] is None:
+                continue
+            spread = max(now["std"] or 0.0, then["std"] or 0.0)
+            diff = now["mean"] - then["mean"]
+            settings[name][key] = {"now": now["mean"], "before": then["mean"], "diff": diff, "spread": spread,
+                                   "n": [entry["n"], before["n"]], "within_spread": abs(diff) <= spread}
+    earlier = {(r["setting"], r["seed"]): r for r in previous.get("runs", [])}
+    runs = []
+    for r in records:
+        old = earlier.get((r["setting"], r["seed"]))
+        if old is not None:
+            runs.append({"setting": r["setting"], "seed": r["seed"],
+                         "max_abs_diff": {k: abs(r[k] - old[k]) for k in columns
+                                          if r.get(k) is not None and old.get(k) is not None}})
+    return {"previous_commit": previous.get("git_commit"), "previous_started": previous.get("started"),
+            "settings": settings, "same_runs": runs}
+
+
+def reproducibility_section(rep: dict[str, Any], path: str) -> list[str]:
+    names = {key: label for key, label, _ in TABLE_COLUMNS}
+    digits = {key: d for key, _, d in TABLE_COLUMNS}
+    lines = ["## Re-running the study", "",
+             f"Compared with an earlier study ({path}: commit {rep['previous_commit'] or 'unknown'}, started "
+             f"{rep['previous_started']}). *within spread*: the difference of the seed means is at most the larger of "
+             "the two standard deviations over seeds.", "",
+             "| setting | runs (now, before) | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 2) + "|"]
+    for name, cols in rep["settings"].items():
+        n = next(iter(cols.values()))["n"] if cols else ["?", "?"]
+        cells = []
+        for key in names:
+            c = cols.get(key)
+            cells.append("n/a" if c is None else f"{c['diff']:+.{digits[key]}f} (spread {c['spread']:.{digits[key]}f}): "
+                         f"{'within spread' if c['within_spread'] else '**outside spread**'}")
+        lines.append(f"| {name} | {n[0]}, {n[1]} | " + " | ".join(cells) + " |")
+    if rep["same_runs"]:
+        lines += ["", "Runs of the same setting and seed in both studies, largest absolute difference per column "
+                  "(0 = the same value):", "", "| setting | seed | " + " | ".join(names.values()) + " |",
+                  "|---" * (len(names) + 2) + "|"]
+        for r in rep["same_runs"]:
+            lines.append(f"| {r['setting']} | {r['seed']} | " + " | ".join(
+                f"{r['max_abs_diff'][k]:.{digits[k] + 1}f}" if k in r["max_abs_diff"] else "n/a" for k in names) + " |")
+    return lines + [""]
 
 
 CLAIMS_PLACEHOLDER = "<!-- claims -->"
@@ -615,12 +680,9 @@ NOTES = """Notes on reading these numbers:
   h' = normalize(beta q + (1 - beta) n) with beta up to 0.5 lies between q and one of its hardest negatives and
   is often closer to q than the positive key, so claim (1) partly holds by construction here. A comparison
   over the real queue alone would need `proxy_top1(logits[:, :1 + K])`, which train.py does not log.
-- **The false-negative rate carries a small known error**: train.py computes it from `queue.labels` read *after*
-  the step has enqueued the current batch, while the hard-set indices refer to the queue *before* it; the B
-  rows just overwritten (B/K = 3% of the queue here, its oldest entries) are compared with the wrong labels.
-  At most B/K = 3% of a query's hard set can be affected (fewer in practice: the oldest keys are the stalest
-  and rarely among the hardest), and both the right and the wrong labels match near chance, so the expected
-  bias is well under a percentage point of the rates shown.
+- **The false-negative rate** compares each query's hard set with the labels the queue held when that hard set was
+  chosen, before the step enqueued its own keys (train.py since commit 4f59a22; a study run before that read
+  the labels after the enqueue, so the B = 128 rows just overwritten, 3% of the queue, carried the wrong labels).
 - **This is an early-training regime.** A few hundred steps on 16k images at 32 px is far from the paper's 200
   epochs on ImageNet; the random-initialisation row says how far pretraining moved the probes at all. The
   fast probe is a linear classifier on frozen, un-augmented features, not the paper's linear protocol.
@@ -631,6 +693,7 @@ NOTES = """Notes on reading these numbers:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    previous = json.loads(args.compare_with.read_text()) if args.compare_with else None  # read before --out is rewritten
     out, runs_dir = Path(args.out), Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     started_at = datetime.now(timezone.utc)
@@ -638,6 +701,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     exe = sys.executable
     exe = os.path.relpath(exe) if exe.startswith(os.getcwd() + os.sep) else exe
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]  # the study's command
+    if "--compare-with" in given:  # a reporting option, not part of the study's command
+        at = given.index("--compare-with")
+        del given[at:at + 2]
+    given = [a for a in given if not a.startswith("--compare-with=")]
     command = " ".join(shlex.quote(a) for a in [exe, "bench/study.py", *given])
 
     def log(message: str) -> None:
@@ -683,7 +750,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "started": invocations[0]["started"] if invocations else started_at.isoformat(timespec="seconds"),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_time_s": wall,
             "invocations": invocations}
-    study = write_report(args, out, records, expected, references, meta)
+    study = write_report(args, out, records, expected, references, meta, previous)
     log(f"wrote {out / 'README.md'} ({len(records)} of {len(expected)} runs; {wall / 60:.1f} min)")
     return study
 

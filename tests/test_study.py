@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +64,60 @@ def test_quick_study_writes_a_parsable_report(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier, kept") == 2
     assert "mochi train" not in again.stderr
+
+    # --compare-with: the same runs read again reproduce themselves exactly, and the option is not part of the
+    # study's command (it only shapes the report).
+    shutil.copy(out / "study.json", tmp_path / "before.json")
+    compared = subprocess.run(command + ["--report-only", "--compare-with", str(tmp_path / "before.json")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    rep = json.loads((out / "study.json").read_text())["reproducibility"]
+    assert [(r["setting"], r["seed"]) for r in rep["same_runs"]] == [("MoCo-v2", 0), ("MoCHi (128, 64, 32)", 0)]
+    assert all(v == 0.0 for r in rep["same_runs"] for v in r["max_abs_diff"].values())
+    readme = (out / "README.md").read_text()
+    assert "## Re-running the study" in readme and "--compare-with" not in readme.split("## Command")[1][:300]
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproducibility_compares_seed_means_against_the_spread_and_same_runs_exactly():
+    study = _load_study()
+    columns = [key for key, _, _ in study.TABLE_COLUMNS]
+
+    def record(setting, seed, knn, fast):
+        return {"setting": setting, "seed": seed, "knn_top1": knn, "fast_top1": fast,
+                **{k: 0.5 for k in columns if k not in ("knn_top1", "fast_top1")}}
+
+    settings = {"MoCo-v2": (0, 0, 0)}
+    before = [record("MoCo-v2", 0, 60.0, 70.0), record("MoCo-v2", 1, 62.0, 72.0)]  # knn std sqrt(2)
+    now = [record("MoCo-v2", 0, 60.0, 70.0), record("MoCo-v2", 2, 65.0, 78.0)]  # knn std sqrt(12.5)
+    for r in before + now:
+        r["curves"] = {key: [] for key, _ in study.CURVES}
+        for key, _, _ in study.EXTRA_COLUMNS:
+            r[key] = 1.0
+    previous = {"aggregate": study.aggregate(before, settings), "runs": before, "git_commit": "abc",
+                "started": "then"}
+    rep = study.reproducibility(study.aggregate(now, settings), now, previous)
+
+    knn = rep["settings"]["MoCo-v2"]["knn_top1"]
+    assert knn["diff"] == pytest.approx(62.5 - 61.0)
+    assert knn["spread"] == pytest.approx(12.5 ** 0.5)
+    assert knn["within_spread"]  # 1.5 <= 3.54
+    fast = rep["settings"]["MoCo-v2"]["fast_top1"]
+    assert fast["diff"] == pytest.approx(74.0 - 71.0) and fast["spread"] == pytest.approx(32 ** 0.5)
+    assert rep["settings"]["MoCo-v2"]["final_uniformity"] == {"now": 0.5, "before": 0.5, "diff": 0.0, "spread": 0.0,
+                                                             "n": [2, 2], "within_spread": True}
+    # Only seed 0 ran in both: compared value by value.
+    assert [(r["setting"], r["seed"]) for r in rep["same_runs"]] == [("MoCo-v2", 0)]
+    assert rep["same_runs"][0]["max_abs_diff"]["knn_top1"] == 0.0
+
+    # A shift larger than both spreads is reported as outside.
+    shifted = [dict(r, knn_top1=r["knn_top1"] + 10.0) for r in now]
+    rep = study.reproducibility(study.aggregate(shifted, settings), shifted, previous)
+    assert not rep["settings"]["MoCo-v2"]["knn_top1"]["within_spread"]
+    assert "**outside spread**" in "\n".join(study.reproducibility_section(rep, "before.json"))
