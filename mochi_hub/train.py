@@ -11,6 +11,7 @@ resumed run sees exactly the batches and plans an uninterrupted one would have.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -119,12 +120,8 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
 def _trackers(report_to: str) -> list[str]:
     if report_to == "none":
         return []
-    if report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            return []
-        return ["tensorboard"]
+    if report_to == "auto":  # TensorBoard when installed; found without importing it
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
     return [report_to]
 
 

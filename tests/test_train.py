@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
