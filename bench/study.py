@@ -1,6 +1,6 @@
 """A CPU-scale study of MoCHi against MoCo-v2 on real images (Fashion-MNIST), issue 7.
 
-The exact command that produced docs/study/ (about an hour on a quiet 2-core CPU):
+The exact command that produced docs/study/ (36 minutes on a quiet 2-core CPU):
 
     .venv/bin/python bench/study.py --out docs/study --runs-dir runs/study
 
@@ -467,7 +467,8 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
 
     study = {"command": meta["command"], "partial": partial, "missing": missing, "args": {
         k: v for k, v in vars(args).items() if k not in ("settings", "compare_with")}, "settings": {k: list(v) for k, v in settings.items()},
-        "machine": meta["machine"], "git_commit": meta["git_commit"], "started": meta["started"],
+        "machine": meta["machine"], "git_commit": meta["git_commit"], "trained_at_commits": meta["trained_at_commits"],
+        "started": meta["started"],
         "finished": meta["finished"], "study_wall_time_s": meta["wall_time_s"], "invocations": meta["invocations"],
         "sum_of_run_wall_times_s": sum(r["wall_time_s"] for r in records),
         "random_init_reference": references, "aggregate": agg, "comparisons_vs_moco": comparisons,
@@ -487,7 +488,9 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
               f"torch threads {m['torch_threads']}, no GPU; Python {m['python']}",
               f"- versions: torch {m['versions']['torch']}, torchvision {m['versions']['torchvision']}, "
               f"timm {m['versions']['timm']}, accelerate {m['versions']['accelerate']}, "
-              f"mochi-hub {m['versions']['mochi-hub']} (commit {meta['git_commit'] or 'unknown'})",
+              f"mochi-hub {m['versions']['mochi-hub']} (runs trained at commit "
+              f"{', '.join(meta['trained_at_commits']) or 'not recorded'}; report written at commit "
+              f"{meta['git_commit'] or 'unknown'})",
               f"- wall time: {meta['wall_time_s'] / 60:.1f} min over {max(1, len(meta['invocations']))} invocation(s) "
               f"(first started {meta['started']}; an interrupted study continues where it stopped); "
               f"sum of the runs' own training wall times: {sum(r['wall_time_s'] for r in records) / 60:.1f} min "
@@ -683,6 +686,18 @@ NOTES = """Notes on reading these numbers:
 - **The false-negative rate** compares each query's hard set with the labels the queue held when that hard set was
   chosen, before the step enqueued its own keys (train.py since commit 4f59a22; a study run before that read
   the labels after the enqueue, so the B = 128 rows just overwritten, 3% of the queue, carried the wrong labels).
+- **MoCo-v2 itself does not train well in this recipe, so the comparison is made where the baseline is failing.**
+  After about 90 steps the MoCo-v2 loss climbs back towards ln(K + 1) = 8.32 and its proxy top-1 falls from
+  about 0.46 to about 0.02 by the end, while the queries stay bunched together (uniformity between -0.02 and
+  -0.6 throughout; a well-spread 128-d embedding scores about -4). It is the recipe, not mochi_hub: MoCo-v2
+  written with lightly's building blocks, on the same batches with the same hyperparameters, follows the same
+  curve (`bench/dynamics.py`, in BENCHMARKS.md: loss 7.11 -> 8.07 ours, 7.13 -> 8.16 lightly, steps 96 ->
+  384). Not isolated: with temperature 0.1 the loss rose the same way (6.58 at step 60, 8.44 at step 380),
+  and with lr 0.015 (the paper's 0.03 x 128/256) or a crop scale of 0.5 it had turned upwards by step 160
+  (runs stopped there). Untried: larger inputs (a stock ResNet-18 reduces 32 px to 1 x 1 before its last
+  stage), a CIFAR-style stem, a longer schedule. The pretrained features still beat random initialisation by
+  about 34 points of kNN top-1, but the verdicts above say little about the paper's regime, where MoCo-v2
+  trains well.
 - **This is an early-training regime.** A few hundred steps on 16k images at 32 px is far from the paper's 200
   epochs on ImageNet; the random-initialisation row says how far pretraining moved the probes at all. The
   fast probe is a linear classifier on frozen, un-augmented features, not the paper's linear protocol.
@@ -698,6 +713,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs_dir.mkdir(parents=True, exist_ok=True)
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
+    commit = git_commit()  # the code the runs of this invocation train with
     exe = sys.executable
     exe = os.path.relpath(exe) if exe.startswith(os.getcwd() + os.sep) else exe
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]  # the study's command
@@ -743,10 +759,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.report_only:
         invocations.append({"started": started_at.isoformat(timespec="seconds"),
                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "wall_time_s": round(time.perf_counter() - clock, 1), "runs_finished": len(records)})
+                            "wall_time_s": round(time.perf_counter() - clock, 1), "runs_finished": len(records),
+                            "git_commit": commit})
         log_path.write_text(json.dumps(invocations, indent=1))
     wall = sum(i["wall_time_s"] for i in invocations) if invocations else time.perf_counter() - clock
-    meta = {"command": command, "machine": machine_info(), "git_commit": git_commit(),
+    trained_at = list(dict.fromkeys(i["git_commit"] for i in invocations if i.get("git_commit")))
+    meta = {"command": command, "machine": machine_info(), "git_commit": commit, "trained_at_commits": trained_at,
             "started": invocations[0]["started"] if invocations else started_at.isoformat(timespec="seconds"),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_time_s": wall,
             "invocations": invocations}
