@@ -28,11 +28,13 @@ test: $(BIN)/.installed fashion-mnist
 test-all: $(BIN)/.installed fashion-mnist
 	$(BIN)/python -m pytest -q
 
-# Figures for BENCHMARKS.md (about 30 minutes on 2 quiet cores; bench/train.py also wants `pip install -e '.[bench]'`).
+# Figures for BENCHMARKS.md (about 30 minutes on 2 quiet cores; bench/train.py and bench/dynamics.py also want
+# `pip install -e '.[bench]'`).
 bench: $(BIN)/.installed
 	$(BIN)/python bench/head.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/probe.py
+	$(BIN)/python bench/dynamics.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs

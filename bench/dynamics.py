@@ -10,6 +10,7 @@ follow ours, the dynamics come from the recipe, not from mochi_hub.
 
     .venv/bin/python bench/dynamics.py                 # 160 steps each (about 5 minutes on 2 quiet cores)
     .venv/bin/python bench/dynamics.py --steps 384     # the study's whole schedule
+    .venv/bin/python bench/dynamics.py --quick         # a smoke run: the study's --quick sizes, 4 steps
 
 Needs the bench extra (`pip install -e '.[bench]'`, for lightly) and Debian's dataset-fashion-mnist.
 Prints a table and writes JSON (default bench/results/dynamics.json).
@@ -109,13 +110,22 @@ def lightly_loop(config, steps: int, every: int) -> dict[int, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=160)
-    p.add_argument("--every", type=int, default=20, help="compare the metrics every this many steps")
+    p.add_argument("--steps", type=int, default=None, help="steps of each loop (default 160; --quick 4)")
+    p.add_argument("--every", type=int, default=None, help="compare the metrics every this many steps "
+                                                            "(default 20; --quick 2)")
+    p.add_argument("--quick", action="store_true", help="the study's --quick sizes (tiny subset, batch, K), 4 steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
+    args.steps = args.steps or (4 if args.quick else 160)
+    args.every = args.every or (2 if args.quick else 20)
+    try:
+        import lightly.loss  # noqa: F401
+    except ImportError:
+        p.error("needs lightly, the bench-only extra: .venv/bin/pip install -e '.[bench]'")
 
-    settings = study.parse_args([])  # the study's defaults: data, model, batch, K, lr, temperature, momentum
+    # The study's settings: data, model, batch, K, lr, temperature, momentum.
+    settings = study.parse_args(["--quick"] if args.quick else [])
     scratch = Path(tempfile.mkdtemp(prefix="mochi-dynamics-"))
     try:
         config = study.train_config(settings, study.SETTINGS["MoCo-v2"], args.seed, scratch / "ours")

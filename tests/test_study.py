@@ -121,3 +121,23 @@ def test_reproducibility_compares_seed_means_against_the_spread_and_same_runs_ex
     rep = study.reproducibility(study.aggregate(shifted, settings), shifted, previous)
     assert not rep["settings"]["MoCo-v2"]["knn_top1"]["within_spread"]
     assert "**outside spread**" in "\n".join(study.reproducibility_section(rep, "before.json"))
+
+
+@pytest.mark.slow
+def test_dynamics_quick_run_compares_both_loops_at_the_same_steps(tmp_path):
+    pytest.importorskip("lightly.loss")
+    from mochi_hub.data import DEBIAN_FASHION_MNIST
+
+    if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    out = tmp_path / "dynamics.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "dynamics.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert sorted(result["ours"]) == sorted(result["lightly"]) == ["2", "4"]
+    for loop in ("ours", "lightly"):
+        for row in result[loop].values():
+            assert 0.0 <= row["proxy_top1"] <= 1.0 and 0.0 <= row["alignment"] <= 4.0
+            assert -8.0 <= row["uniformity"] <= 0.0 and 0.0 < row["loss"] < 2 * result["ln_k_plus_1"]
+    assert result["config"]["queue_size"] == 128 and result["config"]["batch_size"] == 32  # the study's --quick
