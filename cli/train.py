@@ -36,7 +36,8 @@ HELP = {
     "log_every_steps": "Write a metrics.jsonl line every N steps. [default: 10]",
     "keep_checkpoints": "Number of newest checkpoints kept. [default: 2]",
     "strict_data": "Stop at the first unusable image instead of reporting and skipping it.",
-    "max_train_images": "Use only the first N training images (smoke runs, CPU studies).",
+    "max_train_images": "Use only the first N training images, in the source's order (smoke runs, CPU studies); "
+                        "a warning says when they leave out classes.",
     "report_to": "Trackers: auto (TensorBoard when installed) | none | tensorboard | wandb | trackio. [default: auto]",
     "on_nonfinite": "On a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step. [default: stop]",
 }

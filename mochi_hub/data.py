@@ -194,6 +194,30 @@ def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | Non
     return load_hub_dataset(spec, split)  # an org/name id (check_dataset_spec let nothing else through)
 
 
+def first_labels(source: ImageSource, count: int) -> list[int] | None:
+    """Labels of the first `count` images where they are known without decoding any image, else None."""
+    if isinstance(source, ImageFolder):
+        return [label for _, label in source.files[:count]]
+    if isinstance(source, FashionMNIST):
+        return source.labels[:count].tolist()
+    if isinstance(source, HubImages) and source.label_column:
+        return list(source.dataset.select(range(count))[source.label_column])
+    return None
+
+
+def missing_classes_note(source: ImageSource, count: int) -> str | None:
+    """A warning when the first `count` images (--max-train-images) leave out some of the source's classes,
+    as they do in a class-sorted folder."""
+    labels = first_labels(source, count) if count < len(source) else None
+    if not labels or not source.classes:
+        return None
+    seen = len(set(labels))
+    if seen >= len(source.classes):
+        return None
+    return (f"--max-train-images {count} takes the first {count} images, which cover {seen} of the "
+            f"{len(source.classes)} classes (the source lists its images class by class)")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. 16/32-bit grayscale is rescaled, not clipped at 255."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):

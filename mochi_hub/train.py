@@ -31,7 +31,7 @@ from . import __version__
 from .augment import TwoViews, moco_v2_transform
 from .checkpoint import finish_checkpoint, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig, train_config_from_dict
-from .data import DecodedImages, collate_samples, resolve_dataset
+from .data import DecodedImages, collate_samples, missing_classes_note, resolve_dataset
 from .loss import contrastive_logits, info_nce
 from .metrics import alignment, false_negative_rate, proxy_top1, uniformity
 from .mixing import NonFiniteError, hardest_negatives, sample_plan
@@ -264,6 +264,9 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
     if count < config.batch_size:
         raise ValueError(f"--dataset {config.dataset}: {count} images, fewer than one global batch "
                          f"(--batch-size {config.batch_size})")
+    note = missing_classes_note(source, count)
+    if note and is_main:
+        print(f"warning: {note}", flush=True)
     views = SeededAugment(DecodedImages(source, TwoViews(moco_v2_transform(config.image_size)),
                                         strict=config.strict_data, indices=list(range(count))), config.seed)
     steps_per_epoch = count // config.batch_size

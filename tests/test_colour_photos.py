@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import skimage.data
@@ -14,7 +15,7 @@ from PIL import Image
 
 from mochi_hub.augment import MEAN, STD, TwoViews, moco_v2_transform
 from mochi_hub.config import TrainConfig, resolve_probe_config
-from mochi_hub.data import DEBIAN_FASHION_MNIST, DecodedImages, resolve_dataset
+from mochi_hub.data import DEBIAN_FASHION_MNIST, DecodedImages, HubImages, missing_classes_note, resolve_dataset
 from mochi_hub.probe import run_probe
 from mochi_hub.train import SeededAugment, train
 
@@ -74,3 +75,22 @@ def test_train_and_probe_on_a_folder_of_colour_jpegs(photo_folder, tmp_path):
     assert (result["train_images"], result["eval_images"]) == (48, 16)
     # Crops of four different photos: even a barely trained backbone's features separate them well.
     assert result["top1"] >= 75.0
+
+
+def test_a_subset_that_leaves_out_classes_of_a_sorted_folder_is_warned_about(photo_folder, tmp_path, capsys):
+    source = resolve_dataset(str(photo_folder), "train")  # 4 classes x 12 images, class by class
+    assert missing_classes_note(source, 48) is None and missing_classes_note(source, 37) is None
+    assert "cover 2 of the 4 classes" in missing_classes_note(source, 16)  # 12 astronaut + 4 chelsea
+    hub = datasets.Dataset.from_dict(
+        {"image": [Image.open(next((photo_folder / "val" / "coffee").iterdir()))] * 5, "label": [0, 0, 0, 1, 2]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])}))
+    assert "cover 1 of the 3 classes" in missing_classes_note(HubImages(hub, "org/photos"), 3)
+    assert missing_classes_note(HubImages(hub, "org/photos"), 5) is None
+    if (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():  # shuffled: the study's subset is fine
+        assert missing_classes_note(resolve_dataset("fashion-mnist", "train"), 16384) is None
+
+    train(TrainConfig(dataset=str(photo_folder), model="test_resnet", image_size=32, epochs=1, batch_size=8,
+                      queue_size=16, mochi=(0, 0, 0), warmup_epochs=0, workers=0, max_train_images=16, max_steps=1,
+                      output=str(tmp_path / "run"), report_to="none"))
+    assert "warning: --max-train-images 16 takes the first 16 images, which cover 2 of the 4 classes" in \
+        capsys.readouterr().out
