@@ -11,6 +11,10 @@ follow ours, the dynamics come from the recipe, not from mochi_hub.
     .venv/bin/python bench/dynamics.py                 # 160 steps each (about 5 minutes on 2 quiet cores)
     .venv/bin/python bench/dynamics.py --steps 384     # the study's whole schedule
     .venv/bin/python bench/dynamics.py --quick         # a smoke run: the study's --quick sizes, 4 steps
+    .venv/bin/python bench/dynamics.py --steps 384 --ours-only --temperature 0.1   # a variant of the recipe
+
+Options it does not know go to bench/study.py's parser (--lr, --temperature, --key-momentum, --batch-size,
+--epochs, --image-size, --queue-size, --train-images), so a variant of the study's recipe is one command.
 
 Needs the bench extra (`pip install -e '.[bench]'`, for lightly) and Debian's dataset-fashion-mnist.
 Prints a table and writes JSON (default bench/results/dynamics.json).
@@ -116,16 +120,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="the study's --quick sizes (tiny subset, batch, K), 4 steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    args = p.parse_args(argv)
+    p.add_argument("--ours-only", action="store_true", help="run mochi train alone (no lightly loop)")
+    args, study_options = p.parse_known_args(argv)
     args.steps = args.steps or (4 if args.quick else 160)
     args.every = args.every or (2 if args.quick else 20)
-    try:
-        import lightly.loss  # noqa: F401
-    except ImportError:
-        p.error("needs lightly, the bench-only extra: .venv/bin/pip install -e '.[bench]'")
+    if not args.ours_only:
+        try:
+            import lightly.loss  # noqa: F401
+        except ImportError:
+            p.error("needs lightly, the bench-only extra: .venv/bin/pip install -e '.[bench]' (or --ours-only)")
 
-    # The study's settings: data, model, batch, K, lr, temperature, momentum.
-    settings = study.parse_args(["--quick"] if args.quick else [])
+    # The study's settings (data, model, batch, K, lr, temperature, momentum), with any of its options given here.
+    settings = study.parse_args((["--quick"] if args.quick else []) + study_options)
     scratch = Path(tempfile.mkdtemp(prefix="mochi-dynamics-"))
     try:
         config = study.train_config(settings, study.SETTINGS["MoCo-v2"], args.seed, scratch / "ours")
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         mine = ours(config, args.every)
         ours_s = time.perf_counter() - started
         started = time.perf_counter()
-        theirs = lightly_loop(config, args.steps, args.every)
+        theirs = {} if args.ours_only else lightly_loop(config, args.steps, args.every)
         lightly_s = time.perf_counter() - started
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"lr {config.base_lr}, T {config.temperature}, m {config.key_momentum}; ln(K + 1) = "
           f"{math.log(config.queue_size + 1):.3f}\n{header}\n" + "-" * len(header))
     for step in sorted(mine):
-        print(f"{step:>5} | " + " | ".join(f"{mine[step][m]:>10.3f} / {theirs[step][m]:<7.3f}" for m in METRICS))
+        print(f"{step:>5} | " + " | ".join(f"{mine[step][m]:>10.3f} / " + (f"{theirs[step][m]:<7.3f}" if theirs else "-      ")
+                                           for m in METRICS))
     result = {"command": "python bench/dynamics.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "config": config.to_dict(), "ln_k_plus_1": math.log(config.queue_size + 1),
               "ours": mine, "lightly": theirs, "seconds": {"ours": ours_s, "lightly": lightly_s}}

@@ -692,14 +692,17 @@ NOTES = """Notes on reading these numbers:
   -0.6 throughout; a well-spread 128-d embedding scores about -4). It is the recipe, not mochi_hub: MoCo-v2
   written with lightly's building blocks, on the same batches with the same hyperparameters, follows the same
   curve (`bench/dynamics.py`, in BENCHMARKS.md: loss 7.11 -> 8.07 ours, 7.13 -> 8.16 lightly, steps 96 ->
-  384). Not isolated: with temperature 0.1 the loss rose the same way (6.58 at step 60, 8.44 at step 380), with
-  batch 64 and lr 0.03 over 768 steps too (6.55 at step 120, 8.05 at step 760),
-  and with lr 0.015 (the paper's 0.03 x 128/256) or a crop scale of 0.5 it had turned upwards by step 160
-  (runs stopped there). With an almost constant lr (a 30-epoch cosine stopped at step 384) proxy top-1 fell
-  too (0.51 at step 80, 0.02 at step 320) while the queries began to spread (uniformity -0.02 -> -0.75), then
-  recovered at the end (0.16 and loss 6.99 at step 380): the runs may end half-way out of the bunched state
-  they start in, which a much longer schedule might get past (untried, as are larger inputs: a stock
-  ResNet-18 reduces 32 px to 1 x 1 before its last stage). The pretrained features still beat random initialisation by
+  384). Not isolated: every variant tried turned the same way. Temperature 0.1 (384 steps: loss 6.58 at step
+  60, 8.44 at step 380); batch 64 with lr 0.03 (768 steps: 6.55 at step 120, 8.05 at step 760); lr 0.015, the
+  paper's 0.03 x 128/256 (up by step 160, stopped there); crop scale 0.5 without blur (384 steps: 7.08 at step
+  80, 7.62 at step 360); 64 px inputs (200 steps: 6.69 at step 80, 6.84 at step 200; proxy top-1 0.56 at
+  step 40, 0.13 at step 200). With an almost constant lr (a 30-epoch cosine stopped at step 384) proxy top-1
+  fell too (0.51 at step 80, 0.02 at step 320) while the queries began to spread (uniformity -0.02 -> -0.75),
+  then recovered at the end (0.16 and loss 6.99 at step 380): the runs may end half-way out of the bunched
+  state they start in, and a much longer schedule is the next thing to try. Each variant is one command,
+  `bench/dynamics.py --ours-only --steps 384 --every 20 --temperature 0.1`, and likewise `--batch-size 64
+  --lr 0.03 --steps 768`, `--lr 0.015 --steps 160`, `--image-size 64 --steps 200`, `--epochs 30 --steps 384`;
+  the crop run without blur patched the transform by hand. The pretrained features still beat random initialisation by
   about 34 points of kNN top-1, but the verdicts above say little about the paper's regime, where MoCo-v2
   trains well.
 - **This is an early-training regime.** A few hundred steps on 16k images at 32 px is far from the paper's 200
