@@ -53,19 +53,14 @@ def lightly_loop(config, steps: int, every: int) -> dict[int, dict[str, float]]:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
-    from torch.utils.data import DataLoader
 
-    from mochi_hub.augment import TwoViews, moco_v2_transform
-    from mochi_hub.data import DecodedImages, collate_samples, resolve_dataset
+    from mochi_hub.data import resolve_dataset
     from mochi_hub.metrics import alignment, proxy_top1, uniformity
     from mochi_hub.model import create_backbone
-    from mochi_hub.train import GlobalBatches, SeededAugment, cosine_lr
+    from mochi_hub.train import cosine_lr, epoch_loader, pretraining_views
 
-    source = resolve_dataset(config.dataset, "train")
-    count = min(len(source), config.max_train_images)
-    views = SeededAugment(DecodedImages(source, TwoViews(moco_v2_transform(config.image_size)),
-                                        indices=list(range(count))), config.seed)
-    steps_per_epoch = count // config.batch_size
+    views = pretraining_views(resolve_dataset(config.dataset, "train"), config)  # the loop's images and views
+    steps_per_epoch = len(views) // config.batch_size
     total_steps = config.epochs * steps_per_epoch
 
     torch.manual_seed(config.seed)  # as train(): the same initial backbone
@@ -82,12 +77,7 @@ def lightly_loop(config, steps: int, every: int) -> dict[int, dict[str, float]]:
 
     rows, step = {}, 0
     while step < steps:
-        epoch = step // steps_per_epoch
-        views.epoch = epoch
-        loader = DataLoader(views, batch_sampler=GlobalBatches(count, config.batch_size, seed=config.seed,
-                                                               epoch=epoch, rank=0, world=1),
-                            num_workers=config.workers, collate_fn=collate_samples)
-        for batch in loader:
+        for batch in epoch_loader(views, config, step // steps_per_epoch):  # the loop's batches
             images_q, images_k = batch["images"]
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, config.base_lr)

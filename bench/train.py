@@ -143,11 +143,10 @@ def step_child(settings: dict) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from mochi_hub.augment import TwoViews, moco_v2_transform
-    from mochi_hub.data import DecodedImages, collate_samples, resolve_dataset
+    from mochi_hub.data import collate_samples, resolve_dataset
     from mochi_hub.model import Encoder, create_backbone, make_key_encoder
     from mochi_hub.queue import NegativeQueue
-    from mochi_hub.train import GlobalBatches, SeededAugment, seeded
+    from mochi_hub.train import GlobalBatches, pretraining_views, seeded
 
     sizes, seed, precision = settings["sizes"], settings["seed"], settings["precision"]
     configs = {"moco": train_config(sizes, mochi=MOCO, precision=precision, workers=0, seed=seed),
@@ -158,7 +157,7 @@ def step_child(settings: dict) -> dict:
     # Real batches, decoded and augmented once, exactly as the loop would produce them.
     started = time.perf_counter()
     source = resolve_dataset(base.dataset, "train")
-    views = SeededAugment(DecodedImages(source, TwoViews(moco_v2_transform(base.image_size))), seed)
+    views = pretraining_views(source, base)
     order = GlobalBatches(len(source), base.batch_size, seed=seed, epoch=0, rank=0, world=1)
     batches = [collate_samples([views[i] for i in indices]) for indices in islice(order, settings["batches"])]
     data_s = time.perf_counter() - started
@@ -356,15 +355,14 @@ def data_child(settings: dict) -> dict:
     import torch
     from torch.utils.data import default_collate
 
-    from mochi_hub.augment import TwoViews, moco_v2_transform
-    from mochi_hub.data import DecodedImages, collate_samples, resolve_dataset
-    from mochi_hub.train import SeededAugment
+    from mochi_hub.data import collate_samples, resolve_dataset
+    from mochi_hub.train import pretraining_views
 
     torch.set_num_threads(1)
     sizes, block = settings["sizes"], settings["batch"]
     source = resolve_dataset(sizes["dataset"], "train")
-    pipelines = {"ours": (SeededAugment(DecodedImages(source, TwoViews(moco_v2_transform(sizes["image_size"]))),
-                                        settings["seed"]), collate_samples)}
+    ours = train_config(sizes, mochi=MOCO, precision="fp32", workers=0, seed=settings["seed"])
+    pipelines = {"ours": (pretraining_views(source, ours), collate_samples)}
     if settings["lightly"]:
         pipelines["lightly"] = (LightlyViews(source, sizes["image_size"]), default_collate)
     per_image_ms: dict[str, list[float]] = {name: [] for name in pipelines}

@@ -31,7 +31,7 @@ from . import __version__
 from .augment import TwoViews, moco_v2_transform
 from .checkpoint import finish_checkpoint, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig, train_config_from_dict
-from .data import DecodedImages, collate_samples, missing_classes_note, resolve_dataset
+from .data import DecodedImages, ImageSource, collate_samples, missing_classes_note, resolve_dataset
 from .loss import contrastive_logits, info_nce
 from .metrics import alignment, false_negative_rate, proxy_top1, uniformity
 from .mixing import NonFiniteError, hardest_negatives, sample_plan
@@ -95,6 +95,24 @@ class SeededAugment:
             return self.dataset[index]
         finally:
             torch.set_rng_state(state)
+
+
+def pretraining_views(source: ImageSource, config: TrainConfig) -> SeededAugment:
+    """The loop's data: the first config.max_train_images images (all by default), each decoded on demand and
+    turned into two MoCo-v2 views seeded by (seed, epoch, index)."""
+    count = len(source) if config.max_train_images is None else min(len(source), config.max_train_images)
+    return SeededAugment(DecodedImages(source, TwoViews(moco_v2_transform(config.image_size)),
+                                       strict=config.strict_data, indices=list(range(count))), config.seed)
+
+
+def epoch_loader(views: SeededAugment, config: TrainConfig, epoch: int, *, rank: int = 0, world: int = 1,
+                 start: int = 0, pin_memory: bool = False) -> DataLoader:
+    """This process's batches of one epoch, in the seeded order of GlobalBatches, from batch `start` on."""
+    views.epoch = epoch
+    return DataLoader(views, batch_sampler=GlobalBatches(len(views), config.batch_size, seed=config.seed, epoch=epoch,
+                                                         rank=rank, world=world, start=start),
+                      num_workers=config.workers, collate_fn=collate_samples, pin_memory=pin_memory,
+                      persistent_workers=False)
 
 
 def launched_accelerator(global_batch: int, **kwargs: Any) -> Accelerator:
@@ -260,15 +278,13 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
 
     # Data: every image decoded lazily; undecodable ones replaced and reported (DecodedImages).
     source = resolve_dataset(config.dataset, "train")
-    count = len(source) if config.max_train_images is None else min(len(source), config.max_train_images)
+    views = pretraining_views(source, config)
+    count = len(views)
     if count < config.batch_size:
         raise ValueError(f"--dataset {config.dataset}: {count} images, fewer than one global batch "
                          f"(--batch-size {config.batch_size})")
-    note = missing_classes_note(source, count)
-    if note and is_main:
+    if is_main and (note := missing_classes_note(source, count)):
         print(f"warning: {note}", flush=True)
-    views = SeededAugment(DecodedImages(source, TwoViews(moco_v2_transform(config.image_size)),
-                                        strict=config.strict_data, indices=list(range(count))), config.seed)
     steps_per_epoch = count // config.batch_size
     total_steps = config.epochs * steps_per_epoch
     last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
@@ -331,11 +347,8 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
 
     while step < last_step:
         epoch, start_batch = divmod(step, steps_per_epoch)
-        views.epoch = epoch
-        loader = DataLoader(views, batch_sampler=GlobalBatches(count, config.batch_size, seed=config.seed, epoch=epoch,
-                                                               rank=rank, world=world, start=start_batch),
-                            num_workers=config.workers, collate_fn=collate_samples,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+        loader = epoch_loader(views, config, epoch, rank=rank, world=world, start=start_batch,
+                              pin_memory=device.type == "cuda")
         mixing = config.uses_mixing and epoch >= config.warmup_epochs
         query.train()
         key.train()

@@ -13,11 +13,11 @@ import skimage.data
 import torch
 from PIL import Image
 
-from mochi_hub.augment import MEAN, STD, TwoViews, moco_v2_transform
+from mochi_hub.augment import MEAN, STD
 from mochi_hub.config import TrainConfig, resolve_probe_config
-from mochi_hub.data import DEBIAN_FASHION_MNIST, DecodedImages, HubImages, missing_classes_note, resolve_dataset
+from mochi_hub.data import DEBIAN_FASHION_MNIST, HubImages, missing_classes_note, resolve_dataset
 from mochi_hub.probe import run_probe
-from mochi_hub.train import SeededAugment, train
+from mochi_hub.train import pretraining_views, train
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # files inside the scikit-image wheel: no download
 
@@ -41,8 +41,8 @@ def photo_folder(tmp_path_factory) -> Path:
 
 def gray_share(dataset: str, count: int) -> float:
     """Share of MoCo-v2 views (2 per image, seeded) whose three channels are equal, i.e. gray."""
-    images = SeededAugment(DecodedImages(resolve_dataset(dataset, "train"), TwoViews(moco_v2_transform(32)),
-                                         indices=list(range(count))), seed=0)
+    images = pretraining_views(resolve_dataset(dataset, "train"),
+                               TrainConfig(dataset=dataset, image_size=32, max_train_images=count, seed=0))
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     gray = []
     for i in range(count):
