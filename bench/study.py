@@ -571,7 +571,7 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
 def reproducibility(agg: dict[str, Any], records: list[dict[str, Any]], previous: dict[str, Any]) -> dict[str, Any]:
     """This study against an earlier one. Per setting and table column: the difference of the seed means and
     whether it lies within the seed spread (the larger of the two standard deviations over seeds). Per run of
-    the same setting and seed in both: the largest absolute difference of each column (0 = identical)."""
+    the same setting and seed in both: the absolute difference of each column (0 = identical)."""
     columns = [key for key, _, _ in TABLE_COLUMNS]
     settings = {}
     for name, entry in agg.items():
@@ -616,7 +616,7 @@ def reproducibility_section(rep: dict[str, Any], path: str) -> list[str]:
                          f"{'within spread' if c['within_spread'] else '**outside spread**'}")
         lines.append(f"| {name} | {n[0]}, {n[1]} | " + " | ".join(cells) + " |")
     if rep["same_runs"]:
-        lines += ["", "Runs of the same setting and seed in both studies, largest absolute difference per column "
+        lines += ["", "Runs of the same setting and seed in both studies, absolute difference per column "
                   "(0 = the same value):", "", "| setting | seed | " + " | ".join(names.values()) + " |",
                   "|---" * (len(names) + 2) + "|"]
         for r in rep["same_runs"]:
