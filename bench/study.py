@@ -776,8 +776,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained_at = list(dict.fromkeys(i["git_commit"] for i in invocations if i.get("git_commit")))
     meta = {"command": command, "machine": machine_info(), "git_commit": commit, "trained_at_commits": trained_at,
             "started": invocations[0]["started"] if invocations else started_at.isoformat(timespec="seconds"),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_time_s": wall,
-            "invocations": invocations}
+            "finished": invocations[-1]["finished"] if invocations else datetime.now(timezone.utc).isoformat(
+                timespec="seconds"), "wall_time_s": wall, "invocations": invocations}  # report-only runs train nothing
     study = write_report(args, out, records, expected, references, meta, previous)
     log(f"wrote {out / 'README.md'} ({len(records)} of {len(expected)} runs; {wall / 60:.1f} min)")
     return study
