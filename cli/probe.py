@@ -7,14 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from mochi_hub.config import PROBE_PRESETS, ProbeConfig, resolve_probe_config
+from mochi_hub.config import PROBE_PRESETS, ProbeConfig, complete_probe_config, resolve_probe_config
 
-from .options import config_options, exit_on, with_signature
+from .options import FAILURE, USAGE, config_options, exit_on, with_signature
+from .options import print_config as show_config
 
 HELP = {
     "dataset": "Hub dataset id (org/name), local imagefolder (train/ + val/), or imagenet-100 | imagenet-1k | "
                "fashion-mnist (each also selects its preset). A local folder of ImageNet-100 synsets takes "
-               "CMC's class order. [default: fashion-mnist]",
+               "CMC's class order. [default: the dataset SOURCE was trained on]",
     "protocol": "linear (the paper's: frozen backbone, augmented images every epoch) | knn (weighted kNN) | "
                 "fast (linear classifier on cached, un-augmented features; not the paper's). [default: linear]",
     "split": "Split reported: val (Hub: validation) or train; the classifier is always fitted on train. [default: val]",
@@ -29,7 +30,7 @@ HELP = {
     "augment": "Train the linear protocol on RandomResizedCrop + flip (--no-augment: the evaluation crop). [default: on]",
     "crop_min_scale": "Smallest area share of the training crops (RandomResizedCrop). [default: 0.08; fashion-mnist 0.5]",
     "image_size": "Crop size in pixels; evaluation resizes to 256/224 of it and centre-crops. "
-                  "[default: 224; fashion-mnist 32]",
+                  "[default: SOURCE's input size (pretrained_cfg), else the preset's]",
     "knn_k": "Neighbours voting in kNN. [default: 200]",
     "knn_temperature": "kNN vote weight exp(similarity / T). [default: 0.07]",
     "seed": "Seed of the classifier's initialisation, data order, augmentation and subsets. [default: 0]",
@@ -51,13 +52,15 @@ SOURCE = inspect.Parameter(
         show_default=False)])
 
 
-def run(source: str, **options: Any) -> None:
-    with exit_on(ValueError, code=2):
-        config = resolve_probe_config(**options)
+def run(source: str, *, print_config: bool = False, **options: Any) -> None:
+    with exit_on(ValueError, code=USAGE):
+        config = complete_probe_config(resolve_probe_config(source=source, **options), source)
+    if print_config:
+        return show_config(config)
     from mochi_hub.data import BadImageError
     from mochi_hub.probe import run_probe
 
-    with exit_on(ValueError, BadImageError, code=1):  # FrozenBackboneError is a bug, not bad input: it raises
+    with exit_on(ValueError, BadImageError, code=FAILURE):  # FrozenBackboneError is a bug, not bad input: it raises
         run_probe(source, config)
 
 

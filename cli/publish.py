@@ -6,22 +6,19 @@ stderr and exit 1; the token is never echoed.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from .options import fail
 
-class ExportFormat(str, Enum):
+
+class ExportFormat(StrEnum):
     timm = "timm"
     detectron2 = "detectron2"
     torchvision = "torchvision"
-
-
-def _fail(command: str, error: Exception) -> NoReturn:
-    typer.echo(f"mochi {command}: error: {error}", err=True)
-    raise typer.Exit(1)
 
 
 def _size(n: int) -> str:
@@ -49,7 +46,7 @@ def export(
     try:
         written = export_run(run_dir, output, format.value)
     except (ExportError, FileNotFoundError) as error:
-        _fail("export", error)
+        fail(error)
     files = sorted(p for p in written.iterdir() if p.is_file()) if written.is_dir() else [written]
     typer.echo(f"exported {run_dir} ({format.value}) to {written}")
     for path in files:
@@ -89,7 +86,7 @@ def push(
                              commit_message=commit_message, dry_run=dry_run, allow_extra=allow_extra,
                              log=lambda message: typer.echo(message, err=True))
     except (PushError, ExportError) as error:
-        _fail("push", error)
+        fail(error)
     total = sum(f.size for f in result.files)
     verb = "would upload" if result.dry_run else "uploaded"
     typer.echo(f"{verb} {len(result.files)} files ({_size(total)}) from {result.folder} to {repo_id}"

@@ -1,4 +1,4 @@
-"""`mochi train`: options -> TrainConfig -> mochi_hub.train.train."""
+"""`mochi train`: options -> TrainConfig -> mochi_hub.pretrain.train."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from typing import Any
 
 from mochi_hub.config import TRAIN_PRESETS, TrainConfig, resolve_train_config
 
-from .options import config_options, exit_on, with_signature
+from .options import FAILURE, USAGE, config_options, exit_on, fail, with_signature
+from .options import print_config as show_config
+
+NAMED_DATASETS = ("fashion-mnist", "imagenet-100", "imagenet-1k")  # mochi_hub.data.HUB_SOURCES, without importing it
 
 HELP = {
     "dataset": "Hub dataset id (org/name), local imagefolder (train/ [val/]), or imagenet-100 | imagenet-1k | fashion-mnist.",
@@ -16,7 +19,8 @@ HELP = {
     "batch_size": "Global batch size, split evenly over processes. [default: 256]",
     "queue_size": "K, the number of negatives in the queue. [default: 16384]",
     "mochi": "MoCHi N,s,s' (hardest negatives, pair mixes, query mixes); 0,0,0 is plain MoCo-v2. [default: 1024,1024,512]",
-    "warmup_epochs": "Epochs of plain MoCo-v2 before mixing starts. [default: 10]",
+    "mixing_warmup_epochs": "(alias --warmup-epochs) MoCHi's warm-up: epochs of plain MoCo-v2 before mixing starts (not a learning-rate "
+                            "warm-up; see --lr-warmup-epochs). [default: 10]",
     "lr": "Base learning rate. [default: 0.03 x batch-size / 256]",
     "temperature": "Softmax temperature tau. [default: 0.2]",
     "key_momentum": "Momentum m of the key encoder update. [default: 0.999]",
@@ -28,6 +32,11 @@ HELP = {
     "resume": "Continue from a checkpoint folder, or 'auto' for the newest complete one in --output.",
     "mixed_precision": "no | bf16 | fp16 (logits, loss and queue stay in fp32). [default: no]",
     "preset": f"Start from a preset: {', '.join(TRAIN_PRESETS)}.",
+    "init": "Initial weights: moco (MoCo's reference init: timm ResNets with zero_init_last=False) | timm "
+            "(timm's default, zero-initialised last BatchNorm of each residual block). [default: moco]",
+    "bn_splits": "BatchNorm groups over the global batch, in both encoders (the paper's 8 GPUs; the key "
+                 "encoder's groups come from the shuffled batch). [default: 8]",
+    "lr_warmup_epochs": "Linear learning-rate warm-up epochs before the cosine schedule. [default: 0]",
     "proj_dim": "Output width of the MLP projection head. [default: 128]",
     "weight_decay": "SGD weight decay. [default: 1e-4]",
     "sgd_momentum": "SGD momentum. [default: 0.9]",
@@ -43,15 +52,21 @@ HELP = {
 }
 
 
-def run(**options: Any) -> None:
-    with exit_on(ValueError, code=2):
+def run(*, print_config: bool = False, **options: Any) -> None:
+    if not any(options.get(k) is not None for k in ("dataset", "preset", "config_file")):
+        fail(f"say what to train on: --dataset (a folder, a Hub id or {', '.join(NAMED_DATASETS)}), --preset "
+             f"({', '.join(TRAIN_PRESETS)}; `mochi presets` shows their values) or --config FILE", USAGE)
+    with exit_on(ValueError, code=USAGE):
         config = resolve_train_config(**options)
+    if print_config:
+        return show_config(config)
     from mochi_hub.data import BadImageError
-    from mochi_hub.train import NonFiniteLossError, train as train_run
+    from mochi_hub.pretrain import NonFiniteLossError
+    from mochi_hub.pretrain import train as train_run
 
-    with exit_on(ValueError, BadImageError, NonFiniteLossError, code=1):  # bad input or a stopped run
+    with exit_on(ValueError, BadImageError, NonFiniteLossError, code=FAILURE):  # bad input or a stopped run
         train_run(config)
 
 
-train = with_signature(run, config_options(TrainConfig, HELP),
+train = with_signature(run, config_options(TrainConfig, HELP, aliases={"mixing_warmup_epochs": ("--warmup-epochs",)}),
                        "Pretrain a timm backbone with MoCo-v2 + MoCHi (Accelerate: CPU, GPUs, nodes).")

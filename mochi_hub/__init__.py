@@ -1,3 +1,42 @@
-"""mochi-hub: MoCHi (Kalantidis et al., NeurIPS 2020) for timm backbones."""
+"""mochi-hub: MoCHi (Kalantidis et al., NeurIPS 2020) for timm backbones.
 
-__version__ = "0.1.0"
+    from mochi_hub import TrainConfig, train, ProbeConfig, run_probe, export_run, push
+
+Importing the package is light: each name loads its module (and torch, timm, accelerate) on first use,
+as huggingface_hub's own package does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+_LAZY = {
+    "TrainConfig": "config", "ProbeConfig": "config", "DetectConfig": "config",
+    "resolve_train_config": "config", "resolve_probe_config": "config", "resolve_detect_config": "config",
+    "train": "pretrain", "run_probe": "probe", "export_run": "export", "push": "hub", "run_detect": "detect",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from .config import ProbeConfig, TrainConfig, resolve_probe_config, resolve_train_config
+    from .export import export_run
+    from .hub import push
+    from .pretrain import train
+    from .probe import run_probe

@@ -53,7 +53,19 @@ _DATASET_KEYS = {
     "imagenet-1k": "imagenet-1k", "imagenet": "imagenet-1k", "ilsvrc/imagenet-1k": "imagenet-1k",
     "imagenet-1k/imagenet-1k": "imagenet-1k",
 }
-_PROTOCOLS = {"linear": "linear probe (paper protocol)", "knn": "kNN", "fast": "linear probe (cached features)"}
+_PROTOCOLS = {"linear": "linear probe", "knn": "kNN", "fast": "linear probe (cached features)"}
+
+
+def protocol_label(probe: Mapping[str, Any]) -> str:
+    """How a probe is named on the card: "paper protocol" only for the paper's own linear protocol."""
+    protocol = str(probe.get("protocol", "linear"))
+    label = _PROTOCOLS.get(protocol, protocol)
+    return f"{label} (paper protocol)" if probe.get("paper_protocol") else label
+
+
+def _split(probe: Mapping[str, Any]) -> str:
+    """The split as the dataset names it (a Hub copy's "validation" or "test"), else the probe's --split."""
+    return str(probe.get("split_name") or probe.get("split") or "-")
 
 # An absolute POSIX path (or ~/...) at the start of a string or after whitespace, ':', '=', '(' or a quote.
 _LOCAL_PATH = re.compile(r"(?:^|(?<=[\s:=(\"']))(?:~|/(?!/))[^\s\"'()]*")
@@ -116,7 +128,7 @@ def _hyperparameters(config: Mapping[str, Any], run_info: Mapping[str, Any]) -> 
     rows = [
         ("Method", method_name(mochi)),
         ("MoCHi (N, s, s')", _fmt(mochi)),
-        ("Mixing warm-up (epochs without mixing)", _fmt(config.get("warmup_epochs")) if method_name(mochi) == "MoCHi"
+        ("Mixing warm-up (epochs without mixing)", _fmt(config.get("mixing_warmup_epochs")) if method_name(mochi) == "MoCHi"
          else "n/a"),
         ("Max share of the query in s' mixes (beta max)", _fmt(config.get("beta_max"))),
         ("Epochs", _fmt(config.get("epochs"))),
@@ -149,9 +161,9 @@ def _eval_results(probe_results: Iterable[Mapping[str, Any]]) -> list[EvalResult
         protocol = str(probe.get("protocol", "linear"))
         dataset = str(probe.get("dataset", "unknown"))
         common = dict(task_type="image-classification",
-                      task_name=f"Image classification ({_PROTOCOLS.get(protocol, protocol)}, frozen features)",
+                      task_name=f"Image classification ({protocol_label(probe)}, frozen features)",
                       dataset_type=hub_dataset_id(dataset) or dataset, dataset_name=dataset,
-                      dataset_split=probe.get("split"), metric_config=protocol)
+                      dataset_split=_split(probe), metric_config=protocol)
         for key, label in (("top1", "top-1"), ("top5", "top-5")):
             if probe.get(key) is not None:
                 results.append(EvalResult(metric_type="accuracy", metric_name=f"{label} accuracy (%)",
@@ -166,7 +178,8 @@ def _paper_rows(config: Mapping[str, Any], architecture: str) -> list[dict[str, 
     rows = []
     for row in PAPER_RESULTS:
         if row["dataset"] == key and row["model"] == architecture and row["epochs"] == config.get("epochs"):
-            same = row["mochi"] == mochi if row["mochi"] else not uses_mixing
+            complete = not config.get("max_steps") and not config.get("max_train_images")  # not a smoke run
+            same = complete and (row["mochi"] == mochi if row["mochi"] else not uses_mixing)
             rows.append({**row, "same": same, "top1": _pct(row["top1"])})
     return rows
 
@@ -227,8 +240,11 @@ def generate_model_card(config_dict: Mapping[str, Any], *, probe_results: Iterab
         max_steps=config.get("max_steps"),
         short_run=bool(config.get("max_steps")) or (isinstance(epochs, int) and epochs < 20),
         hyperparameters=_hyperparameters(config, run),
-        results=[dict(protocol=_PROTOCOLS.get(str(p.get("protocol")), p.get("protocol")), dataset=p.get("dataset"),
-                      split=p.get("split", "-"), top1=_pct(p.get("top1")), top5=_pct(p.get("top5")))
+        results=[dict(protocol=protocol_label(p), dataset=p.get("dataset"), split=_split(p),
+                      epochs=_fmt(p.get("epochs", (p.get("hyperparameters") or {}).get("epochs")))
+                      if p.get("protocol") != "knn" else "-",
+                      images=f"{_fmt(p.get('train_images'))} / {_fmt(p.get('eval_images'))}",
+                      top1=_pct(p.get("top1")), top5=_pct(p.get("top5")))
                  for p in probes],
         paper_rows=_paper_rows(config, architecture),
         has_curves=has_curves,

@@ -1,10 +1,10 @@
-"""Training checkpoints on disk: atomic, safetensors for tensors, JSON for the rest.
+"""Training checkpoints, through mochi_hub.persist (atomic, safetensors + JSON, nothing pickled).
 
 RUN/checkpoints/step-0000123/
-    model.safetensors   query encoder, key encoder and queue ("query.", "key.", "queue." prefixes)
-    optimizer.pt        the optimizer's state_dict (read back with weights_only=True)
-    rng-rank{r}.pt      each process's RNG states (read back with weights_only=True)
-    state.json          epoch, step, counters and the resolved config
+    model.safetensors        query encoder, key encoder and queue ("query.", "key.", "queue." prefixes)
+    optimizer.safetensors    the optimizer's tensors (momentum buffers); its param groups are in state.json
+    rng-rank{r}.safetensors  each process's RNG states (the JSON part is in rng-rank{r}.json)
+    state.json               step, epoch, counters, the resolved config, optimizer groups, GradScaler state
 
 A checkpoint is written into `step-N.tmp/` and renamed when complete, so a crash during a save leaves
 the previous checkpoint intact and `latest_checkpoint` never sees a half-written one.
@@ -12,33 +12,32 @@ the previous checkpoint intact and `latest_checkpoint` never sees a half-written
 
 from __future__ import annotations
 
-import json
-import random
-import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from . import persist
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
-STATE = "state.json"
+OPTIMIZER = "optimizer.safetensors"
+STATE = persist.STATE
+PREFIX = "step"
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}-{step:07d}"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first (a `.tmp` folder is an interrupted save and is ignored)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return persist.complete_folders(Path(run_dir) / CHECKPOINTS, PREFIX)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -46,76 +45,68 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": np.random.get_state()[1].tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def model_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """One flat, contiguous CPU tensor dict: {prefix.name: tensor}."""
-    return {f"{prefix}.{name}": tensor.detach().cpu().contiguous()
-            for prefix, module in modules.items() for name, tensor in module.state_dict().items()}
+    """One flat tensor dict: {prefix.name: tensor}."""
+    return {f"{prefix}.{name}": tensor for prefix, module in modules.items()
+            for name, tensor in module.state_dict().items()}
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], is_main: bool, rank: int) -> Path:
-    """Every process writes its RNG file; the main process writes the rest. Call on all processes;
-    the caller synchronises (wait_for_everyone) before the main process renames the folder."""
+                    state: dict[str, Any], is_main: bool, rank: int, scaler: Any = None) -> Path:
+    """Every process writes its RNG files; the main process writes the rest. Call on all processes;
+    the caller synchronises (wait_for_everyone) before the main process calls `finish_checkpoint`."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    tmp = persist.staging(final)
+    rng_tensors, rng_values = persist.rng_state()
+    persist.save_tensors(tmp / f"rng-rank{rank}.safetensors", rng_tensors)
+    persist.write_json(tmp / f"rng-rank{rank}.json", rng_values)
     if is_main:
-        save_file(model_tensors(modules), tmp / WEIGHTS)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / STATE).write_text(json.dumps(state, indent=2))
+        persist.save_tensors(tmp / WEIGHTS, model_tensors(modules))
+        opt_tensors, opt_meta = persist.split_state(optimizer.state_dict())
+        persist.save_tensors(tmp / OPTIMIZER, opt_tensors)
+        scaler_state = scaler.state_dict() if scaler is not None else None
+        persist.write_json(tmp / STATE, {**state, "optimizer": opt_meta, "grad_scaler": scaler_state})
     return final
 
 
 def finish_checkpoint(final: Path, keep: int) -> None:
     """Main process only, after every rank wrote into final.tmp: publish it, then rotate old ones."""
-    tmp = final.with_name(final.name + ".tmp")
-    if final.exists():  # the same step saved twice (end of epoch == save_every_steps): keep the newer
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for stale in final.parent.glob("step-*.tmp"):  # saves interrupted by a crash: never complete now
-        shutil.rmtree(stale, ignore_errors=True)
-    for old in list_checkpoints(final.parent.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
-                    rank: int) -> dict[str, Any]:
-    """Restore modules, optimizer and this rank's RNG; return state.json."""
-    path = Path(path)
-    tensors = load_file(path / WEIGHTS)
-    for prefix, module in modules.items():
-        own = {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
-        module.load_state_dict(own)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / STATE).read_text())
+    persist.publish(final)
+    persist.prune(final.parent, PREFIX, keep)
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / STATE).read_text())
+    state = persist.read_json(Path(path) / STATE)
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        raise persist.StateFileError(f"{Path(path) / STATE}: not a mochi-hub checkpoint state (no step / config)")
+    return state
+
+
+def load_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
+                    rank: int, scaler: Any = None) -> dict[str, Any]:
+    """Restore modules, optimizer, GradScaler and this rank's RNG; return state.json."""
+    path = Path(path)
+    state = read_state(path)
+    tensors = persist.load_tensors(path / WEIGHTS)
+    for prefix, module in modules.items():
+        own = {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
+        try:
+            module.load_state_dict(own)
+        except RuntimeError as error:
+            raise persist.StateFileError(f"{path / WEIGHTS}: does not fit the {prefix} module "
+                                         f"({str(error).splitlines()[0]})") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(persist.join_state(persist.load_tensors(path / OPTIMIZER), state["optimizer"]))
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    rng_file = path / f"rng-rank{rank}.safetensors"
+    if rng_file.is_file():  # a run resumed on more processes than it saved: the new ranks keep their own RNG
+        persist.set_rng_state(persist.load_tensors(rng_file), persist.read_json(path / f"rng-rank{rank}.json"))
+    return state
 
 
 def load_query_backbone_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """The query encoder's backbone weights alone, as timm names them (what an export holds)."""
     prefix = "query.backbone."
-    return {k[len(prefix):]: v for k, v in load_file(Path(checkpoint) / WEIGHTS).items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in persist.load_tensors(Path(checkpoint) / WEIGHTS).items()
+            if k.startswith(prefix)}

@@ -11,12 +11,17 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .mixing import check_mochi_settings
-
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
-REPORTERS = ("auto", "none", "tensorboard", "wandb", "trackio")
+# Choices are Literal types: the one place that lists them (the CLI shows them, __post_init__ checks them).
+MixedPrecision = Literal["no", "bf16", "fp16"]
+Init = Literal["moco", "timm"]  # mochi_hub.model.backbone_args says what each does
+Reporter = Literal["auto", "none", "tensorboard", "wandb", "trackio"]
+OnNonFinite = Literal["stop", "skip"]
+AugmentOn = Literal["auto", "workers", "device"]
+Protocol = Literal["linear", "knn", "fast"]
+Split = Literal["val", "train"]
+MIXED_PRECISIONS, INITS, REPORTERS = get_args(MixedPrecision), get_args(Init), get_args(Reporter)
 
 
 def parse_mochi(value: str | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
@@ -31,6 +36,30 @@ def parse_mochi(value: str | tuple[int, int, int] | list[int]) -> tuple[int, int
         raise ValueError(f"--mochi takes three integers N,s,s' (e.g. 1024,1024,512; 0,0,0 for MoCo-v2), "
                          f"got {value!r}") from None
     return n_hard, s, s_prime
+
+
+def check_mochi_settings(n_hard: int, s: int, s_prime: int, *, queue_size: int | None = None,
+                         beta_max: float = 0.5) -> None:
+    """Raise ValueError naming the setting when MoCHi (N, s, s') or beta_max cannot work."""
+    for name, value in (("N (n_hard)", n_hard), ("s", s), ("s' (s_prime)", s_prime)):
+        if value < 0:
+            raise ValueError(f"MoCHi {name} must be >= 0, got {value}")
+    if n_hard == 0 and (s > 0 or s_prime > 0):
+        raise ValueError(f"MoCHi N (n_hard) = 0 leaves nothing to mix, but s={s}, s'={s_prime}; "
+                         "use N > 0, or (0, 0, 0) for plain MoCo-v2")
+    if queue_size is not None and n_hard > queue_size:
+        raise ValueError(f"MoCHi N (n_hard) = {n_hard} exceeds the queue size K = {queue_size}")
+    if not 0.0 < beta_max < 1.0:
+        raise ValueError(f"MoCHi beta_max must lie in (0, 1), got {beta_max}")
+
+
+def _check_choices(config: Any) -> None:
+    """Every Literal-typed field holds one of its choices."""
+    for name, hint in get_type_hints(type(config)).items():
+        choices = get_args(hint) if get_origin(hint) is Literal else ()
+        if choices and getattr(config, name) not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                             f"got {getattr(config, name)!r}")
 
 
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False, zero: bool = False) -> None:
@@ -52,7 +81,7 @@ class TrainConfig:
     batch_size: int = 256  # global batch, split over processes
     queue_size: int = 16384  # K
     mochi: tuple[int, int, int] = (1024, 1024, 512)  # (N, s, s'); (0, 0, 0) is MoCo-v2
-    warmup_epochs: int = 10  # epochs without mixing
+    mixing_warmup_epochs: int = 10  # MoCHi's warm-up: epochs of plain MoCo-v2 before mixing starts
     lr: float | None = None  # None: 0.03 x batch_size / 256
     temperature: float = 0.2
     key_momentum: float = 0.999
@@ -62,9 +91,12 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke runs); still exports
     save_every_steps: int | None = None  # checkpoints also every N steps (always at each epoch end)
     resume: str | None = None  # a checkpoint folder, or "auto" for the newest in output
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     preset: str | None = None
     # Not in the paper's options list but part of the recipe; each is still an option.
+    init: Init = "moco"  # moco: MoCo's reference init (timm ResNets: zero_init_last=False); timm: timm's default
+    bn_splits: int | None = None  # BatchNorm groups over the global batch, both encoders; None: groups of 32, at most 8
+    lr_warmup_epochs: int = 0  # linear learning-rate warm-up before the cosine schedule (MoCo-v2: none)
     proj_dim: int = 128
     weight_decay: float = 1e-4
     sgd_momentum: float = 0.9
@@ -74,8 +106,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     strict_data: bool = False
     max_train_images: int | None = None  # subset for smoke runs and the CPU study
-    report_to: str = "auto"  # Accelerate trackers: auto (TensorBoard when installed), none, tensorboard, wandb, trackio
-    on_nonfinite: str = "stop"  # a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step
+    report_to: Reporter = "auto"  # Accelerate trackers: auto (TensorBoard when installed), none, tensorboard, wandb, trackio
+    on_nonfinite: OnNonFinite = "stop"  # a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step
 
     def __post_init__(self) -> None:
         self.mochi = parse_mochi(self.mochi)
@@ -83,19 +115,22 @@ class TrainConfig:
         for name in ("image_size", "epochs", "batch_size", "queue_size", "temperature", "proj_dim",
                      "log_every_steps", "keep_checkpoints"):
             _positive(name, getattr(self, name))
-        for name in ("warmup_epochs", "workers", "weight_decay", "sgd_momentum"):
+        for name in ("mixing_warmup_epochs", "lr_warmup_epochs", "workers", "weight_decay", "sgd_momentum"):
             _positive(name, getattr(self, name), zero=True)
-        for name in ("lr", "max_steps", "save_every_steps", "max_train_images"):
+        for name in ("lr", "max_steps", "save_every_steps", "max_train_images", "bn_splits"):
             _positive(name, getattr(self, name), allow_none=True)
         if not 0.0 <= self.key_momentum < 1.0:
             raise ValueError(f"--key-momentum must lie in [0, 1), got {self.key_momentum}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        if self.report_to not in REPORTERS:
-            raise ValueError(f"--report-to must be one of {', '.join(REPORTERS)}, got {self.report_to!r}")
+        if self.init not in INITS:
+            raise ValueError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.bn_splits is not None and (self.batch_size % self.bn_splits or self.batch_size // self.bn_splits < 2):
+            raise ValueError(f"--bn-splits ({self.bn_splits}) must divide --batch-size ({self.batch_size}) into "
+                             "BatchNorm groups of at least 2 images")
+        if self.lr_warmup_epochs >= self.epochs:
+            raise ValueError(f"--lr-warmup-epochs ({self.lr_warmup_epochs}) must be < --epochs ({self.epochs})")
         if self.queue_size < self.batch_size:
             raise ValueError(f"--queue-size (K = {self.queue_size}) must be at least the global "
                              f"--batch-size ({self.batch_size})")
@@ -103,14 +138,20 @@ class TrainConfig:
             check_mochi_settings(n_hard, s, s_prime, queue_size=self.queue_size, beta_max=self.beta_max)
         except ValueError as error:
             raise ValueError(f"--mochi: {error}") from None
-        if s + s_prime > 0 and self.warmup_epochs >= self.epochs:
-            raise ValueError(f"--warmup-epochs ({self.warmup_epochs}) must be < --epochs ({self.epochs}) "
+        if s + s_prime > 0 and self.mixing_warmup_epochs >= self.epochs:
+            raise ValueError(f"--mixing-warmup-epochs ({self.mixing_warmup_epochs}) must be < --epochs ({self.epochs}) "
                              "or MoCHi never mixes; use --mochi 0,0,0 for plain MoCo-v2")
 
     @property
     def base_lr(self) -> float:
         """The lr actually used: the paper's linear scaling unless given."""
         return self.lr if self.lr is not None else 0.03 * self.batch_size / 256
+
+    @property
+    def batchnorm_groups(self) -> int:
+        """BatchNorm groups over the global batch: as given, else groups of 32 images as on each of the paper's
+        8 GPUs (batch 256), at most 8."""
+        return self.bn_splits if self.bn_splits is not None else min(8, max(1, self.batch_size // 32))
 
     @property
     def uses_mixing(self) -> bool:
@@ -125,12 +166,12 @@ class TrainConfig:
 # The paper's settings (Sec. 4 and Appendix) and a CPU-sized demo. Values are TrainConfig fields.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "imagenet-100": dict(dataset="imagenet-100", model="resnet50", image_size=224, epochs=200, batch_size=256,
-                         queue_size=16384, mochi=(1024, 1024, 512), warmup_epochs=10),
+                         queue_size=16384, mochi=(1024, 1024, 512), mixing_warmup_epochs=10),
     "imagenet-1k": dict(dataset="imagenet-1k", model="resnet50", image_size=224, epochs=200, batch_size=256,
-                        queue_size=65536, mochi=(1024, 1024, 512), warmup_epochs=15),
+                        queue_size=65536, mochi=(1024, 1024, 512), mixing_warmup_epochs=15),
     # Minutes on a 2-core CPU: a small ResNet on 32 px Fashion-MNIST crops.
     "demo": dict(dataset="fashion-mnist", model="resnet18", image_size=32, epochs=2, batch_size=64,
-                 queue_size=1024, mochi=(64, 64, 32), warmup_epochs=1, lr=0.06, workers=2,
+                 queue_size=1024, mochi=(64, 64, 32), mixing_warmup_epochs=1, lr=0.06, workers=2,
                  max_train_images=4096, key_momentum=0.99, log_every_steps=8),
 }
 
@@ -140,30 +181,40 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config: no such file: {path}")
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
 
-        data = yaml.safe_load(text)
+            data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # json's and yaml's errors are ValueErrors or YAMLError
+        raise ValueError(f"--config {path}: not readable ({str(error).splitlines()[0]})") from None
+    except Exception as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"--config {path}: not valid YAML{where} ({getattr(error, 'problem', error)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of option names to values")
     return data
 
 
 def resolve_config(cls: type, presets: dict[str, dict[str, Any]], *, preset: str | None = None,
-                   config_file: str | Path | None = None, **options: Any):
-    """defaults <- preset <- config file <- options (None means 'not given'), validated once."""
+                   config_file: str | Path | None = None, base: dict[str, Any] | None = None, **options: Any):
+    """defaults <- preset <- base (what the SOURCE says) <- config file <- options (None: 'not given'),
+    validated once."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in presets:
             raise ValueError(f"--preset must be one of {', '.join(presets)}, got {preset!r}")
         values.update(presets[preset])
         values["preset"] = preset
+    values.update(base or {})
     if config_file is not None:
         values.update(load_config_file(config_file))
     values.update({k: v for k, v in options.items() if v is not None})
+    values = _apply_aliases(values, TRAIN_ALIASES if cls is TrainConfig else {})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -175,23 +226,60 @@ def resolve_train_config(**kwargs: Any) -> TrainConfig:
     """A new run's config. Beyond the values, what they name must exist here: the dataset and the model.
     (A saved config is rebuilt without that check: its local dataset may be gone.)"""
     from .data import check_dataset_spec
-    from .model import check_model_name
+    from .model import backbone_args, min_image_size
 
     config = resolve_config(TrainConfig, TRAIN_PRESETS, **kwargs)
     check_dataset_spec(config.dataset)
-    check_model_name(config.model)
+    args = backbone_args(config.model, init=config.init, image_size=config.image_size)  # checks the name too
+    smallest = min_image_size(config.model, **args)
+    if config.image_size < smallest:
+        raise ValueError(f"--image-size {config.image_size}: {config.model} reduces its input {smallest}x, so it "
+                         f"needs at least {smallest} px")
     return config
 
 
+# Older names of fields, still accepted in config files, saved configs and on the command line.
+TRAIN_ALIASES = {"warmup_epochs": "mixing_warmup_epochs"}
+# What a config saved before a field existed meant by it (the behaviour of that older version).
+TRAIN_LEGACY_DEFAULTS = {"init": "timm", "bn_splits": None}
+
+
+def _apply_aliases(values: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    out = dict(values)
+    for old, new in aliases.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild a saved config (run.json, checkpoint), ignoring fields this version does not know."""
+    """Rebuild a saved config (run.json, checkpoint), ignoring fields this version does not know; a field the
+    saved version did not have takes the value that reproduces that version's behaviour."""
+    data = _apply_aliases(data, TRAIN_ALIASES)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in data.items() if k in known})
+    values = {k: v for k, v in data.items() if k in known}
+    for name, legacy in TRAIN_LEGACY_DEFAULTS.items():
+        if name not in values and legacy is not None:
+            values[name] = legacy
+    return TrainConfig(**values)
+
+
+# Fields a resumed run may change: where and how it runs, not what it computes (`preset` is only a label).
+RESUME_MAY_CHANGE = ("output", "resume", "workers", "max_steps", "save_every_steps", "keep_checkpoints",
+                     "log_every_steps", "report_to", "preset")
+
+
+def resume_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:
+    """Every field outside RESUME_MAY_CHANGE that differs, as "name: checkpoint X, now Y"."""
+    return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, now {getattr(now, f.name)!r}"
+            for f in dataclasses.fields(TrainConfig)
+            if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(now, f.name)]
 
 
 # --- Evaluation: `mochi probe` --------------------------------------------------------------------------
 
-PROBE_PROTOCOLS = ("linear", "knn", "fast")
+PROBE_PROTOCOLS = get_args(Protocol)
 
 
 def parse_milestones(value: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -215,9 +303,9 @@ class ProbeConfig:
     """Evaluation of a frozen backbone. Field names are the CLI option names; SOURCE is not a field
     (it is what is evaluated, not how). Defaults are the paper's ImageNet-100 linear protocol."""
 
-    dataset: str = "fashion-mnist"  # Hub dataset id, local imagefolder (train/ + val/), or a named source
-    protocol: str = "linear"  # linear (the paper's), knn, or fast (cached features; not the paper's)
-    split: str = "val"  # the split reported; the classifier / kNN memory is always fitted on train
+    dataset: str | None = None  # Hub dataset id, local imagefolder (train/ + val/), a named source; None: the SOURCE's
+    protocol: Protocol = "linear"  # linear (the paper's), knn, or fast (cached features; not the paper's)
+    split: Split = "val"  # the split reported; the classifier / kNN memory is always fitted on train
     epochs: int = 60
     batch_size: int = 128  # global batch, split over processes
     lr: float = 10.0
@@ -227,7 +315,7 @@ class ProbeConfig:
     weight_decay: float = 0.0
     augment: bool = True  # RandomResizedCrop + flip for training (off: the evaluation transform)
     crop_min_scale: float = 0.08  # RandomResizedCrop's smallest area share (torchvision's and MoCo's 0.08)
-    image_size: int = 224  # crop size; evaluation resizes to 256/224 of it, then centre-crops
+    image_size: int | None = None  # crop size (eval: resize 256/224 of it, centre crop); None: the SOURCE's input size
     knn_k: int = 200
     knn_temperature: float = 0.07
     seed: int = 0
@@ -236,18 +324,16 @@ class ProbeConfig:
     resume: bool = False  # continue the classifier from its last per-epoch state
     cache_dir: str | None = None  # feature cache (fast, knn); None: $MOCHI_HUB_CACHE or ~/.cache/mochi-hub
     max_images: int | None = None  # a seeded subset of each split (smoke runs)
-    mixed_precision: str = "no"  # autocast of the backbone's forward: no, bf16, fp16
+    mixed_precision: MixedPrecision = "no"  # autocast of the backbone's forward: no, bf16, fp16
     strict_data: bool = False
     preset: str | None = None
 
     def __post_init__(self) -> None:
         self.lr_milestones = parse_milestones(self.lr_milestones)
-        if self.protocol not in PROBE_PROTOCOLS:
-            raise ValueError(f"--protocol must be one of {', '.join(PROBE_PROTOCOLS)}, got {self.protocol!r}")
-        if self.split not in ("train", "val"):
-            raise ValueError(f"--split must be train or val, got {self.split!r}")
-        for name in ("epochs", "batch_size", "lr", "image_size", "knn_k", "knn_temperature"):
+        _check_choices(self)
+        for name in ("epochs", "batch_size", "lr", "knn_k", "knn_temperature"):
             _positive(name, getattr(self, name))
+        _positive("image_size", self.image_size, allow_none=True)
         for name in ("sgd_momentum", "weight_decay", "workers"):
             _positive(name, getattr(self, name), zero=True)
         _positive("max_images", self.max_images, allow_none=True)
@@ -255,9 +341,6 @@ class ProbeConfig:
             raise ValueError(f"--crop-min-scale must lie in (0, 1], got {self.crop_min_scale}")
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ValueError(f"--lr-gamma must lie in (0, 1], got {self.lr_gamma}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, "
-                             f"got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -265,6 +348,7 @@ class ProbeConfig:
         return data
 
 
+PAPER_PROTOCOL_DATASETS = ("imagenet-100", "imagenet-1k")  # presets that are the paper's linear protocol
 # The paper's linear protocol (Appendix, following MoCo) and a small-image setting for Fashion-MNIST.
 # When --preset is not given and --dataset names one of these, that preset applies.
 PROBE_PRESETS: dict[str, dict[str, Any]] = {
@@ -279,13 +363,37 @@ PROBE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_probe_config(*, preset: str | None = None, config_file: str | Path | None = None,
-                         **options: Any) -> ProbeConfig:
-    """As resolve_config; without --preset, a --dataset (option or config file) that names a preset selects it."""
-    if preset is None:
-        dataset = options.get("dataset")
-        if dataset is None and config_file is not None:
-            dataset = load_config_file(config_file).get("dataset")
-        dataset = dataset if dataset is not None else ProbeConfig.dataset
-        preset = dataset if dataset in PROBE_PRESETS else None
-    return resolve_config(ProbeConfig, PROBE_PRESETS, preset=preset, config_file=config_file, **options)
+def resolve_probe_config(*, source: str | None = None, preset: str | None = None,
+                         config_file: str | Path | None = None, **options: Any) -> ProbeConfig:
+    """As resolve_config, with what SOURCE was trained on as the base: its dataset and input size (read from
+    its run.json / config.json, mochi_hub.sources.source_defaults) unless given. Without --preset, the
+    dataset (given or the SOURCE's) selects the preset of the same name."""
+    given = {**(load_config_file(config_file) if config_file is not None else {}),
+             **{k: v for k, v in options.items() if v is not None}}
+    base: dict[str, Any] = {}
+    if source is not None and ("dataset" not in given or "image_size" not in given):
+        from .sources import source_defaults
+
+        base = {k: v for k, v in source_defaults(source).items() if k not in given}
+    dataset = given.get("dataset", base.get("dataset"))
+    if preset is None and dataset in PROBE_PRESETS:
+        preset = dataset
+    return resolve_config(ProbeConfig, PROBE_PRESETS, preset=preset, config_file=config_file, base=base, **options)
+
+
+def complete_probe_config(config: ProbeConfig, source: str) -> ProbeConfig:
+    """Fill the fields left to the SOURCE (dataset, image size) for a library caller that built the config
+    by hand; the CLI resolves them up front. Raises when the SOURCE does not say and nobody else did."""
+    if config.dataset is not None and config.image_size is not None:
+        return config
+    from .sources import source_defaults
+
+    found = source_defaults(source)
+    values = {k: v for k, v in found.items() if getattr(config, k) is None}
+    config = dataclasses.replace(config, **values)
+    if config.dataset is None:
+        raise ValueError(f"--dataset: SOURCE {source} does not record a dataset it was trained on that can be "
+                         "read here; pass --dataset")
+    if config.image_size is None:
+        raise ValueError(f"--image-size: SOURCE {source} records no input size; pass --image-size")
+    return config

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,18 +32,7 @@ HUB_SOURCES = {
 }
 # ImageNet-100 as CMC defined it (Tian et al., arXiv:1906.05849; HobbitLong/CMC imagenet100.txt), in CMC's
 # order, which is also the label order of the Hub copy clane9/imagenet-100.
-IMAGENET100_CMC_CLASSES = """
-n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
-n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
-n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531
-n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855
-n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051
-n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
-n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322
-n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029
-n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
-n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622
-""".split()
+IMAGENET100_CMC_CLASSES = ["n02869837", "n01749939", "n02488291", "n02107142", "n13037406", "n02091831", "n04517823", "n04589890", "n03062245", "n01773797", "n01735189", "n07831146", "n07753275", "n03085013", "n04485082", "n02105505", "n01983481", "n02788148", "n03530642", "n04435653", "n02086910", "n02859443", "n13040303", "n03594734", "n02085620", "n02099849", "n01558993", "n04493381", "n02109047", "n04111531", "n02877765", "n04429376", "n02009229", "n01978455", "n02106550", "n01820546", "n01692333", "n07714571", "n02974003", "n02114855", "n03785016", "n03764736", "n03775546", "n02087046", "n07836838", "n04099969", "n04592741", "n03891251", "n02701002", "n03379051", "n02259212", "n07715103", "n03947888", "n04026417", "n02326432", "n03637318", "n01980166", "n02113799", "n02086240", "n03903868", "n02483362", "n04127249", "n02089973", "n03017168", "n02093428", "n02804414", "n02396427", "n04418357", "n02172182", "n01729322", "n02113978", "n03787032", "n02089867", "n02119022", "n03777754", "n04238763", "n02231487", "n03032252", "n02138441", "n02104029", "n03837869", "n03494278", "n04136333", "n03794056", "n03492542", "n02018207", "n04067472", "n03930630", "n03584829", "n02123045", "n04229816", "n02100583", "n03642806", "n04336792", "n03259280", "n02116738", "n02108089", "n03424325", "n01855672", "n02090622"]
 SPLITS = ("train", "val")
 HUB_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "test")}
 
@@ -72,6 +62,7 @@ class FashionMNIST(Dataset):
         with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz") as f:
             self.labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)  # [n]
         self.split = prefix
+        self.split_name = "train" if split == "train" else "test"  # what the dataset itself calls the split
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -91,7 +82,13 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str | Path, classes: list[str] | None = None):
         self.root = Path(root)
+        self.split_name = self.root.name  # train/ or val/ of a split folder, else the folder's own name
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            loose = [p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith(".")]
+            what = f"{len(loose)} files but no class sub-folders" if loose else "no class sub-folders"
+            raise ValueError(f"--dataset {self.root}: {what}; expected {self.root}/<class>/<image> "
+                             "(one sub-folder per class; for unlabelled images, one folder such as unlabelled/)")
         self.classes = classes if classes is not None else found
         missing = sorted(set(found) - set(self.classes))
         if missing:
@@ -120,9 +117,10 @@ class ImageFolder(Dataset):
 class HubImages(Dataset):
     """A `datasets.Dataset` with an image column and a class-label column."""
 
-    def __init__(self, dataset: Any, name: str):
+    def __init__(self, dataset: Any, name: str, split_name: str | None = None):
         self.dataset = dataset
         self.name = name
+        self.split_name = split_name or str(getattr(dataset, "split", None) or "train")
         features = dataset.features
         self.image_column = next((c for c in ("image", "img", "jpg", "png") if c in features), None)
         self.label_column = next((c for c in ("label", "labels", "cls", "fine_label") if c in features), None)
@@ -150,10 +148,10 @@ def load_hub_dataset(name: str, split: str) -> HubImages:
     errors = []
     for hub_split in HUB_SPLIT_NAMES[split]:
         try:
-            return HubImages(datasets.load_dataset(name, split=hub_split), name)
+            return HubImages(datasets.load_dataset(name, split=hub_split), name, split_name=hub_split)
         except ValueError as error:  # unknown split: try the next name
             errors.append(str(error))
-        except Exception as error:  # noqa: BLE001 - the datasets library raises many kinds; say which
+        except Exception as error:
             raise ValueError(f"--dataset {name}: could not load split {hub_split!r} from the Hub "
                              f"or the HF cache ({type(error).__name__}: {error})") from error
     raise ValueError(f"--dataset {name}: no split among {HUB_SPLIT_NAMES[split]}: {errors[-1]}")
@@ -168,8 +166,13 @@ def known_class_order(folder: Path) -> list[str] | None:
 
 def check_dataset_spec(spec: str) -> None:
     """Fail fast, when the config is built, on a `--dataset` that names nothing we know how to read."""
-    if Path(spec).expanduser().is_dir() or spec in HUB_SOURCES:
+    path = Path(spec).expanduser()
+    if path.is_dir() or spec in HUB_SOURCES:
         return
+    if path.exists():
+        raise ValueError(f"--dataset {spec}: is a file; expected a folder of class sub-folders "
+                         "(root/<class>/<image>, or root/train/<class>/...), a Hub dataset id (org/name), or one of "
+                         f"{', '.join(HUB_SOURCES)}")
     if "/" in spec and not spec.startswith((".", "/", "~")):
         return  # a Hub id: whether it exists is known only when it is loaded
     raise ValueError(f"--dataset {spec!r}: not a folder, not a Hub dataset id (org/name), and not one of the "

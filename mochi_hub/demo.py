@@ -15,7 +15,7 @@ import torch
 
 from .config import resolve_train_config
 from .export import export_run
-from .train import train
+from .pretrain import train
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import persist
 from .data import DecodedImages, FashionMNIST, HubImages, ImageFolder, ImageSource, collate_samples
 
 CACHE_FORMAT = 1
@@ -48,23 +49,21 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def load_cached(cache_dir: Path, key: str) -> tuple[Tensor, Tensor] | None:
+    """A cache hit, or None (a missing or unreadable entry is a miss: it is extracted again)."""
     path = cache_dir / f"{key}.safetensors"
     if not path.is_file():
         return None
-    tensors = load_file(path)
-    return tensors["features"], tensors["labels"]
+    try:
+        tensors = persist.load_tensors(path)
+        return tensors["features"], tensors["labels"]
+    except (persist.StateFileError, KeyError):
+        return None
 
 
 def save_cached(cache_dir: Path, key: str, features: Tensor, labels: Tensor, parts: dict[str, Any]) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{key}.safetensors"
-    tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
-    save_file({"features": features.contiguous(), "labels": labels.contiguous()}, tmp)
-    tmp.replace(path)
-    meta = cache_dir / f"{key}.json"
-    meta.with_suffix(".json.tmp").write_text(json.dumps(parts, indent=2, default=str))
-    meta.with_suffix(".json.tmp").replace(meta)
-    return path
+    persist.write_json(cache_dir / f"{key}.json", parts)
+    return persist.save_tensors(cache_dir / f"{key}.safetensors", {"features": features, "labels": labels})
 
 
 class FeatureTensors(Dataset):

@@ -22,8 +22,9 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
 from .card import GENERATED_MARK, method_name, model_card_from_export
-from .checkpoint import latest_checkpoint
-from .export import CARD, CONFIG, CURVES, EXPORT_FILES, WEIGHTS, checkpoint_step, default_output, export_run
+from .checkpoint import checkpoint_step, latest_checkpoint
+from .export import CARD, CONFIG, CURVES, EXPORT_FILES, WEIGHTS, export_run
+from .runs import default_export, is_run_dir
 
 # What an export holds; anything else (optimizer state, checkpoints, RNG files) needs --allow-extra.
 ALLOWED_FILES = set(EXPORT_FILES) | {".gitattributes"}
@@ -75,8 +76,8 @@ def resolve_source(source: str | Path) -> tuple[Path, bool]:
     if not source.is_dir():
         raise PushError(f"SOURCE must be a run directory or an export folder, not a file: {source}")
     is_export = (source / WEIGHTS).is_file() and (source / CONFIG).is_file()
-    if not is_export and ((source / "run.json").is_file() or (source / "checkpoints").is_dir()):
-        export = default_output(source)
+    if not is_export and is_run_dir(source):
+        export = default_export(source)
         latest = latest_checkpoint(source)
         if latest is None and not (export / WEIGHTS).is_file():
             raise PushError(f"{source} is a run without weights: no complete checkpoint and no export "

@@ -14,16 +14,18 @@ from .mixing import MixingPlan, _synthetic_logits, hardest_negatives, require_fi
 
 
 def contrastive_logits(q: Tensor, k: Tensor, queue: Tensor, *, temperature: float, n_hard: int = 0,
-                       plan: MixingPlan | None = None) -> tuple[Tensor, Tensor]:
+                       plan: MixingPlan | None = None, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     """Logits [B, 1 + K + s + s'] (positive, queue, synthetic) divided by the temperature, and labels [B].
 
     q: [B, D] unit-norm queries; k: [B, D] unit-norm keys (no gradient); queue: [K, D].
-    With plan None, or a plan with s = s' = 0, this is exactly MoCo-v2.
+    With plan None, or a plan with s = s' = 0, this is exactly MoCo-v2. `check_finite` raises NonFiniteError on
+    a NaN/Inf input; each check synchronises a GPU, so the training step checks the loss instead.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    require_finite("q", q)
-    require_finite("k", k)
+    if check_finite:
+        require_finite("q", q)
+        require_finite("k", k)
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
     q = q.to(dtype)
     k = k.detach().to(dtype)

@@ -28,8 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Upper bound on the elements of each temporary [rows, D] gather used for the pair dot products: 2^18
-# float32 elements are 1 MiB, small enough to stay in cache (larger chunks measured slower on the CPU).
+from .config import check_mochi_settings
+
+# Upper bound on the elements of each temporary [rows, D] gather used for the pair dot products on a CPU:
+# 2^18 float32 elements are 1 MiB, small enough to stay in cache (larger chunks measured slower there).
+# On an accelerator one gather of every pair is fastest: a loop of small kernels would cost a launch each.
 PAIR_CHUNK_ELEMENTS = 1 << 18
 
 
@@ -57,21 +60,6 @@ class MixingPlan:
     def to(self, device: torch.device | str) -> MixingPlan:
         return MixingPlan(*(t.to(device, non_blocking=True) for t in
                             (self.pair_i, self.pair_j, self.alpha, self.query_j, self.beta)))
-
-
-def check_mochi_settings(n_hard: int, s: int, s_prime: int, *, queue_size: int | None = None,
-                         beta_max: float = 0.5) -> None:
-    """Raise ValueError naming the setting when (N, s, s') or beta_max cannot work."""
-    for name, value in (("N (n_hard)", n_hard), ("s", s), ("s' (s_prime)", s_prime)):
-        if value < 0:
-            raise ValueError(f"MoCHi {name} must be >= 0, got {value}")
-    if n_hard == 0 and (s > 0 or s_prime > 0):
-        raise ValueError(f"MoCHi N (n_hard) = 0 leaves nothing to mix, but s={s}, s'={s_prime}; "
-                         "use N > 0, or (0, 0, 0) for plain MoCo-v2")
-    if queue_size is not None and n_hard > queue_size:
-        raise ValueError(f"MoCHi N (n_hard) = {n_hard} exceeds the queue size K = {queue_size}")
-    if not 0.0 < beta_max < 1.0:
-        raise ValueError(f"MoCHi beta_max must lie in (0, 1), got {beta_max}")
 
 
 def hardest_negatives(l_neg: Tensor, n: int) -> Tensor:
@@ -118,7 +106,7 @@ def _pair_dots(queue: Tensor, rows_i: Tensor, rows_j: Tensor) -> Tensor:
     batch, s = rows_i.shape
     flat_i, flat_j = rows_i.reshape(-1), rows_j.reshape(-1)  # [B * s]
     out = torch.empty(batch * s, dtype=queue.dtype, device=queue.device)
-    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, queue.shape[1]))  # pairs per chunk
+    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, queue.shape[1])) if queue.device.type == "cpu" else max(1, batch * s)
     for start in range(0, batch * s, chunk):
         stop = start + chunk
         n_i = queue.index_select(0, flat_i[start:stop])  # [chunk, D]

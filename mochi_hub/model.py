@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import difflib
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+INITS = ("moco", "timm")
+INIT_ONLY_ARGS = ("zero_init_last",)
 
 
 def check_model_name(name: str) -> None:
@@ -19,10 +23,66 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"--model: unknown timm architecture {name!r}{hint}")
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
-    """timm.create_model(name, num_classes=0): pooled features, no classifier."""
+def _accepts(name: str, **kwargs: Any) -> bool:
+    """Whether timm's constructor of `name` takes these keyword arguments (built on the meta device: no memory,
+    no initialisation cost)."""
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, num_classes=0, **kwargs)
+    except TypeError as error:
+        if any(key in str(error) for key in kwargs):
+            return False
+        raise
+    return True
+
+
+def backbone_args(name: str, *, init: str = "moco", image_size: int | None = None) -> dict[str, Any]:
+    """The keyword arguments given to timm.create_model for this backbone.
+
+    - A family with a fixed input size (ViT) is built for `image_size` (`img_size`, structural: an export
+      records it in config.json's `model_args`, so `timm.create_model("local-dir:...")` rebuilds the same model).
+    - init "moco": MoCo-v2's reference code builds torchvision's ResNet, whose residual blocks end in a
+      normally initialised BatchNorm; timm zero-inits it (`zero_init_last=True`), which makes every block an
+      identity at step 0 and the untrained features degenerate, so "moco" passes `zero_init_last=False`.
+      Families without that switch (MobileNet, EfficientNet, ConvNeXt, ViT...) keep timm's init either way.
+      init "timm": timm's default.
+    """
+    if init not in INITS:
+        raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    check_model_name(name)
+    args: dict[str, Any] = {}
+    cfg = timm.get_pretrained_cfg(name)
+    if image_size is not None and cfg is not None and getattr(cfg, "fixed_input_size", False):
+        args["img_size"] = image_size
+    if init == "moco" and _accepts(name, zero_init_last=False, **args):
+        args["zero_init_last"] = False
+    return args
+
+
+def min_image_size(name: str, **kwargs: Any) -> int:
+    """The smallest input the backbone maps to at least one pixel: its total stride (a ViT's patch size)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=0, **kwargs)
+    info = getattr(model, "feature_info", None)
+    reductions = [int(f["reduction"]) for f in info] if info else [32]
+    return max(reductions)
+
+
+def structural_args(args: dict[str, Any]) -> dict[str, Any]:
+    """What a model needs to be rebuilt around saved weights (the init switches only matter before training)."""
+    return {k: v for k, v in args.items() if k not in INIT_ONLY_ARGS}
+
+
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """timm.create_model(name, num_classes=0, **kwargs): pooled features, no classifier."""
     check_model_name(name)
     return timm.create_model(name, num_classes=0, **kwargs)
+
+
+def pooled_width(backbone: nn.Module) -> int:
+    """Width of what backbone(images) returns with num_classes=0: after a conv head (MobileNetV3, GhostNet)
+    that is `head_hidden_size`, not `num_features`."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
 class Encoder(nn.Module):
@@ -30,12 +90,18 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, proj_dim: int = 128):
         super().__init__()
-        width = backbone.num_features
+        width = pooled_width(backbone)
         self.backbone = backbone
         self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
 
-    def forward(self, images: Tensor) -> Tensor:
-        return F.normalize(self.head(self.backbone(images)), dim=1)  # [B, proj_dim]
+    def forward(self, images: Tensor, splits: int = 1) -> Tensor:
+        """`splits` BatchNorm groups: the backbone runs on each group alone (MoCo's SplitBatchNorm, as its
+        single-GPU demo emulates several GPUs); the head has no BatchNorm and runs once."""
+        if splits > 1 and images.shape[0] >= splits:
+            features = torch.cat([self.backbone(group) for group in images.chunk(splits)])  # [B, width]
+        else:
+            features = self.backbone(images)  # [B, width]
+        return F.normalize(self.head(features), dim=1)  # [B, proj_dim]
 
 
 def make_key_encoder(query: Encoder) -> Encoder:
@@ -48,6 +114,6 @@ def make_key_encoder(query: Encoder) -> Encoder:
 @torch.no_grad()
 def momentum_update(key: nn.Module, query: nn.Module, momentum: float) -> None:
     """key <- m key + (1 - m) query for parameters; BatchNorm statistics are the key encoder's own."""
-    key_params = [p for p in key.parameters()]
+    key_params = list(key.parameters())
     query_params = [p.detach() for p in query.parameters()]
     torch._foreach_lerp_(key_params, query_params, 1.0 - momentum)

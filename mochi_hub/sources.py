@@ -12,7 +12,6 @@ feature cache and the probe results are keyed by it, not by where the weights we
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,9 @@ import torch
 from torch import nn
 
 from .augment import MEAN, STD
-from .checkpoint import latest_checkpoint, load_query_backbone_tensors, read_state
-from .model import create_backbone
+from .checkpoint import latest_checkpoint
+from .model import pooled_width
+from .runs import RUN_JSON, RunError, load_run_backbone
 
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
@@ -46,18 +46,49 @@ def _run_directory(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     export = path / "export"
     if (export / "config.json").is_file():
         return _timm_folder(export), {"kind": "run-export", "run_dir": str(path), "path": str(export)}
-    checkpoint = latest_checkpoint(path)
-    if checkpoint is None:
+    if latest_checkpoint(path) is None:
         raise ValueError(f"SOURCE {path}: a run directory with neither export/ nor a complete checkpoint "
                          f"under checkpoints/")
-    architecture = json.loads((path / "run.json").read_text())["config"]["model"]
-    backbone = create_backbone(architecture)
-    missing, unexpected = backbone.load_state_dict(load_query_backbone_tensors(checkpoint), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"SOURCE {path}: checkpoint {checkpoint.name} does not fit {architecture} "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    step = read_state(checkpoint).get("step")
-    return backbone, {"kind": "run-checkpoint", "run_dir": str(path), "checkpoint": str(checkpoint), "step": step}
+    try:
+        backbone, _, _, checkpoint = load_run_backbone(path)
+    except RunError as error:
+        raise ValueError(f"SOURCE {path}: {error}") from None
+    return backbone, {"kind": "run-checkpoint", "run_dir": str(path), "checkpoint": str(checkpoint),
+                      "step": int(checkpoint.name.split("-")[1])}
+
+
+def source_defaults(source: str) -> dict[str, Any]:
+    """What SOURCE was trained on, from its JSON alone (no weights are read): {"dataset", "image_size"} where
+    known. A run directory's run.json has the real dataset; an export's config.json has it with local paths
+    redacted ("<local>/name"), which names nothing here and is left out."""
+    import json
+
+    def from_training(config: dict[str, Any], input_size: Any = None) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        dataset = config.get("dataset")
+        if isinstance(dataset, str) and not dataset.startswith("<local>"):
+            found["dataset"] = dataset
+        size = input_size[-1] if isinstance(input_size, list) and input_size else config.get("image_size")
+        if isinstance(size, int):
+            found["image_size"] = size
+        return found
+
+    try:
+        if source.startswith(HF_HUB):
+            from huggingface_hub import hf_hub_download
+
+            repo_id, _, revision = source[len(HF_HUB):].partition("@")
+            data = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision or None)).read_text())
+            return from_training(data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size"))
+        path = Path(source.removeprefix(LOCAL_DIR)).expanduser()
+        if (path / RUN_JSON).is_file():
+            return from_training(json.loads((path / RUN_JSON).read_text()).get("config") or {})
+        if (path / "config.json").is_file():
+            data = json.loads((path / "config.json").read_text())
+            return from_training(data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size"))
+    except Exception:
+        return {}
+    return {}
 
 
 def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -67,7 +98,7 @@ def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
         repo_id, _, revision = source[len(HF_HUB):].partition("@")
         try:
             backbone = timm.create_model(source, pretrained=True, num_classes=0)
-        except Exception as error:  # noqa: BLE001 - hub, cache and config errors come in many types; say which
+        except Exception as error:
             raise ValueError(f"SOURCE {source}: could not load from the Hub or the HF cache "
                              f"({type(error).__name__}: {error})") from error
         info: dict[str, Any] = {"kind": "hf-hub", "repo_id": repo_id, "revision": revision or "main"}
@@ -77,7 +108,7 @@ def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
             raise ValueError(f"SOURCE {source}: not a folder and not hf-hub:org/name "
                              "(expected a run directory, an exported timm folder, or hf-hub:org/name[@revision])")
         path = path.resolve()
-        if (path / "run.json").is_file():
+        if (path / RUN_JSON).is_file():
             backbone, info = _run_directory(path)
         elif (path / "config.json").is_file():
             backbone, info = _timm_folder(path), {"kind": "timm-folder", "path": str(path)}
@@ -86,6 +117,6 @@ def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
     backbone.eval()
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     info.update(source=source, architecture=cfg.get("architecture") or type(backbone).__name__,
-                num_features=int(backbone.num_features), weights_sha256=weights_sha256(backbone),
+                num_features=pooled_width(backbone), weights_sha256=weights_sha256(backbone),
                 declared_mean=list(cfg.get("mean", MEAN)), declared_std=list(cfg.get("std", STD)))
     return backbone, info

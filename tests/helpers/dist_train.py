@@ -5,11 +5,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from mochi_hub.config import TrainConfig, parse_mochi
-from mochi_hub.train import train
+from mochi_hub.pretrain import train
 
 
 def value(text: str):

@@ -7,7 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHECK = """
 import importlib.resources, importlib.util, mochi_hub
 assert importlib.util.find_spec("cli") is None, "a top-level cli module is importable"

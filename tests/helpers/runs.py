@@ -1,8 +1,7 @@
-"""Shared helpers of the export / card / hub tests: a real run directory (checkpoint written by
-mochi_hub.checkpoint, run.json, metrics.jsonl, probes/*.json) with real, briefly trained weights.
+"""Shared helpers of the export / card / hub tests: a real run directory written by the real train() (checkpoint,
+run.json, metrics.jsonl) on real images, plus probes/*.json.
 
-Imported explicitly by tests/test_export.py, test_card.py and test_hub.py (not a conftest.py, so that it
-never clashes with the suite's own).
+Imported by name (tests/conftest.py puts tests/helpers on sys.path).
 """
 
 from __future__ import annotations
@@ -10,17 +9,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from mochi_hub.checkpoint import finish_checkpoint, save_checkpoint
 from mochi_hub.config import TrainConfig
-from mochi_hub.model import Encoder, create_backbone, make_key_encoder, momentum_update
-from mochi_hub.queue import NegativeQueue
+from mochi_hub.data import FashionMNIST
+from mochi_hub.pretrain import train
 
 PROBES = [
     {"top1": 71.25, "top5": 97.5, "protocol": "linear", "dataset": "fashion-mnist", "split": "val",
@@ -31,54 +29,49 @@ PROBES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is 10x faster than two fighting for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_config(output: Path, **overrides) -> TrainConfig:
+    """4 steps an epoch: 64 real Fashion-MNIST images, global batch 16 (2 BatchNorm groups), K = 64."""
+    values = dict(dataset="fashion-mnist", model="test_resnet", image_size=32, epochs=2, batch_size=16,
+                  queue_size=64, mochi=(8, 8, 4), mixing_warmup_epochs=1, max_train_images=64, workers=0,
+                  output=str(output), log_every_steps=1, report_to="none", bn_splits=2, keep_checkpoints=3)
+    return TrainConfig(**(values | overrides))
+
+
+def write_image_folder(root: Path, per_class: int = 8, classes: tuple[int, ...] = (0, 1)) -> Path:
+    """Real Fashion-MNIST training images as PNGs: root/<class>/<index>.png."""
+    source = FashionMNIST("train")
+    counts = dict.fromkeys(classes, 0)
+    for index in range(len(source)):
+        image, label = source[index]
+        if label in counts and counts[label] < per_class:
+            (root / f"class{label}").mkdir(parents=True, exist_ok=True)
+            image.save(root / f"class{label}" / f"{index}.png")
+            counts[label] += 1
+        if all(c == per_class for c in counts.values()):
+            return root
+    return root
 
 
 def make_run(root: Path, model: str = "test_resnet", *, steps: int = 3, probes: list[dict] | None = None,
              metrics: bool = True, run_json: bool = True, mochi=(16, 16, 8), dataset: str = "fashion-mnist",
              image_size: int = 32) -> Path:
-    """A run directory as `mochi train` leaves it, from a few real SGD steps of a MoCo-style loss."""
+    """A run directory as `mochi train` leaves it: the real train() for a few steps on real images (then
+    probes/*.json, and a metrics.jsonl torn at the end as a crash leaves it)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if dataset != "fashion-mnist":
+        write_image_folder(Path(dataset) / "train")
     config = TrainConfig(model=model, dataset=dataset, image_size=image_size, epochs=2, batch_size=8,
-                         queue_size=64, mochi=mochi, warmup_epochs=1, workers=0, output=str(root), max_steps=steps)
-    torch.manual_seed(0)
-    query = Encoder(create_backbone(model), config.proj_dim)
-    key = make_key_encoder(query)
-    queue = NegativeQueue(config.queue_size, config.proj_dim, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(query.parameters(), lr=0.05, momentum=0.9)
-    rows = []
-    for step in range(1, steps + 1):  # real updates: weights and BN statistics move away from their init
-        images = torch.randn(config.batch_size, 3, image_size, image_size)
-        q = query(images + 0.1 * torch.randn_like(images))
-        with torch.no_grad():
-            k = key(images)
-        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.keys.T], dim=1) / config.temperature
-        loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        momentum_update(key, query, config.key_momentum)
-        queue.enqueue(k)
-        rows.append({"kind": "step", "step": step, "epoch": 0, "loss": loss.item(), "lr": 0.05 * (1 - step / 10),
-                     "proxy_top1": float((logits.argmax(1) == 0).float().mean() * 100), "images_per_sec": 100.0})
-    rows.append({"kind": "epoch", "step": steps, "epoch": 1, "loss": rows[-1]["loss"], "lr": rows[-1]["lr"],
-                 "proxy_top1": rows[-1]["proxy_top1"], "alignment": 0.5, "uniformity": -2.0})
-    final = save_checkpoint(root, steps, modules={"query": query, "key": key, "queue": queue}, optimizer=optimizer,
-                            state={"step": steps, "epoch": 1, "config": config.to_dict()}, is_main=True, rank=0)
-    finish_checkpoint(final, keep=2)
-    if run_json:
-        (root / "run.json").write_text(json.dumps({
-            "config": config.to_dict(), "num_processes": 1, "global_batch_size": config.batch_size,
-            "mochi_hub_version": "0.1.0", "summary": {"steps": steps, "wall_time_s": 1.0}}, indent=2))
+                         queue_size=64, mochi=mochi, mixing_warmup_epochs=1, workers=0, output=str(root),
+                         max_steps=steps, max_train_images=16, log_every_steps=1, report_to="none", bn_splits=2)
+    train(config)
+    if not run_json:
+        (root / "run.json").unlink()
     if metrics:
-        (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+        with (root / "metrics.jsonl").open("a") as f:
+            f.write('{"step": 4, "lo')
+    else:
+        (root / "metrics.jsonl").unlink()
+    shutil.rmtree(root / "export")
     for i, probe in enumerate(PROBES if probes is None else probes):
         (root / "probes").mkdir(exist_ok=True)
         (root / "probes" / f"{i}-{probe['protocol']}.json").write_text(json.dumps(probe))

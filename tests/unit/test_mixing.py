@@ -152,8 +152,8 @@ def test_sample_plan_is_reproducible_and_in_range():
     for name in ("pair_i", "pair_j", "alpha", "query_j", "beta"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert a.pair_i.shape == a.alpha.shape == (16, 20) and a.query_j.shape == a.beta.shape == (16, 10)
-    assert a.pair_i.dtype == torch.long and 0 <= a.pair_i.min() and a.pair_j.max() < 7 and a.query_j.max() < 7
-    assert 0 <= a.alpha.min() and a.alpha.max() < 1 and 0 <= a.beta.min() and a.beta.max() < 0.3
+    assert a.pair_i.dtype == torch.long and a.pair_i.min() >= 0 and a.pair_j.max() < 7 and a.query_j.max() < 7
+    assert a.alpha.min() >= 0 and a.alpha.max() < 1 and a.beta.min() >= 0 and a.beta.max() < 0.3
 
 
 def test_chunked_pair_dots_match_unchunked(monkeypatch):

@@ -1,33 +1,27 @@
-"""`mochi push` against a Hub-compatible endpoint on 127.0.0.1 (tests/hub_server.py), with the REAL
-huggingface_hub client; and timm's REAL `hf-hub:` loader reading back what was pushed (the slow test).
-
-The fast tests run the CLI in-process (typer's CliRunner) with huggingface_hub's endpoint pointed at the
-local server; the slow one runs the installed `mochi` command and timm in fresh subprocesses through
-HF_ENDPOINT, then again offline from the populated cache with the server stopped.
-"""
+"""`mochi push` in-process (typer's CliRunner) against a Hub-compatible endpoint on 127.0.0.1
+(tests/helpers/hub_server.py), with the REAL huggingface_hub client."""
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
-from conftest_hub import (PROBES, clean_env, make_run, mochi_command, probes_by_key, probes_from_card, run,
-                          sample_images, single_thread)  # noqa: F401
 from huggingface_hub import ModelCard, constants
-from hub_server import FakeHub
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from mochi_hub.card import redact_local_paths
 from mochi_hub.cli.app import app
-from mochi_hub.export import export_run, load_run_backbone
+from mochi_hub.export import export_run
 from mochi_hub.hub import resolve_source
 
-ALICE = "hf_alice_0123456789abcdef"  # may write alice/* and mochi-org/*
-BOB = "hf_bob_fedcba9876543210"  # may write bob/* only
-TOKENS = {ALICE: {"user": "alice", "write": ["alice", "mochi-org"]}, BOB: {"user": "bob", "write": ["bob"]}}
-EXPORT_FILES = {"README.md", "config.json", "model.safetensors", "training_curves.png"}
+from hub_server import ALICE, BOB, EXPORT_FILES, TOKENS, FakeHub, assert_clean_upload
+from runs import (
+    PROBES,
+    make_run,
+    probes_by_key,
+    probes_from_card,
+    sample_images,  # noqa: F401
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +54,6 @@ def push(*args: str):
         assert token not in result.output, "a token was printed"
     assert "Traceback" not in result.output
     return result
-
-
-def assert_clean_upload(files: dict[str, bytes], run_dir) -> None:
-    """No token and no absolute local path in any uploaded file."""
-    for name, content in files.items():
-        for token in TOKENS:
-            assert token.encode() not in content, name
-        assert str(run_dir).encode() not in content and b"/tmp/" not in content, name
 
 
 def test_push_run_dir_in_one_commit(hub_env, run_dir):
@@ -242,83 +228,3 @@ def test_stale_export_is_redone(tmp_path):
     config["run"]["checkpoint_step"] = 1  # as if exported before the newest checkpoint
     (run_dir / "export" / "config.json").write_text(json.dumps(config))
     assert resolve_source(run_dir) == (run_dir / "export", True)
-
-
-LOADER = r"""
-import json, sys
-import timm, torch
-from huggingface_hub import hf_hub_download
-from safetensors.torch import load_file
-from mochi_hub.card import usage_snippet
-
-repo, reference = sys.argv[1], load_file(sys.argv[2])
-images = reference["images"]
-with torch.no_grad():
-    model = timm.create_model(f"hf-hub:{repo}", pretrained=True).eval()
-    out = {"diff": (model(images) - reference["features"]).abs().max().item(),
-           "num_classes": model.num_classes, "cfg": {k: model.pretrained_cfg.get(k) for k in
-           ("license", "paper_ids", "tag", "hf_hub_id", "input_size", "mean", "std", "test_input_size")}}
-    head = timm.create_model(f"hf-hub:{repo}", pretrained=True, num_classes=7).eval()
-    backbone = model.state_dict()
-    out["head"] = list(head(images).shape)
-    out["head_keeps_backbone"] = all(torch.equal(t, backbone[k]) for k, t in head.state_dict().items()
-                                     if not k.startswith("fc."))
-    features = timm.create_model(f"hf-hub:{repo}@v1", pretrained=True, features_only=True).eval()
-    out["channels"] = features.feature_info.channels()
-    out["reduction"] = features.feature_info.reduction()
-    out["maps"] = [list(m.shape) for m in features(images)]
-# The card's usage snippet, exactly as published.
-namespace = {}
-exec(usage_snippet(open(hf_hub_download(repo, "README.md")).read()), namespace)
-out["snippet"] = {"features": list(namespace["features"].shape), "classes": namespace["classifier"].num_classes,
-                  "channels": namespace["backbone"].feature_info.channels()}
-print("RESULT " + json.dumps(out))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.ci
-def test_mochi_push_then_timm_loads_from_hub_and_offline_cache(tmp_path):
-    """The installed `mochi` pushes through HF_ENDPOINT; timm's hf-hub loader, in a fresh process and a fresh
-    HF_HOME, gets the same outputs as the exported backbone, a new head and feature maps; then the same
-    from the cache with HF_HUB_OFFLINE=1 once the endpoint is gone."""
-    run_dir = make_run(tmp_path / "run")
-    hub = FakeHub(TOKENS).start()
-    try:
-        push_home = tmp_path / "hf-home-push"
-        result = run([*mochi_command(), "push", str(run_dir), "--repo-id", "mochi-org/test-resnet-mochi",
-                      "--tag", "v1"], clean_env(HF_ENDPOINT=hub.url, HF_TOKEN=ALICE, HF_HOME=str(push_home)))
-        assert result.returncode == 0, result.stderr
-        assert "exported the newest checkpoint" in result.stderr  # a run directory: exported first
-        assert 'timm.create_model("hf-hub:mochi-org/test-resnet-mochi", pretrained=True)' in result.stdout
-        assert ALICE not in result.stdout + result.stderr
-        files = hub.files("mochi-org/test-resnet-mochi")
-        assert set(files) == EXPORT_FILES | {".gitattributes"}
-        assert_clean_upload(files, run_dir)
-        for path in [*push_home.rglob("*"), *(run_dir / "export").rglob("*")]:  # the token is written nowhere
-            if path.is_file():
-                assert ALICE.encode() not in path.read_bytes(), path
-
-        backbone, *_ = load_run_backbone(run_dir)
-        images = sample_images(3)
-        with torch.no_grad():
-            save_file({"images": images, "features": backbone(images)}, tmp_path / "reference.safetensors")
-        home = tmp_path / "hf-home-user"
-        loader = [sys.executable, "-c", LOADER, "mochi-org/test-resnet-mochi", str(tmp_path / "reference.safetensors")]
-        online = run(loader, clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(home)))
-        assert online.returncode == 0, online.stderr
-    finally:
-        hub.stop()
-    offline = run(loader, clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_OFFLINE="1"))
-    assert offline.returncode == 0, offline.stderr
-
-    for output in (online, offline):
-        out = json.loads(output.stdout.split("RESULT ", 1)[1])
-        assert out["diff"] <= 1e-5 and out["num_classes"] == 0
-        assert out["cfg"]["license"] == "apache-2.0" and out["cfg"]["paper_ids"] == "arXiv:2010.01028"
-        assert out["cfg"]["tag"] is None and out["cfg"]["test_input_size"] is None
-        assert out["cfg"]["input_size"] == [3, 32, 32]
-        assert out["head"] == [3, 7] and out["head_keeps_backbone"]
-        assert out["channels"] == [32, 32, 48, 192, 96] and out["reduction"] == [2, 4, 8, 16, 32]
-        assert out["maps"] == [[3, c, 32 // r, 32 // r] for c, r in zip(out["channels"], out["reduction"])]
-        assert out["snippet"] == {"features": [2, 96], "classes": 10, "channels": [32, 32, 48, 192, 96]}

@@ -1,16 +1,13 @@
-"""The model card: metadata that parses back, a model-index equal to the probe JSON, the paper's numbers only
-for the same setting, no local path, and a usage snippet that is the tested code."""
+"""The model card: a pure function of a config and probe results."""
 
 from importlib import resources
 
-import pytest
-import torch
-from conftest_hub import PROBES, make_run, probes_by_key, probes_from_card, single_thread  # noqa: F401
 from huggingface_hub import ModelCard
 
-from mochi_hub.card import TAGS, generate_model_card, redact_local_paths, usage_snippet
+from mochi_hub.card import TAGS, generate_model_card, redact_local_paths
 from mochi_hub.config import TrainConfig, resolve_train_config
-from mochi_hub.export import export_run
+
+from runs import PROBES, probes_by_key, probes_from_card
 
 
 def test_template_ships_inside_the_package():
@@ -19,7 +16,7 @@ def test_template_ships_inside_the_package():
 
 def test_card_metadata_parses_back(tmp_path):
     config = TrainConfig(model="test_resnet", image_size=32, epochs=2, batch_size=8, queue_size=64,
-                         mochi=(16, 16, 8), warmup_epochs=1)
+                         mochi=(16, 16, 8), mixing_warmup_epochs=1)
     card = generate_model_card(config.to_dict(), probe_results=PROBES, repo_id="mochi-org/demo")
     (tmp_path / "README.md").write_text(str(card))
     loaded = ModelCard.load(tmp_path / "README.md")
@@ -39,7 +36,7 @@ def test_card_metadata_parses_back(tmp_path):
 
 def test_card_without_probes_has_no_model_index():
     config = TrainConfig(model="test_resnet", image_size=32, epochs=2, batch_size=8, queue_size=64,
-                         mochi=(16, 16, 8), warmup_epochs=1)
+                         mochi=(16, 16, 8), mixing_warmup_epochs=1)
     card = generate_model_card(config.to_dict())
     assert "model-index" not in str(card) and "No evaluation was run" in card.text
 
@@ -62,7 +59,7 @@ def test_paper_numbers_only_for_the_same_setting():
 
 def test_local_dataset_path_is_redacted():
     config = TrainConfig(model="test_resnet", image_size=32, epochs=2, batch_size=8, queue_size=64,
-                         mochi=(16, 16, 8), warmup_epochs=1)
+                         mochi=(16, 16, 8), mixing_warmup_epochs=1)
     card = generate_model_card({**config.to_dict(), "dataset": "/data/private/in100", "output": "/home/me/runs/x"})
     assert "/data/private" not in str(card) and "/home/me" not in str(card)
     assert card.data.datasets is None  # a local folder is no Hub dataset
@@ -70,19 +67,21 @@ def test_local_dataset_path_is_redacted():
         {"a": ["<local>/z", "https://h.co/a/b", "runs/r"]}
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return export_run(make_run(tmp_path_factory.mktemp("card") / "run"))
+def test_short_probes_say_what_they_were_and_splits_keep_their_names():
+    config = TrainConfig(model="test_resnet", image_size=32, epochs=2, batch_size=8, queue_size=64,
+                         mochi=(16, 16, 8), mixing_warmup_epochs=1).to_dict()
+    short = {"top1": 12.11, "top5": 50.0, "protocol": "linear", "dataset": "fashion-mnist", "split": "val",
+             "split_name": "test", "epochs": 2, "train_images": 256, "eval_images": 256, "paper_protocol": False}
+    card = generate_model_card(config, probe_results=[short])
+    assert "paper protocol" not in card.text.split("## Results")[1].split("\n\n")[1]
+    assert "| linear probe | fashion-mnist | test | 2 | 256 / 256 | 12.11 |" in card.text
+    assert {r.dataset_split for r in card.data.eval_results} == {"test"}  # the dataset's own split name
+    paper = {**short, "dataset": "imagenet-100", "split_name": "validation", "epochs": 60, "paper_protocol": True}
+    assert "| linear probe (paper protocol) | imagenet-100 | validation | 60 |" in generate_model_card(
+        config, probe_results=[paper]).text
 
 
-def test_usage_snippet_is_tested_code(export_dir):
-    """The snippet as rendered, with only its model name pointed at the exported folder."""
-    snippet = usage_snippet((export_dir / "README.md").read_text())
-    assert 'name = "hf-hub:ORG/NAME"' in snippet
-    namespace: dict = {}
-    exec(snippet.replace('"hf-hub:ORG/NAME"', repr(f"local-dir:{export_dir}")), namespace)
-    assert tuple(namespace["features"].shape) == (2, 96)
-    assert namespace["classifier"].num_classes == 10
-    assert namespace["backbone"].feature_info.channels() == [32, 32, 48, 192, 96]
-    assert [m.shape[1] for m in namespace["maps"]] == [32, 32, 48, 192, 96]
-    assert isinstance(namespace["features"], torch.Tensor)
+def test_a_smoke_run_of_a_paper_preset_is_not_this_configuration():
+    config = resolve_train_config(preset="imagenet-100", max_steps=20).to_dict()
+    text = generate_model_card(config).text
+    assert "(this configuration)" not in text and "| MoCHi (1024, 1024, 512) | 79.00 |" in text

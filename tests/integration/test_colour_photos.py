@@ -16,8 +16,9 @@ from PIL import Image
 from mochi_hub.augment import MEAN, STD
 from mochi_hub.config import TrainConfig, resolve_probe_config
 from mochi_hub.data import DEBIAN_FASHION_MNIST, HubImages, missing_classes_note, resolve_dataset
+from mochi_hub.pretrain import train
 from mochi_hub.probe import run_probe
-from mochi_hub.train import pretraining_views, train
+from mochi_hub.views import pretraining_views
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # files inside the scikit-image wheel: no download
 
@@ -62,8 +63,8 @@ def test_colour_augmentation_acts_on_colour_photos_and_not_on_grayscale_images(p
 
 def test_train_and_probe_on_a_folder_of_colour_jpegs(photo_folder, tmp_path):
     config = TrainConfig(dataset=str(photo_folder), model="test_resnet", image_size=32, epochs=2, batch_size=16,
-                         queue_size=32, mochi=(8, 8, 4), warmup_epochs=1, workers=0, output=str(tmp_path / "run"),
-                         log_every_steps=1, report_to="none")
+                         queue_size=32, mochi=(8, 8, 4), mixing_warmup_epochs=1, workers=0, output=str(tmp_path / "run"),
+                         log_every_steps=1, report_to="none", bn_splits=2)
     run_dir = train(config)
     summary = json.loads((run_dir / "run.json").read_text())["summary"]
     assert summary["images_seen"] == 2 * 3 * 16 and summary["images_skipped"] == 0  # 48 images: 3 batches an epoch
@@ -77,7 +78,7 @@ def test_train_and_probe_on_a_folder_of_colour_jpegs(photo_folder, tmp_path):
     assert result["top1"] >= 75.0
 
 
-def test_a_subset_that_leaves_out_classes_of_a_sorted_folder_is_warned_about(photo_folder, tmp_path, capsys):
+def test_a_subset_that_leaves_out_classes_of_a_sorted_folder_is_warned_about(photo_folder, tmp_path, caplog):
     source = resolve_dataset(str(photo_folder), "train")  # 4 classes x 12 images, class by class
     assert missing_classes_note(source, 48) is None and missing_classes_note(source, 37) is None
     assert "cover 2 of the 4 classes" in missing_classes_note(source, 16)  # 12 astronaut + 4 chelsea
@@ -90,7 +91,6 @@ def test_a_subset_that_leaves_out_classes_of_a_sorted_folder_is_warned_about(pho
         assert missing_classes_note(resolve_dataset("fashion-mnist", "train"), 16384) is None
 
     train(TrainConfig(dataset=str(photo_folder), model="test_resnet", image_size=32, epochs=1, batch_size=8,
-                      queue_size=16, mochi=(0, 0, 0), warmup_epochs=0, workers=0, max_train_images=16, max_steps=1,
-                      output=str(tmp_path / "run"), report_to="none"))
-    assert "warning: --max-train-images 16 takes the first 16 images, which cover 2 of the 4 classes" in \
-        capsys.readouterr().out
+                      queue_size=16, mochi=(0, 0, 0), mixing_warmup_epochs=0, workers=0, max_train_images=16, max_steps=1,
+                      output=str(tmp_path / "run"), report_to="none", bn_splits=2))
+    assert "--max-train-images 16 takes the first 16 images, which cover 2 of the 4 classes" in caplog.text

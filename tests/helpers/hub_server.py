@@ -432,3 +432,18 @@ def _listing(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict
             entries.append({"type": "file", "oid": git_blob_oid(files[path]), "size": len(files[path]),
                             "path": path})
     return entries
+
+
+# The tokens the tests' server knows, and what an export uploads.
+ALICE = "hf_alice_0123456789abcdef"  # may write alice/* and mochi-org/*
+BOB = "hf_bob_fedcba9876543210"  # may write bob/* only
+TOKENS = {ALICE: {"user": "alice", "write": ["alice", "mochi-org"]}, BOB: {"user": "bob", "write": ["bob"]}}
+EXPORT_FILES = {"README.md", "config.json", "model.safetensors", "training_curves.png"}
+
+
+def assert_clean_upload(files: dict[str, bytes], run_dir) -> None:
+    """No token and no absolute local path in any uploaded file."""
+    for name, content in files.items():
+        for token in TOKENS:
+            assert token.encode() not in content, name
+        assert str(run_dir).encode() not in content and b"/tmp/" not in content, name

@@ -1,0 +1,125 @@
+"""Format conversions of a ResNet-family backbone: torchvision's state dict names, detectron2's `.pkl`.
+
+MoCo's detection transfer (detectron2 R50-C4 / FPN on VOC and COCO) loads the `.pkl`; detectron2 is not on
+PyPI, so this module only writes the file and the notes on how to use it (mochi_hub.detect trains
+torchvision's Faster R-CNN directly on the timm backbone).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .augment import MEAN, STD
+from .card import PAPER_ID
+from .persist import atomic_write, save_tensors
+
+RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
+DETECTRON2_FILE = "model_detectron2.pkl"
+
+
+class ConversionError(ValueError):
+    """A backbone that has no counterpart in the asked format; the message says why."""
+
+
+def torchvision_state_dict(backbone: nn.Module, architecture: str) -> dict[str, torch.Tensor]:
+    """The backbone's weights under torchvision's names (timm's ResNets use the same ones), checked key by
+    key and shape by shape against `torchvision.models.<architecture>()` without its `fc` layer."""
+    import torchvision
+
+    if not architecture.startswith(RESNET_FAMILY):
+        raise ConversionError(f"--format torchvision/detectron2 needs a ResNet-family backbone "
+                          f"(resnet18/34/50/101/152, resnext, wide_resnet), got {architecture!r}")
+    if architecture not in torchvision.models.list_models(module=torchvision.models):
+        raise ConversionError(f"torchvision has no architecture named {architecture!r}: timm's variant has no "
+                          "torchvision counterpart (e.g. resnet50d's deep stem); use --format timm")
+    with torch.device("meta"):  # shapes only, no memory
+        reference = torchvision.models.get_model(architecture, weights=None)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    ours = {k: v for k, v in backbone.state_dict().items()}
+    mismatched = sorted(set(expected) ^ set(ours)) + sorted(
+        k for k in set(expected) & set(ours) if expected[k] != tuple(ours[k].shape))
+    if mismatched:
+        raise ConversionError(f"timm's {architecture} does not match torchvision's layout "
+                          f"({len(mismatched)} keys differ, e.g. {mismatched[:3]}); use --format timm")
+    return {k: v.detach().cpu().contiguous() for k, v in ours.items()}
+
+
+def to_detectron2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """torchvision ResNet names -> detectron2's (stem.conv1, res2..res5, convN.norm, shortcut[.norm]),
+    numpy arrays, as detectron2's tools/convert-torchvision-to-d2.py and MoCo's
+    detection/convert-pretrain-to-detectron2.py do. BN step counters are dropped (FrozenBN has none)."""
+    model = {}
+    for name, tensor in state_dict.items():
+        if name.endswith("num_batches_tracked") or name.startswith("fc."):
+            continue
+        key = name if "layer" in name else "stem." + name
+        for t in (1, 2, 3, 4):
+            key = key.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            key = key.replace(f"bn{t}", f"conv{t}.norm")
+        key = key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        model[key] = tensor.detach().cpu().numpy()
+    return {"model": model, "__author__": "mochi-hub", "matching_heuristics": True}
+
+
+DETECTRON2_NOTES = """# {name}: detectron2 weights
+
+`{file}` holds the backbone of a MoCHi / MoCo-v2 run in detectron2's naming (as MoCo's
+`detection/convert-pretrain-to-detectron2.py` writes). Use it as detectron2's MoCo configs do:
+
+```yaml
+MODEL:
+  WEIGHTS: "{file}"
+  PIXEL_MEAN: [123.675, 116.280, 103.530]
+  PIXEL_STD: [58.395, 57.120, 57.375]
+  RESNETS:
+    DEPTH: {depth}
+    STRIDE_IN_1X1: False   # torchvision/timm ResNets stride in the 3x3 conv
+INPUT:
+  FORMAT: "RGB"
+```
+"""
+
+TORCHVISION_NOTES = """# {name}: torchvision weights
+
+`{file}` is a state dict for `torchvision.models.{arch}()` without its `fc` layer:
+
+```python
+import torch, torchvision
+from safetensors.torch import load_file
+
+model = torchvision.models.{arch}()
+model.fc = torch.nn.Identity()  # pooled features; or keep fc and load with strict=False
+model.load_state_dict(load_file("{file}"))
+```
+Inputs: RGB, normalised with mean {mean} and std {std}.
+"""
+
+
+def write_torchvision(state: dict[str, torch.Tensor], architecture: str, output: Path, name: str) -> Path:
+    target = output / f"torchvision_{architecture}.safetensors"
+    save_tensors(target, state, metadata={"format": "pt", "torchvision_architecture": architecture, "paper": PAPER_ID})
+    notes = TORCHVISION_NOTES.format(name=name, file=target.name, arch=architecture, mean=MEAN, std=STD)
+    atomic_write(output / "README.md", lambda p: p.write_text(notes))
+    return target
+
+
+def write_detectron2(state: dict[str, torch.Tensor], architecture: str, output: Path, name: str) -> Path:
+    target = output / DETECTRON2_FILE
+    converted = to_detectron2(state)
+
+    def write_pickle(path: Path) -> None:
+        with open(path, "wb") as handle:
+            pickle.dump(converted, handle)  # detectron2's own format; we only ever write it, never read it
+
+    atomic_write(target, write_pickle)
+    depth = "".join(ch for ch in architecture.split("_")[0] if ch.isdigit()) or "50"
+    atomic_write(output / "README.md", lambda p: p.write_text(DETECTRON2_NOTES.format(name=name, file=target.name,
+                                                                                         depth=depth)))
+    return target

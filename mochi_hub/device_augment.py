@@ -1,0 +1,325 @@
+"""MoCo-v2's augmentation, batched on the training device, with independent random parameters per image.
+
+DataLoader workers only decode images to uint8 tensors (`decode_to_uint8`), `pad_collate` pads them into one
+canvas, and `DeviceViews` draws the two views on the device (CUDA or CPU), as `mochi_hub.augment.
+moco_v2_transform` does per image with PIL: RandomResizedCrop(scale=(0.2, 1)) -> ColorJitter(0.4, 0.4, 0.4, 0.1)
+with p=0.8 -> grayscale p=0.2 -> Gaussian blur sigma ~ U(0.1, 2) with p=0.5 -> horizontal flip -> normalise.
+
+Why not torchvision.transforms.v2: on a batch it draws one parameter set for the whole batch, so every image
+would share its crop, jitter and flip. Why not kornia: it is not installed on the target GPU machine. So this is
+torch + torchvision.ops only, with the randomness kept apart from the math: `sample_view_params` draws every
+parameter from a torch.Generator, `apply_view` is deterministic given them (so each op can be checked against
+torchvision's functional op with fixed parameters).
+
+Differences from the worker path, all small: the worker's PIL ops round to uint8 after every op, here the colour
+math runs in float on [0, 1] as torchvision's tensor ops do (and jitter uses the tensor ops' formulas, e.g. the
+contrast mean is the float mean of the grayscale image); the resize and the blur are described at `apply_view`
+and `_blur`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from .augment import MEAN, STD
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
+BLUR_TRUNCATE = 3.0  # Gaussian kernel half-width = ceil(3 sigma): see `_blur`
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op ids, as torchvision's ColorJitter numbers them
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The random part of one view of a batch of B images; everything `apply_view` needs besides the pixels."""
+
+    crop: Tensor  # [B, 4] long: top, left, height, width in the image's own pixels (as RandomResizedCrop)
+    jitter: Tensor  # [B] bool: colour jitter applied
+    factors: Tensor  # [B, 4] float: brightness, contrast, saturation (neutral 1), hue (neutral 0)
+    order: Tensor  # [B, 4] long: order[b, k] = the op id applied k-th to image b (a permutation of 0..3)
+    gray: Tensor  # [B] bool
+    blur: Tensor  # [B] bool
+    sigma: Tensor  # [B] float: blur sigma (only used where blur)
+    flip: Tensor  # [B] bool
+    # Plain int, not a tensor: the blur kernel's common size is then known without reading the device.
+    blur_half_max: int = math.ceil(BLUR_TRUNCATE * 2.0)
+
+    def to(self, device: torch.device | str) -> ViewParams:
+        tensors = (self.crop, self.jitter, self.factors, self.order, self.gray, self.blur, self.sigma, self.flip)
+        return ViewParams(*(t.to(device) for t in tensors), blur_half_max=self.blur_half_max)
+
+
+def pad_collate(images: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """uint8 [C, h, w] images of any sizes -> (canvas uint8 [B, C, Hmax, Wmax], sizes long [B, 2] as (h, w)).
+
+    Each image sits at the canvas's top-left; the padding is zeros and never reaches the views.
+    """
+    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.long)  # [B, 2]
+    height, width = (int(v) for v in sizes.max(0).values)
+    canvas = images[0].new_zeros((len(images), images[0].shape[0], height, width))  # [B, C, Hmax, Wmax]
+    for slot, image in zip(canvas, images):
+        slot[:, :image.shape[1], :image.shape[2]] = image
+    return canvas, sizes
+
+
+def decode_to_uint8(image: Image.Image, max_side: int | None = None) -> Tensor:
+    """A PIL image -> uint8 [3, h, w] RGB, for DataLoader workers.
+
+    max_side: if set and the shorter side is longer, shrink so the shorter side is max_side (never upscale);
+    JPEGs are first decoded at a reduced scale with `Image.draft` (DCT scaling, much cheaper than a full decode),
+    then resized with PIL's antialiased bilinear filter. Crop boxes are shares of the image, so pre-shrinking
+    only lowers the source resolution: keep max_side >= image_size / sqrt(min scale) (~2.24 x image_size for
+    scale 0.2) if the smallest crops should not be upscaled.
+    """
+    def shrunk(size: tuple[int, int]) -> tuple[int, int]:  # (w, h) with the shorter side max_side
+        return tuple(max(1, round(side * max_side / min(size))) for side in size)
+
+    if max_side is not None and min(image.size) > max_side:
+        if image.format == "JPEG":
+            image.draft("RGB", shrunk(image.size))  # a 1/2, 1/4 or 1/8 scale still >= the target; no-op if loaded
+        if min(image.size) > max_side:
+            image = image.convert("RGB").resize(shrunk(image.size), Image.Resampling.BILINEAR)
+    array = np.array(image.convert("RGB"), dtype=np.uint8)  # [h, w, 3], a writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, h, w]
+
+
+def sample_view_params(sizes: Tensor, *, generator: torch.Generator, scale: tuple[float, float] = (0.2, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                       jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
+                       gray_p: float = 0.2, blur_sigma: tuple[float, float] = (0.1, 2.0), blur_p: float = 0.5,
+                       flip_p: float = 0.5) -> ViewParams:
+    """Draw one view's parameters for images of sizes [B, 2] (h, w), all from `generator`, on its device.
+
+    The crop is torchvision's RandomResizedCrop.get_params, vectorised: all 10 attempts (area share ~ U(scale),
+    log aspect ratio ~ U(log ratio)) are drawn for every image at once and the first that fits is kept, else the
+    central crop clamped to the ratio range. Jitter factors and op order follow ColorJitter.get_params: factors
+    ~ U[max(0, 1 - x), 1 + x] (hue U[-h, h]), a jitter strength of 0 meaning that op is left out, and a uniform
+    random permutation of the four ops per image.
+    """
+    device = generator.device  # a CUDA generator only feeds ops created on its device
+    sizes = sizes.to(device)
+    count = sizes.shape[0]
+
+    def uniform(*shape: int, low: float = 0.0, high: float = 1.0, dtype=torch.float32) -> Tensor:
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype) * (high - low) + low
+
+    # RandomResizedCrop: float32 draws as torchvision's, the box arithmetic in float64 as its Python floats.
+    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # [B, 1]
+    log_ratio = torch.tensor(ratio).log()
+    target_area = height * width * uniform(count, 10, low=scale[0], high=scale[1]).double()  # [B, 10]
+    aspect = torch.exp(uniform(count, 10, low=float(log_ratio[0]), high=float(log_ratio[1]))).double()  # [B, 10]
+    w = torch.round(torch.sqrt(target_area * aspect))  # [B, 10]; round half to even, as Python's round
+    h = torch.round(torch.sqrt(target_area / aspect))  # [B, 10]
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [B, 10]
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # [B, 1]: first fitting attempt (0 if none fits)
+    found = fits.any(1)  # [B]
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]  # [B]
+    height, width = height[:, 0], width[:, 0]  # [B]
+    # torch.randint(0, n) per image: floor(U[0, 1) * n), with U in float64 so it stays below n.
+    top = torch.floor(uniform(count, dtype=torch.float64) * (height - h + 1))  # [B]
+    left = torch.floor(uniform(count, dtype=torch.float64) * (width - w + 1))  # [B]
+    # Fallback: the whole image, its width or height cut to the nearest allowed ratio; centred.
+    in_ratio = width / height  # [B]
+    fall_h = torch.where(in_ratio < min(ratio), torch.round(width / min(ratio)), height)  # [B]
+    fall_w = torch.where(in_ratio > max(ratio), torch.round(height * max(ratio)), width)  # [B]
+    fall_top, fall_left = torch.div(height - fall_h, 2, rounding_mode="floor"), torch.div(width - fall_w, 2,
+                                                                                           rounding_mode="floor")
+    crop = torch.stack([torch.where(found, top, fall_top), torch.where(found, left, fall_left),
+                        torch.where(found, h, fall_h), torch.where(found, w, fall_w)], 1).long()  # [B, 4]
+
+    # ColorJitter: an op with strength 0 gets its neutral factor (torchvision skips it; see _jitter for hue).
+    low = torch.tensor([max(0.0, 1 - x) for x in jitter[:3]] + [-jitter[3]], device=device)  # [4]
+    high = torch.tensor([1 + x for x in jitter[:3]] + [jitter[3]], device=device)  # [4]
+    factors = uniform(count, 4) * (high - low) + low  # [B, 4]
+    order = uniform(count, 4).argsort(1)  # [B, 4]: argsort of iid uniforms is a uniform permutation
+
+    def coin(p: float) -> Tensor:
+        return uniform(count) < p  # [B] bool
+
+    return ViewParams(crop=crop, jitter=coin(jitter_p), factors=factors, order=order, gray=coin(gray_p),
+                      blur=coin(blur_p), sigma=uniform(count, low=blur_sigma[0], high=blur_sigma[1]),
+                      flip=coin(flip_p), blur_half_max=math.ceil(BLUR_TRUNCATE * blur_sigma[1]))
+
+
+def apply_view(images: Tensor, sizes: Tensor, params: ViewParams, *, output_size: int,
+               mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD, antialias: bool = True) -> Tensor:
+    """uint8 [B, 3, H, W] canvas (image b in its top-left sizes[b] = (h, w)) -> normalised float32 [B, 3, S, S].
+
+    Crop + resize is `torchvision.ops.roi_align` with aligned=True (pixel centres at +0.5, the convention of
+    F.interpolate(align_corners=False)), sampling the whole image, so no per-image crop tensors are made:
+    - antialias=False (sampling_ratio=1: one bilinear sample at each output pixel's centre) equals torchvision's
+      `resized_crop(..., BILINEAR, antialias=False)` up to float rounding when shrinking; when enlarging, the
+      outermost output rows/columns (those whose centre maps outside the crop's outer pixel centres) blend in the
+      pixel just outside the crop, where resized_crop repeats the crop's edge pixel.
+    - antialias=True (the default; sampling_ratio=0: ceil(crop / S) samples per output pixel and axis, averaged)
+      is a box-prefiltered bilinear shrink, close to resized_crop(antialias=True) and PIL's resize in the worker
+      path but not equal to them (their filter is a triangle whose support scales with the shrink).
+    The padding next to each image is set to its edge pixels first, so the canvas padding never leaks in.
+    Then colour jitter (per image, in its own op order), grayscale, Gaussian blur, flip, normalisation.
+    """
+    return _render(_fill_padding(images, sizes.to(images.device)), params.to(images.device),
+                   output_size=output_size, mean=mean, std=std, antialias=antialias)
+
+
+class DeviceViews:
+    """MoCo-v2's two views (query, key) of a uint8 batch, drawn on the batch's device with independent parameters
+    per image and per view. Defaults are MoCo-v2's (those of `mochi_hub.augment.moco_v2_transform`)."""
+
+    def __init__(self, image_size: int, *, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD,
+                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
+                 gray_p: float = 0.2, blur_sigma: tuple[float, float] = (0.1, 2.0), blur_p: float = 0.5,
+                 flip_p: float = 0.5, antialias: bool = True):
+        self.image_size, self.mean, self.std, self.antialias = image_size, mean, std, antialias
+        self.sampling = {"scale": scale, "ratio": ratio, "jitter": jitter, "jitter_p": jitter_p, "gray_p": gray_p,
+                         "blur_sigma": blur_sigma, "blur_p": blur_p, "flip_p": flip_p}
+
+    def sample(self, sizes: Tensor, generator: torch.Generator) -> ViewParams:
+        return sample_view_params(sizes, generator=generator, **self.sampling)
+
+    def __call__(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """uint8 [B, 3, H, W], sizes [B, 2] -> (query, key), each float32 [B, 3, S, S]."""
+        sizes = sizes.to(images.device)
+        filled = _fill_padding(images, sizes)  # shared by both views
+        query, key = (_render(filled, self.sample(sizes, generator).to(images.device), output_size=self.image_size,
+                              mean=self.mean, std=self.std, antialias=self.antialias) for _ in range(2))
+        return query, key
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in self.sampling.items())
+        return f"{type(self).__name__}(image_size={self.image_size}, {settings}, antialias={self.antialias})"
+
+
+def _fill_padding(images: Tensor, sizes: Tensor) -> Tensor:
+    """Copy of the canvas where the column right of and the row below each image repeat its edge (uint8).
+
+    A bilinear sample inside a crop lies less than half a pixel beyond the image's last pixel centre, so it
+    reads at most that one column / row of padding; repeating the edge there makes it read what resized_crop's
+    edge clamping reads, whatever the canvas held. (Where an image fills the canvas, the index is clamped to its
+    own edge, a no-op.)
+    """
+    count, _, height, width = images.shape
+    batch = torch.arange(count, device=images.device)
+    h, w = sizes[:, 0], sizes[:, 1]  # [B]
+    images = images.clone()
+    images[batch, :, :, w.clamp(max=width - 1)] = images[batch, :, :, w - 1]  # [B, C, H] columns
+    images[batch, :, h.clamp(max=height - 1), :] = images[batch, :, h - 1, :]  # [B, C, W] rows, corner included
+    return images  # [B, C, H, W]
+
+
+def _render(images: Tensor, params: ViewParams, *, output_size: int, mean: tuple[float, ...],
+            std: tuple[float, ...], antialias: bool) -> Tensor:
+    """apply_view on a canvas whose padding is already filled, with params on the canvas's device."""
+    top, left, h, w = params.crop.to(torch.float32).unbind(1)  # [B] each
+    index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32)  # [B]
+    boxes = torch.stack([index, left, top, left + w, top + h], 1)  # [B, 5]: batch index, x1, y1, x2, y2
+    x = roi_align(images.float(), boxes, output_size, spatial_scale=1.0, sampling_ratio=0 if antialias else 1,
+                  aligned=True) / 255  # [B, 3, S, S] in [0, 1]
+    x = _jitter(x, params.jitter, params.factors, params.order)
+    x = torch.where(params.gray[:, None, None, None], _grayscale(x).expand_as(x), x)
+    x = torch.where(params.blur[:, None, None, None], _blur(x, params.sigma, params.blur_half_max), x)
+    x = torch.where(params.flip[:, None, None, None], x.flip(-1), x)
+    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)  # [1, 3, 1, 1]
+    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)  # [1, 3, 1, 1]
+    return (x - mean_t) / std_t  # [B, 3, S, S]
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W]: torchvision's rgb_to_grayscale."""
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    """torchvision's _blend with a per-image factor [B]: factor x + (1 - factor) other, clamped to [0, 1]."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def _brightness(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, torch.zeros_like(x), factor)
+
+
+def _contrast(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, _grayscale(x).mean((1, 2, 3), keepdim=True), factor)  # blend towards the mean gray level
+
+
+def _saturation(x: Tensor, factor: Tensor) -> Tensor:
+    return _blend(x, _grayscale(x), factor)
+
+
+def _hue(x: Tensor, factor: Tensor) -> Tensor:
+    """torchvision's adjust_hue with a per-image factor [B]: rotate the HSV hue by factor turns, S and V kept.
+
+    Same formulas as torchvision's RGB -> HSV -> RGB, fused: with chroma = max - min = V S, channel n of the
+    result is V - chroma clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6 for n = 5, 3, 1 (R, G, B), which is the
+    six-sector table in closed form (S is never formed). Per-channel planes: ~1.7x faster on the CPU than [B, 3]
+    tensors.
+    """
+    r, g, b = x.unbind(1)  # [B, H, W] each
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    divisor = torch.where(chroma == 0, 1.0, chroma)  # gray pixels: any hue, chroma 0 cancels it (no NaN)
+    hue6 = torch.where(maxc == r, (g - b) / divisor,
+                       torch.where(maxc == g, 2.0 + (b - r) / divisor, 4.0 + (r - g) / divisor))  # 6 H (mod 6)
+    hue6 = hue6 + 6 * factor.view(-1, 1, 1)  # [B, H, W]
+
+    def channel(n: float) -> Tensor:
+        k = (hue6 + n) % 6
+        return maxc - chroma * torch.minimum(k, 4 - k).clamp(0, 1)  # [B, H, W]
+
+    return torch.stack([channel(5.0), channel(3.0), channel(1.0)], 1)  # [B, 3, H, W]
+
+
+def _jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+    """ColorJitter per image: for each of the 4 slots, image b gets op order[b, slot] with its own factor.
+
+    Brightness, contrast and saturation are all blends, so one blend per slot serves every image (towards 0, the
+    mean gray or the gray image, per image); hue is computed for the batch and kept where chosen. Images without
+    jitter keep their pixels exactly, as do neutral factors (1, 1, 1, 0): a hue strength of 0, which torchvision
+    skips, gives hue factors of exactly 0, which skip the HSV round trip here.
+    """
+    for slot in range(4):
+        op = order[:, slot]  # [B]
+        gray = _grayscale(x)  # [B, 1, H, W]
+        other = torch.where((op == CONTRAST).view(-1, 1, 1, 1), gray.mean((1, 2, 3), keepdim=True),
+                            torch.where((op == SATURATION).view(-1, 1, 1, 1), gray, torch.zeros_like(gray)))
+        blend_factor = factors.gather(1, op.clamp(max=SATURATION)[:, None])[:, 0]  # [B]
+        blended = _blend(x, other, blend_factor)  # [B, 3, H, W]
+        use_blend = (apply & (op != HUE)).view(-1, 1, 1, 1)
+        use_hue = (apply & (op == HUE) & (factors[:, HUE] != 0)).view(-1, 1, 1, 1)
+        x = torch.where(use_blend, blended, torch.where(use_hue, _hue(x, factors[:, HUE]), x))
+    return x
+
+
+def _blur(x: Tensor, sigma: Tensor, half_max: int) -> Tensor:
+    """Gaussian blur [B, C, H, W] with a per-image sigma [B]: separable, reflect padding (as torchvision).
+
+    Kernel size rule: 2 ceil(3 sigma) + 1 taps, i.e. torchvision's `gaussian_blur(kernel_size, sigma)` with that
+    kernel size. MoCo's reference uses PIL's GaussianBlur(radius=sigma), where radius is the standard deviation:
+    PIL runs three extended box blurs of total variance sigma^2, whose support is 3 (floor((sqrt(4 sigma^2 + 1)
+    - 1) / 2) + 1) pixels per side (3 below sigma = sqrt 2, 6 from there to sqrt 6): the same support as this rule
+    at sigma = 1 and 2, with a piecewise-quadratic rather than Gaussian profile; on a photo the two differ by at most
+    3/255 (mean under 0.7/255, PIL's uint8 rounding included). All images share one kernel of 2 half_max + 1
+    taps, each zeroed beyond its own half-width and renormalised (zero taps read nothing, so this equals the
+    per-image kernel); half_max is capped at H - 1 and W - 1, which reflect padding requires.
+    """
+    count, channels, height, width = x.shape
+    half_max = min(half_max, height - 1, width - 1)
+    offsets = torch.arange(-half_max, half_max + 1, device=x.device, dtype=x.dtype)  # [K]
+    half = torch.ceil(BLUR_TRUNCATE * sigma).clamp(max=half_max)  # [B]
+    kernel = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2) * (offsets.abs() <= half[:, None])  # [B, K]
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # [B C, K]
+    y = x.reshape(1, count * channels, height, width)  # one group per image channel: its own kernel
+    y = F.conv2d(F.pad(y, (half_max, half_max, 0, 0), mode="reflect"), kernel[:, None, None, :],
+                 groups=count * channels)  # horizontal pass
+    y = F.conv2d(F.pad(y, (0, 0, half_max, half_max), mode="reflect"), kernel[:, None, :, None],
+                 groups=count * channels)  # vertical pass
+    return y.view(count, channels, height, width)

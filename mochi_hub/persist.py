@@ -1,0 +1,179 @@
+"""The one way mochi-hub writes state to disk: atomic files, safetensors for tensors, JSON for the rest.
+
+- `atomic_write`: every file goes through a temporary sibling and a rename, so a crash never leaves a
+  half-written file under the real name.
+- State folders (training checkpoints, probe classifier states): written into `NAME.tmp/`, renamed to
+  `NAME/` when complete; a `.tmp` folder is an interrupted save and is never read.
+- Optimizer, GradScaler and RNG states are split into tensors (safetensors) and plain values (JSON):
+  nothing is ever pickled, so reading a state cannot run code.
+A file that cannot be read raises `StateFileError`, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+STATE = "state.json"
+
+
+class StateFileError(ValueError):
+    """A saved file that is missing, truncated or not what it should be; the message names it."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` then rename tmp -> path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the pid: two writers never share a temporary
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StateFileError(f"{path}: not readable JSON ({error})") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    cpu = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    return atomic_write(path, lambda p: save_file(cpu, p, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, Tensor]:
+    path = Path(path)
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: missing") from None
+    except (OSError, SafetensorError, ValueError) as error:
+        raise StateFileError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+# --- optimizer, scaler and RNG states as tensors + JSON -------------------------------------------------
+
+def split_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An optimizer's state_dict -> (tensors named "<param>.<name>", the rest as JSON-able values)."""
+    tensors, values = {}, {}
+    for index, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                values.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "values": values}
+
+
+def join_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta.get("values", {}).items()}
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """This process's global RNGs (torch CPU and CUDA, Python, NumPy) as tensors + JSON. mochi-hub's own
+    draws come from seeded generators; these cover what models and libraries draw (dropout, drop-path)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    values = {"python": [version, list(internal), gauss],
+              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, values
+
+
+def set_rng_state(tensors: dict[str, Tensor], values: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = values["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = values["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --- state folders ---------------------------------------------------------------------------------------
+
+def staging(final: Path) -> Path:
+    """The `.tmp` sibling a state folder is written into (created if needed; a stale attempt is overwritten)."""
+    tmp = final.with_name(final.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def publish(final: Path) -> Path:
+    """Rename the complete `final.tmp/` to `final/` (replacing an older save of the same name)."""
+    tmp = final.with_name(final.name + ".tmp")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def complete_folders(root: str | Path, prefix: str) -> list[Path]:
+    """`root/<prefix>-<number>/` folders holding a state.json, oldest first; `.tmp` folders are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob(f"{prefix}-*") if p.is_dir() and not p.name.endswith(".tmp")
+            and p.name[len(prefix) + 1:].isdigit() and (p / STATE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(prefix) + 1:]))
+
+
+def prune(root: str | Path, prefix: str, keep: int) -> None:
+    """Remove interrupted saves and all but the newest `keep` complete folders."""
+    root = Path(root)
+    for stale in root.glob(f"{prefix}-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in complete_folders(root, prefix)[:-keep] if keep > 0 else complete_folders(root, prefix):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- output paths, checked before any work -------------------------------------------------------------
+
+def ensure_writable_dir(path: str | Path, option: str) -> Path:
+    """Create `path` if needed and prove it can be written, or raise ValueError naming the option."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{option} {path}: not writable ({error.strerror or error})") from None
+    return path
+
+
+def ensure_writable_file(path: str | Path, option: str) -> Path:
+    """A file `path` can be written later: its folder exists (created) and is writable, and it is no folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a folder, not a file")
+    ensure_writable_dir(path.parent, option)
+    return path

@@ -1,0 +1,377 @@
+"""`mochi train`: MoCo-v2 + MoCHi pretraining, the only owner of the Accelerate loop for pretraining.
+
+    dataset -> two seeded MoCo-v2 views (views.py) -> training_step (step.py) per batch -> metrics and
+    checkpoints at their cadence -> after the last step, the backbone alone as a timm folder (export.py).
+
+Determinism: the data order, each image's augmentation, the shuffle-BN permutation and the MoCHi plan
+are all drawn from named seed streams at (epoch or step, index) (seeding.py), never from a running RNG,
+so a resumed run sees exactly the batches and plans an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import Tensor
+
+from . import __version__
+from .checkpoint import finish_checkpoint, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .config import TrainConfig, resume_differences, train_config_from_dict
+from .console import progress_bar
+from .data import missing_classes_note, resolve_dataset
+from .distributed import all_ranks_true, broadcast_buffers, launched_accelerator, local_bn_splits
+from .metrics import alignment, false_negative_rate, proxy_top1, uniformity
+from .mixing import hardest_negatives
+from .model import Encoder, backbone_args, create_backbone, make_key_encoder, structural_args
+from .persist import StateFileError, ensure_writable_dir
+from .queue import NegativeQueue
+from .runs import MetricsLog, RunSummary, write_run_info
+from .seeding import generator
+from .step import StepOutput, cosine_lr, training_step
+from .views import epoch_loader, pretraining_views
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train(config: TrainConfig, *, accelerator: Accelerator | None = None,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+    """Pretrain, checkpoint, export. Returns the run directory. `accelerator`: an existing one (a library user
+    running train and probe in one process); `on_step(step, info)` is for tests."""
+    run = _Run.start(config, accelerator)
+    try:
+        with progress_bar(run.is_main, fields="{task.fields[status]}") as progress:
+            task = progress.add_task("mochi train", total=run.last_step, completed=run.step, status="")
+            while run.step < run.last_step:
+                epoch, first_batch = divmod(run.step, run.steps_per_epoch)
+                mixing = config.uses_mixing and epoch >= config.mixing_warmup_epochs
+                run.query.train()
+                run.key.train()
+                for batch in epoch_loader(run.views, config, epoch, rank=run.rank, world=run.world, start=first_batch,
+                                          pin_memory=run.device.type == "cuda"):
+                    lr = run.set_lr()
+                    images_q, images_k = (v.to(run.device, non_blocking=True, memory_format=run.memory_format)
+                                          for v in batch["images"])
+                    labels = batch["labels"].to(run.device, non_blocking=True)
+                    run.report_bad_files(batch["skipped"])
+                    logging_step = run.is_log_step()
+                    queue_labels = run.queue.labels.clone() if logging_step else None  # hard sets index the queue before the enqueue
+                    out = training_step(run.query, run.key, run.queue, run.optimizer, run.accelerator, images_q,
+                                        images_k, labels, config=config, step=run.step, mixing=mixing,
+                                        bn_splits=run.bn_splits)
+                    run.note_finite(out, epoch)
+                    run.step += 1
+                    run.summary.images_seen += config.batch_size
+                    if logging_step:
+                        status = run.log_step(out, epoch, lr, mixing, queue_labels, labels)
+                        progress.update(task, status=status)
+                    progress.update(task, completed=run.step, description=run.phase(epoch, mixing))
+                    if on_step is not None:
+                        on_step(run.step, {"query": run.modules["query"], "key": run.key, "queue": run.queue,
+                                           "keys": out.k, "finite": bool(out.finite), "applied": out.applied})
+                    if run.checkpoint_due():
+                        run.checkpoint(epoch)
+                    if run.step >= run.last_step:
+                        break
+    except KeyboardInterrupt:
+        if run.is_main:
+            newest = latest_checkpoint(run.run_dir)
+            where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved yet"
+            log.warning("interrupted at step %d: %s; continue with the same command and --resume auto", run.step, where)
+        raise
+    return run.finish()
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds: small and explicit (the loop above reads it top to bottom)."""
+
+    config: TrainConfig
+    run_dir: Path
+    accelerator: Accelerator
+    views: Any
+    steps_per_epoch: int
+    total_steps: int
+    last_step: int
+    query: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    key: Encoder
+    queue: NegativeQueue
+    optimizer: torch.optim.Optimizer
+    modules: dict[str, torch.nn.Module]
+    bn_splits: int
+    memory_format: torch.memory_format
+    metrics: MetricsLog
+    info: dict[str, Any]
+    summary: RunSummary = field(default_factory=RunSummary)
+    step: int = 0
+    first_bad_step: Tensor | None = None  # [] long on the device, -1 until a loss is non-finite (on_nonfinite stop)
+    clock: float = field(default_factory=time.perf_counter)
+    window: tuple[int, float] = (0, 0.0)  # first step and start time of the throughput window
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # --- set-up ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: TrainConfig, accelerator: Accelerator | None) -> _Run:
+        run_dir = ensure_writable_dir(config.output, "--output")
+        trackers = _trackers(config.report_to)
+        accelerator = launched_accelerator(config.batch_size, accelerator=accelerator,
+                                           mixed_precision=config.mixed_precision, log_with=trackers or None,
+                                           project_dir=str(run_dir))
+        world = accelerator.num_processes
+        bn_splits = local_bn_splits(config.batchnorm_groups, world, config.batch_size)
+        resume_from = _resume_point(config, run_dir, world)
+
+        # Data: every image decoded lazily; undecodable ones replaced and reported (DecodedImages).
+        source = resolve_dataset(config.dataset, "train")
+        views = pretraining_views(source, config)
+        if len(views) < config.batch_size:
+            raise ValueError(f"--dataset {config.dataset}: {len(views)} images, fewer than one global batch "
+                             f"(--batch-size {config.batch_size})")
+        if accelerator.is_main_process and (note := missing_classes_note(source, len(views))):
+            log.warning(note)
+        steps_per_epoch = len(views) // config.batch_size
+        total_steps = config.epochs * steps_per_epoch
+        last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+
+        # Model: the same seeded initial weights on every rank (DDP would broadcast them anyway).
+        build = backbone_args(config.model, init=config.init, image_size=config.image_size)
+        torch.manual_seed(config.seed)  # timm initialises from the global generator
+        query = Encoder(create_backbone(config.model, **build), config.proj_dim)
+        key = make_key_encoder(query)
+        queue = NegativeQueue(config.queue_size, config.proj_dim, generator=generator(config.seed, "queue_init"))
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        query.to(memory_format=memory_format)
+        key.to(accelerator.device, memory_format=memory_format)
+        queue.to(accelerator.device)
+        optimizer = torch.optim.SGD(query.parameters(), lr=config.base_lr, momentum=config.sgd_momentum,
+                                    weight_decay=config.weight_decay)
+        query, optimizer = accelerator.prepare(query, optimizer)
+        modules = {"query": accelerator.unwrap_model(query), "key": key, "queue": queue}
+
+        info = {"config": config.to_dict(), "num_processes": world, "global_batch_size": config.batch_size,
+                "per_process_batch_size": config.batch_size // world, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "mochi_hub_version": __version__,
+                "backbone": {"architecture": config.model, "init": config.init,
+                             "model_args": structural_args(build), "create_args": build},
+                "shuffle_bn": (f"keys shuffled across {world} processes" if world > 1 else "keys shuffled within the batch")
+                              + f"; BatchNorm in {bn_splits} group(s) of {config.batch_size // world // bn_splits} per process, "
+                                "both encoders",
+                "dataset_images": len(views)}
+        run = cls(config=config, run_dir=run_dir, accelerator=accelerator, views=views, steps_per_epoch=steps_per_epoch,
+                  total_steps=total_steps, last_step=last_step, query=query, key=key, queue=queue, optimizer=optimizer,
+                  modules=modules, bn_splits=bn_splits, memory_format=memory_format, metrics=MetricsLog(run_dir),
+                  info=info, first_bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device))
+        run.resume_or_reset(resume_from)
+        if run.is_main:
+            write_run_info(run_dir, info)
+            run.print_summary()
+        if accelerator.log_with:
+            accelerator.init_trackers("mochi", config={k: str(v) for k, v in config.to_dict().items()})
+        run.window = (run.step, time.perf_counter())
+        return run
+
+    def resume_or_reset(self, resume_from: Path | None) -> None:
+        if resume_from is None:
+            if self.is_main:
+                self.metrics.reset()
+            return
+        try:
+            state = load_checkpoint(resume_from, modules=self.modules, optimizer=self.optimizer, rank=self.rank,
+                                    scaler=self.accelerator.scaler)
+        except StateFileError as error:
+            raise ValueError(f"--resume: {error}") from None
+        self.step = state["step"]
+        self.summary = RunSummary.from_dict(state["summary"])
+        self.summary.resumes += 1
+        if self.is_main:
+            self.metrics.truncate(self.step)
+            log.info("resumed from %s at step %d", resume_from, self.step)
+
+    def print_summary(self) -> None:
+        c = self.config
+        mixing_from = (f"mixing MoCHi {tuple(c.mochi)} from epoch {c.mixing_warmup_epochs + 1} "
+                       f"(step {c.mixing_warmup_epochs * self.steps_per_epoch})" if c.uses_mixing else "plain MoCo-v2")
+        log.info("mochi train: %s (%s init) on %s, %d images at %d px -> %s", c.model, c.init, c.dataset,
+                 self.info["dataset_images"], c.image_size, self.run_dir)
+        log.info("  %s, %d process(es), global batch %d, %d steps/epoch, %d epochs = %d steps%s", self.device,
+                 self.world, c.batch_size, self.steps_per_epoch, c.epochs, self.total_steps,
+                 f" (stopping at {self.last_step})" if self.last_step < self.total_steps else "")
+        log.info("  lr %.4g (cosine%s), K %d, T %g, m %g; %s; %s", c.base_lr,
+                 f", {c.lr_warmup_epochs} warm-up epochs" if c.lr_warmup_epochs else "", c.queue_size, c.temperature,
+                 c.key_momentum, mixing_from, self.info["shuffle_bn"])
+
+    # --- per step ----------------------------------------------------------------------------------------
+
+    def phase(self, epoch: int, mixing: bool) -> str:
+        what = "mixing" if mixing else "warm-up (no mixing)" if self.config.uses_mixing else "MoCo-v2"
+        return f"epoch {epoch + 1}/{self.config.epochs} {what}"
+
+    def set_lr(self) -> float:
+        lr = cosine_lr(self.step, self.total_steps, self.config.base_lr, self.config.lr_warmup_epochs * self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def report_bad_files(self, reasons: list[str]) -> None:
+        for reason in reasons:
+            if reason not in self.summary.bad_files:  # an unusable file is met every epoch: report it once
+                self.summary.bad_files.append(reason)
+                log.warning("skipped unusable image: %s", reason)
+
+    def is_log_step(self) -> bool:
+        return (self.step + 1) % self.config.log_every_steps == 0 or self.step + 1 == self.last_step
+
+    def note_finite(self, out: StepOutput, epoch: int) -> None:
+        if not out.applied:  # on_nonfinite skip: the step updated nothing
+            self.summary.nonfinite_steps += 1
+            if self.is_main:
+                log.warning("step %d: non-finite loss, step skipped (%d so far)", self.step, self.summary.nonfinite_steps)
+        elif self.config.on_nonfinite == "stop":  # remembered on the device, read when logging or saving
+            bad = ~out.finite & (self.first_bad_step < 0)
+            self.first_bad_step = torch.where(bad, self.step, self.first_bad_step)
+
+    def require_finite(self) -> None:
+        """Stop, keeping the last good checkpoint, if any loss so far was non-finite (one host sync)."""
+        if self.config.on_nonfinite != "stop" or bool(all_ranks_true(self.first_bad_step < 0, self.accelerator)):
+            return
+        bad = int(self.first_bad_step)
+        self.summary.nonfinite_steps += 1
+        raise NonFiniteLossError(
+            f"non-finite loss at step {bad} (epoch {bad // self.steps_per_epoch}); the last good checkpoint is kept "
+            f"in {self.run_dir / 'checkpoints'}. Lower --lr, or pass --on-nonfinite skip to skip such steps")
+
+    def log_step(self, out: StepOutput, epoch: int, lr: float, mixing: bool, queue_labels: Tensor,
+                 labels: Tensor) -> str:
+        self.require_finite()
+        first, since = self.window
+        images_per_sec = (self.step - first) * self.config.batch_size / (time.perf_counter() - since)
+        analysis_n = self.config.mochi[0] or min(1024, self.config.queue_size)  # hard-set size of the FN analysis
+        with torch.no_grad():
+            fnr = false_negative_rate(hardest_negatives(out.logits[:, 1:1 + self.config.queue_size], analysis_n),
+                                      queue_labels, labels)
+            record = {"kind": "step", "step": self.step, "epoch": epoch, "loss": out.loss.item(), "lr": lr,
+                      "mixing": mixing, "proxy_top1": proxy_top1(out.logits), "alignment": alignment(out.q, out.k),
+                      "uniformity": uniformity(out.q), "false_negative_rate": fnr,
+                      "images_per_sec": images_per_sec}
+        self.window = (self.step, time.perf_counter())
+        if self.is_main:
+            self.metrics.append(record)
+            if self.accelerator.log_with:
+                self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.step)
+        return f"loss {record['loss']:.3f} top-1 {record['proxy_top1']:.2f}"
+
+    # --- checkpoints and the end -------------------------------------------------------------------------
+
+    def checkpoint_due(self) -> bool:
+        every = self.config.save_every_steps
+        return self.step % self.steps_per_epoch == 0 or self.step == self.last_step or bool(every and self.step % every == 0)
+
+    def checkpoint(self, epoch: int) -> None:
+        self.require_finite()  # a checkpoint is only ever written from finite weights
+        end_of_epoch = self.step % self.steps_per_epoch == 0
+        self._add_time()
+        if end_of_epoch and self.is_main:
+            self.metrics.append({"kind": "epoch", "step": self.step, "epoch": epoch, **self.summary.to_dict()})
+        if self.world > 1:
+            broadcast_buffers(self.modules["query"], self.key)
+        state = {"step": self.step, "epoch": epoch + 1 if end_of_epoch else epoch, "config": self.config.to_dict(),
+                 "summary": self.summary.to_dict(), "num_processes": self.world}
+        final = save_checkpoint(self.run_dir, self.step, modules=self.modules, optimizer=self.optimizer, state=state,
+                                is_main=self.is_main, rank=self.rank, scaler=self.accelerator.scaler)
+        self.accelerator.wait_for_everyone()  # every rank's RNG file is in before the folder is published
+        if self.is_main:
+            finish_checkpoint(final, self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _add_time(self) -> None:
+        now = time.perf_counter()
+        self.summary.wall_time_s += now - self.clock
+        self.clock = now
+
+    def finish(self) -> Path:
+        self.require_finite()
+        self._add_time()
+        if self.world > 1:  # each process met its own unusable files
+            self.summary.bad_files = sorted(set(gather_object(self.summary.bad_files)))
+        if self.is_main:
+            self.info["summary"] = self.summary.to_dict()
+            write_run_info(self.run_dir, self.info)
+            from .export import export_run
+
+            out = export_run(self.run_dir)
+            log.info("exported the backbone to %s (timm.create_model('local-dir:%s', pretrained=True))", out, out)
+            log.info("done: %d images in %.0f s (%.1f images/s), %d skipped, %d non-finite steps, %d resume(s)",
+                     self.summary.images_seen, self.summary.wall_time_s, self.summary.to_dict()["images_per_sec"],
+                     len(self.summary.bad_files), self.summary.nonfinite_steps, self.summary.resumes)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return self.run_dir
+
+
+def _trackers(report_to: str) -> list[str]:
+    """Accelerate trackers; one named but not installed is refused (Accelerate would only warn and log nothing)."""
+    if report_to == "none":
+        return []
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+    if report_to == "auto":  # TensorBoard when installed; found without importing it
+        if importlib.util.find_spec("tensorboard") is None:
+            log.info("metrics go to metrics.jsonl only (--report-to auto: TensorBoard is not installed)")
+            return []
+        return ["tensorboard"]
+    if importlib.util.find_spec(module[report_to]) is None:
+        raise ValueError(f"--report-to {report_to}: the {module[report_to]} package is not installed "
+                         f"(pip install {module[report_to]}, or --report-to none)")
+    return [report_to]
+
+
+def _resume_point(config: TrainConfig, run_dir: Path, world: int) -> Path | None:
+    """The checkpoint to continue from, after checking it continues *this* config; refuses to overwrite a run."""
+    if config.resume is None:
+        if latest_checkpoint(run_dir) is not None:
+            raise ValueError(f"--output {run_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                             "or choose another --output (nothing was overwritten)")
+        return None
+    path = latest_checkpoint(run_dir) if config.resume == "auto" else Path(config.resume)
+    if path is None:
+        return None  # auto with nothing saved yet: a fresh start
+    if not (path / "state.json").is_file():
+        raise ValueError(f"--resume {config.resume}: no complete checkpoint at {path}")
+    try:
+        state = read_state(path)
+        saved = train_config_from_dict(state["config"])
+    except (StateFileError, TypeError, ValueError) as error:
+        raise ValueError(f"--resume {path}: {error}") from None
+    if different := resume_differences(saved, config):
+        raise ValueError(f"--resume {path}: incompatible config ({'; '.join(different)})")
+    if state.get("num_processes", world) != world:
+        log.warning("resuming a run saved by %s process(es) on %d: the data order and the queue continue exactly, "
+                    "BatchNorm groups and RNG streams follow the new layout", state.get("num_processes"), world)
+    return path

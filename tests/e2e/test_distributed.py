@@ -1,0 +1,89 @@
+"""Several processes (torchrun, gloo on the CPU) compute what one process computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mochi_hub.config import resolve_probe_config
+from mochi_hub.probe import run_probe
+
+DIST_CHILD = textwrap.dedent("""
+    import json, sys
+    from mochi_hub.config import resolve_probe_config
+    from mochi_hub.probe import run_probe
+    result = run_probe(sys.argv[1], resolve_probe_config(**json.loads(sys.argv[2])), show=False)
+    assert result["num_processes"] == 2, result["num_processes"]
+""")
+
+
+
+def test_two_processes_train_the_classifier_one_process_trains(tmp_path, tiny_export):
+    """torchrun, 2 CPU processes (gloo): each global batch is split over the ranks and DDP averages the
+    gradients, and each image's augmentation depends on (seed, epoch, index) only, so the classifier and
+    the accuracy equal a single process's."""
+    import socket
+
+    options = dict(dataset="fashion-mnist", max_images=64, epochs=2, lr_milestones="1", batch_size=16, lr=0.5,
+                   workers=0, cache_dir=str(tmp_path / "cache"))
+    single = run_probe(str(tiny_export), resolve_probe_config(**options, output=str(tmp_path / "one.json")), show=False)
+    script = tmp_path / "dist_probe.py"
+    script.write_text(DIST_CHILD)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    done = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", f"--master_port={port}",
+                           str(script), str(tiny_export), json.dumps({**options, "output": str(tmp_path / "two.json")})],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = json.loads((tmp_path / "two.json").read_text())
+    assert double["num_processes"] == 2 and (double["train_images"], double["eval_images"]) == (64, 64)
+    weights = [load_file(Path(r["state_dir"]) / "epoch-0002" / "classifier.safetensors") for r in (single, double)]
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)
+    assert (double["top1"], double["top5"]) == (single["top1"], single["top5"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+
+@pytest.mark.ci
+def test_two_processes_share_one_queue_and_one_model(tmp_path):
+    """torchrun, 2 CPU processes (gloo): the ranks end identical, and the queue holds the gathered keys in order."""
+    out = tmp_path / "dist"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    options = [f"{k}={v}" for k, v in dict(
+        dataset="fashion-mnist", model="test_resnet", image_size=32, epochs=2, batch_size=16, queue_size=40,
+        mochi="8,8,4", mixing_warmup_epochs=1, max_train_images=64, workers=0, output=out, report_to="none", bn_splits=2).items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}",
+                    str(Path(__file__).parents[1] / "helpers" / "dist_train.py"), *options],
+                   check=True, env=env, timeout=300)
+    rank0, rank1 = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
+    for name in rank0:
+        if not name.startswith("keys."):
+            assert torch.equal(rank0[name], rank1[name]), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["num_processes"] == 2 and run["global_batch_size"] == 16 and run["per_process_batch_size"] == 8
+    # 8 steps of 16 gathered keys (rank 0's 8, then rank 1's) wrote 128 rows into K = 40 rows.
+    written = [torch.cat([rank0[f"keys.{i}"], rank1[f"keys.{i}"]]) for i in range(8)]
+    stream = torch.cat(written)  # [128, D] in enqueue order
+    expected = torch.empty_like(rank0["queue.keys"])
+    for row, key in enumerate(stream):
+        expected[row % 40] = key
+    torch.testing.assert_close(rank0["queue.keys"], expected, rtol=0, atol=0)
+    assert int(rank0["queue.ptr"]) == 128 % 40

@@ -1,0 +1,52 @@
+"""Real Fashion-MNIST images and a tiny timm backbone for the probe tests (the fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mochi_hub.config import ProbeConfig, resolve_probe_config
+from mochi_hub.data import FASHION_MNIST_CLASSES, FashionMNIST
+from mochi_hub.model import create_backbone
+
+TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 3  # 80 training and 30 validation images
+
+
+def fmnist_subset(split: str, per_class: int) -> list[tuple[np.ndarray, int]]:
+    """The first `per_class` Fashion-MNIST images of each class, in file order."""
+    source = FashionMNIST(split)
+    picked, count = [], [0] * 10
+    for image, label in zip(source.images, source.labels):
+        if count[label] < per_class:
+            picked.append((image, int(label)))
+            count[label] += 1
+        if min(count) == per_class:
+            return picked
+    raise AssertionError("not enough images")
+
+
+def folder_name(label: int) -> str:
+    return f"{label}-{FASHION_MNIST_CLASSES[label].lower().replace('/', '-').replace(' ', '-')}"
+
+
+def tiny_backbone(seed: int = 0) -> nn.Module:
+    """test_resnet with non-trivial BatchNorm statistics, so eval-mode BN is not the identity."""
+    torch.manual_seed(seed)
+    backbone = create_backbone("test_resnet")
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+    return backbone.eval()
+
+
+def small(tmp_path: Path, **overrides) -> ProbeConfig:
+    """A probe config for a few real images: 2 epochs, batch 16, the cache and result under tmp_path."""
+    values = dict(dataset="fashion-mnist", image_size=32, epochs=2, batch_size=16, lr=0.5, lr_milestones=(1,),
+                  workers=0, cache_dir=str(tmp_path / "cache"), output=str(tmp_path / "out.json"))
+    return resolve_probe_config(**(values | overrides))

@@ -1,0 +1,197 @@
+"""The small pieces everything rests on: seed streams, persistence, the momentum update, shuffle-BN, the
+non-finite skip, and what a resume may change. Exact values where the math gives them."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from mochi_hub import persist
+from mochi_hub.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences, train_config_from_dict
+from mochi_hub.distributed import local_bn_splits, shuffled_keys
+from mochi_hub.model import Encoder, create_backbone, make_key_encoder, momentum_update
+from mochi_hub.queue import NegativeQueue
+from mochi_hub.seeding import STREAMS, generator, stream_seed
+from mochi_hub.step import training_step
+
+# --- seed streams ------------------------------------------------------------------------------------------
+
+
+def test_streams_are_reproducible_and_independent():
+    assert stream_seed(0, "augment", 1, 2) == stream_seed(0, "augment", 1, 2)
+    seeds = {stream_seed(0, s, 1) for s in STREAMS}
+    assert len(seeds) == len(STREAMS)  # one stream per use, none shared
+    assert stream_seed(0, "augment", 1, 2) != stream_seed(0, "augment", 2, 1)
+    assert stream_seed(0, "augment", 1) != stream_seed(1, "augment", 1)
+    assert hash((0, -1)) == hash((0, -2))  # why tuple hashes were replaced: CPython maps -1 and -2 alike
+    a = torch.rand(4, generator=generator(3, "mochi_plan", 5))
+    assert torch.equal(a, torch.rand(4, generator=generator(3, "mochi_plan", 5)))
+    with pytest.raises(ValueError, match="unknown seed stream"):
+        stream_seed(0, "no-such-stream")
+    with pytest.raises(ValueError, match=">= 0"):
+        stream_seed(0, "augment", -1)
+
+
+# --- persistence ----------------------------------------------------------------------------------------------
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    tensors, meta = persist.split_state(optimizer.state_dict())
+    persist.save_tensors(tmp_path / "opt.safetensors", tensors)
+    persist.write_json(tmp_path / "opt.json", meta)
+    fresh = torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.5)
+    fresh.load_state_dict(persist.join_state(persist.load_tensors(tmp_path / "opt.safetensors"),
+                                             persist.read_json(tmp_path / "opt.json")))
+    before, after = optimizer.state_dict(), fresh.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, state in before["state"].items():
+        assert torch.equal(after["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary behind
+
+
+def test_rng_states_round_trip_exactly(tmp_path):
+    np.random.randn()  # leaves a cached gaussian in NumPy's state: it must come back too
+    tensors, values = persist.rng_state()
+    values = persist.read_json(persist.write_json(tmp_path / "rng.json", values))  # through JSON, as saved
+    expected = (torch.rand(3), random.random(), np.random.rand(3), np.random.randn())  # randn uses the cached gauss
+    persist.set_rng_state(tensors, values)
+    got = (torch.rand(3), random.random(), np.random.rand(3), np.random.randn())
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+    assert np.array_equal(got[2], expected[2]) and got[3] == expected[3]
+
+
+def test_unreadable_state_files_name_the_file(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(persist.StateFileError, match="bad.safetensors: not a readable safetensors file"):
+        persist.load_tensors(tmp_path / "bad.safetensors")
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(persist.StateFileError, match="state.json: not readable JSON"):
+        persist.read_json(tmp_path / "state.json")
+    with pytest.raises(persist.StateFileError, match="missing"):
+        persist.read_json(tmp_path / "nothing.json")
+
+
+def test_state_folders_publish_whole_and_prune(tmp_path):
+    for step in (1, 2, 3):
+        final = tmp_path / f"step-{step:07d}"
+        persist.write_json(persist.staging(final) / persist.STATE, {"step": step})
+        persist.publish(final)
+    persist.staging(tmp_path / "step-0000004")  # a save cut short
+    assert [p.name for p in persist.complete_folders(tmp_path, "step")] == [f"step-{s:07d}" for s in (1, 2, 3)]
+    persist.prune(tmp_path, "step", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000002", "step-0000003"]
+
+
+# --- the momentum update --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [0.0, 0.5, 1.0])
+def test_momentum_update_closed_forms_and_buffers_untouched(m):
+    torch.manual_seed(0)
+    query, key = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    key[1].running_mean.fill_(3.0)
+    before = {k: v.clone() for k, v in key.state_dict().items()}
+    momentum_update(key, query, m)
+    for (name, k), q in zip(key.named_parameters(), query.parameters()):
+        torch.testing.assert_close(k, m * before[name] + (1 - m) * q, rtol=0, atol=1e-7)
+        if m == 1.0:
+            assert torch.equal(k, before[name])
+        if m == 0.0:
+            assert torch.equal(k, q)
+    for name, buffer in key.named_buffers():
+        assert torch.equal(buffer, before[name]), name  # BatchNorm statistics stay the key encoder's own
+
+
+# --- shuffle-BN -------------------------------------------------------------------------------------------------
+
+
+def test_shuffled_keys_unshuffle_row_for_row_on_one_process():
+    """In eval mode a key does not depend on its BatchNorm group, so shuffling, embedding in groups and
+    unshuffling must give exactly the unshuffled keys, row for row; in train mode the groups differ."""
+    torch.manual_seed(0)
+    key = make_key_encoder(Encoder(create_backbone("test_resnet"), 16))
+    images = torch.randn(12, 3, 32, 32)
+    accelerator = Accelerator(cpu=True)
+    key.eval()
+    mine, everyone = shuffled_keys(key, images, accelerator, generator(0, "shuffle_bn", 0), splits=3)
+    torch.testing.assert_close(mine, key(images), rtol=0, atol=1e-6)
+    assert torch.equal(mine, everyone)
+    key.train()
+    grouped, _ = shuffled_keys(key, images, accelerator, generator(0, "shuffle_bn", 0), splits=3)
+    assert not torch.allclose(grouped, key(images, splits=3), atol=1e-4)  # other groups, other statistics
+
+
+def test_batchnorm_groups_per_process():
+    assert TrainConfig(batch_size=256).batchnorm_groups == 8  # the paper: 8 GPUs x 32
+    assert TrainConfig(batch_size=64, queue_size=256, mochi=(0, 0, 0)).batchnorm_groups == 2
+    assert TrainConfig(batch_size=16, queue_size=64, mochi=(0, 0, 0)).batchnorm_groups == 1
+    assert local_bn_splits(8, 1, 256) == 8 and local_bn_splits(8, 2, 256) == 4 and local_bn_splits(8, 8, 256) == 1
+    assert local_bn_splits(8, 16, 256) == 1  # more processes than groups: each process is one group
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        local_bn_splits(6, 4, 48)
+    with pytest.raises(ValueError, match="groups of at least 2"):
+        TrainConfig(batch_size=16, queue_size=64, mochi=(0, 0, 0), bn_splits=16)
+
+
+# --- a skipped non-finite step ------------------------------------------------------------------------------
+
+
+def test_a_skipped_non_finite_step_updates_nothing():
+    config = TrainConfig(model="test_resnet", image_size=32, batch_size=8, queue_size=16, mochi=(4, 4, 2),
+                         mixing_warmup_epochs=0, epochs=1, on_nonfinite="skip", bn_splits=2)
+    torch.manual_seed(0)
+    query = Encoder(create_backbone("test_resnet"), config.proj_dim)
+    key = make_key_encoder(query)
+    queue = NegativeQueue(16, config.proj_dim, generator=generator(0, "queue_init"))
+    optimizer = torch.optim.SGD(query.parameters(), lr=0.1, momentum=0.9)
+    accelerator = Accelerator(cpu=True)
+    images = torch.randn(8, 3, 32, 32)
+    labels = torch.arange(8)
+    out = training_step(query, key, queue, optimizer, accelerator, images, images.clone(), labels, config=config,
+                        step=0, mixing=True, bn_splits=2)  # a good step first: the optimizer has state
+    assert out.applied and bool(out.finite)
+    state = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in
+             (("query", query), ("key", key), ("queue", queue))}
+    momentum_before = [s["momentum_buffer"].clone() for s in optimizer.state.values()]
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    out = training_step(query, key, queue, optimizer, accelerator, bad, images, labels, config=config, step=1,
+                        mixing=True, bn_splits=2)
+    assert not out.applied and not bool(out.finite)
+    for name, module in (("query", query), ("key", key), ("queue", queue)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, state[name][k]), f"{name}.{k} changed"
+    for before, now in zip(momentum_before, (s["momentum_buffer"] for s in optimizer.state.values())):
+        assert torch.equal(before, now)
+
+
+# --- what a resume may change -------------------------------------------------------------------------------
+
+
+def test_resume_compares_every_field_but_the_allow_list():
+    saved = TrainConfig()
+    allowed = dict(output="elsewhere", resume="auto", workers=1, max_steps=5, save_every_steps=3, keep_checkpoints=4,
+                   log_every_steps=2, report_to="none", preset="imagenet-100")
+    assert set(allowed) == set(RESUME_MAY_CHANGE)
+    assert resume_differences(saved, dataclasses.replace(saved, **allowed)) == []
+    for name, value in dict(beta_max=0.4, weight_decay=5e-4, sgd_momentum=0.8, mixed_precision="bf16",
+                            temperature=0.1, init="timm", bn_splits=4).items():
+        (difference,) = resume_differences(saved, dataclasses.replace(saved, **{name: value}))
+        assert difference.startswith(f"{name}: checkpoint ")
+
+
+def test_saved_configs_of_older_versions_keep_their_meaning():
+    old = {"model": "resnet18", "warmup_epochs": 3, "epochs": 5, "unknown_future_field": 1}
+    config = train_config_from_dict(old)
+    assert config.mixing_warmup_epochs == 3  # the old name of the field
+    assert config.init == "timm"  # runs saved before --init existed used timm's init
