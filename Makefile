@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-all bench fashion-mnist clean
+.PHONY: demo test test-all lint bench fashion-mnist clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,20 +21,25 @@ fashion-mnist:
 demo: $(BIN)/.installed fashion-mnist
 	$(BIN)/python -m mochi_hub.demo
 
-# The suite CI runs: every fast test plus a representative subset of the slow end-to-end ones.
+# The suite CI runs: unit + integration, and the end-to-end tests marked ci (tests/conftest.py says the tiers).
 test: $(BIN)/.installed fashion-mnist
-	$(BIN)/python -m pytest -q -m "not slow or ci"
+	$(BIN)/python -m pytest -q -m "not e2e or ci" --durations=15
 
 test-all: $(BIN)/.installed fashion-mnist
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
-# Figures for BENCHMARKS.md (about 30 minutes on 2 quiet cores; bench/train.py and bench/dynamics.py also want
-# `pip install -e '.[bench]'`).
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Figures for BENCHMARKS.md (about an hour on 2 quiet cores; bench/train.py also wants `pip install -e '.[bench]'`).
+# bench/gpu.py is for a GPU machine (`PYTHONPATH=. python bench/gpu.py`); here it runs its CPU smoke.
 bench: $(BIN)/.installed
 	$(BIN)/python bench/head.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/probe.py
-	$(BIN)/python bench/dynamics.py
+	$(BIN)/python bench/learning.py
+	PYTHONPATH=. $(BIN)/python bench/gpu.py --smoke
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs

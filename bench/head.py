@@ -1,41 +1,32 @@
-"""Benchmark of the MoCHi head: contrastive logits + InfoNCE loss, forward and backward w.r.t. q.
-
-What it measures, at the paper's scale (B=256, D=128, K in {16384, 65536}, MoCHi (N, s, s') =
-(1024, 1024, 512), temperature 0.2, float32 on CPU):
+"""Benchmark of the MoCHi head: contrastive logits + InfoNCE loss, forward and backward w.r.t. q, at the paper's
+scale (B=256, D=128, K in {16384, 65536}, MoCHi (N, s, s') = (1024, 1024, 512), temperature 0.2, float32, CPU):
 
 - ``mochi``: ``mochi_hub.loss.contrastive_logits`` + ``info_nce`` with a plan from
   ``mochi_hub.mixing.sample_plan`` (synthetic logits assembled from l_neg, nothing materialised);
-- ``reference``: the naive vectorised form written below: gather the hard negatives [B, N, D], build the
-  mixed points [B, s, D] and [B, s', D], normalise them, dot them with q by ``torch.bmm``, concatenate
-  with l_pos and l_neg, cross-entropy. Same plan; before any timing the two are asserted to give the
-  same loss and gradient at a small size;
+- ``reference``: the naive vectorised form written below: the hard negatives gathered to [B, N, D], mixed
+  points [B, s, D] and [B, s', D] normalised and dotted with q by ``torch.bmm``, concatenated with l_pos
+  and l_neg, cross-entropy. Same plan; before any timing the two are asserted to give the same loss and
+  gradient at small sizes (float64 and float32);
 - ``moco``: the plain MoCo-v2 head (plan None), for scale.
 
-Each (variant, K) runs in its own subprocess (one per round), so its peak memory is its own, all with
-the same number of torch threads (the CPUs this process may use, or ``--threads``). In a child: inputs
-and the plan are allocated (the plan is sampled once, outside the timed loop), a tiny head call
-initialises the thread pool and autograd engine, then the peak-RSS watermark is reset (writing "5" to
-/proc/self/clear_refs resets VmHWM on Linux) and the baseline VmRSS recorded; then ``--warmup``
-untimed and ``--iters`` timed iterations. "Peak extra" is VmHWM after the loop minus that baseline:
-what the head needs on top of its inputs. Where clear_refs cannot be written, VmHWM after the inputs
-is the baseline instead.
+Each run of a (variant, K) is a process of its own, forked after the imports (bench/common.py), so its peak
+memory is its own; every variant gets the same torch threads (the usable CPUs, or ``--threads``). A run
+allocates the inputs and the plan (sampled once, outside the timed loop), calls the head on a tiny problem
+(thread pool, autograd engine), resets the peak-RSS watermark (writing "5" to /proc/self/clear_refs; where
+it cannot, VmHWM after the inputs is the baseline) and records VmRSS, then runs ``--warmup`` untimed and
+``--iters`` timed iterations. "Peak extra" is VmHWM after the loop minus that baseline.
 
-Time: the median wall time over the timed iterations, with the default allocator; the machine may be
-shared, so ``--rounds`` runs every variant that many times, interleaved, and keeps the best median.
-The median process CPU time of the same run ("CPU ms") is reported too: with one thread it is a
-load-independent measure of the work (with two, OpenMP's spin-waiting is counted in it).
+Time: the median wall time of the timed iterations (default allocator), best of ``--rounds`` interleaved
+runs per variant; "CPU ms" (median process CPU time) measures the work regardless of load with one thread
+(with two, OpenMP's spin-waiting counts). Memory: glibc keeps freed blocks up to 32 MiB in its heap, so the
+default allocator's peak says more about heap reuse than about the head; the "live" figure of the ratios
+comes from one more run per variant with ``mallopt(M_MMAP_THRESHOLD, 65536)`` (as MALLOC_MMAP_THRESHOLD_=65536:
+every tensor above 64 KiB its own mapping, unmapped on free, so RSS follows the tensors alive). The
+default-allocator figure (largest of the timing runs) is reported too. ``--quick``: the live run gives both.
 
-Memory: glibc keeps freed blocks up to 32 MiB in its heap (its mmap threshold rises after the first
-large free), so with the default allocator the peak RSS of a loop of 16-64 MiB temporaries says more
-about heap reuse than about the head. The "live" peak extra memory used for the ratios therefore comes
-from one more child per variant run with MALLOC_MMAP_THRESHOLD_=65536 (a fixed threshold: every tensor
-above 64 KiB is its own mapping, unmapped on free, so the RSS follows the tensors alive); the
-default-allocator figure (the largest over the timing runs) is reported too. With ``--quick`` the
-live-memory child alone gives both figures, as a smoke run.
-
-The parent prints a table and writes JSON (``--out``, default bench/results/head.json).
-
-Run (about three minutes on 2 cores):
+Targets (the issue's): reference / mochi time >= 4 at K = 16384; mochi / reference live peak extra memory
+<= 0.2; mochi / moco time <= 5. Prints Markdown tables; writes JSON (``--out``, default
+bench/results/head.json; the runs' logs in ``<out>.logs/``). Run (about three minutes on 2 cores):
 
     .venv/bin/python bench/head.py                 # K = 16384 and 65536
     .venv/bin/python bench/head.py --ks 16384 --iters 5
@@ -44,34 +35,35 @@ Run (about three minutes on 2 cores):
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
+import ctypes
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
+import common
 
 VARIANTS = ("mochi", "reference", "moco")
 TEMPERATURE = 0.2
 PAPER = dict(batch=256, dim=128, n_hard=1024, s=1024, s_prime=512)
 QUICK = dict(batch=16, dim=32, n_hard=64, s=64, s_prime=32)
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "head.json"
+# The issue's targets: {name: (ratio, "<=" or ">=", bound, what)}; the speed target is set at K = 16384 only.
+TARGETS = {"memory_vs_reference": ("mochi_over_reference_memory", "<=", 0.2, "mochi/reference peak extra memory"),
+           "time_vs_moco": ("mochi_over_moco_time", "<=", 5.0, "mochi/moco time"),
+           "speed_vs_reference": ("reference_over_mochi_time", ">=", 4.0, "reference/mochi time")}
+SIZED = dict(ks=(str, "1024", "16384,65536", "comma-separated queue sizes K"),
+             iters=(int, 3, 10, "timed iterations per run"), warmup=(int, 1, 2, "untimed iterations first"),
+             rounds=(int, 1, 2, "timing runs per variant, interleaved; the best median is kept"))
+LIVE_MMAP_THRESHOLD = 65536  # live-memory runs: every allocation above this is its own mapping, returned on free
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
-# Targets from the issue.
-TARGET_SPEEDUP_VS_REFERENCE = 4.0  # reference time / mochi time, at K = 16384
-TARGET_MEMORY_VS_REFERENCE = 0.2  # mochi extra memory / reference extra memory
-TARGET_SLOWDOWN_VS_MOCO = 5.0  # mochi time / moco time, same B and K
+REPORT = """
+{rows}
 
-# Live-memory runs: every allocation above this many bytes is its own mapping, returned on free.
-LIVE_MMAP_THRESHOLD = 65536
-
-
-# ----------------------------------------------------------------------------------------------------
-# The heads
+{ratios}
+{targets}"""
 
 
 def reference_head(q, k, queue, *, temperature, n_hard, plan):
@@ -85,8 +77,7 @@ def reference_head(q, k, queue, *, temperature, n_hard, plan):
     dim = q.shape[1]
     l_pos = (q * k.detach()).sum(1, keepdim=True)  # [B, 1]
     l_neg = q @ queue.T  # [B, K]
-    hard_rows = hardest_negatives(l_neg, n_hard)  # [B, N]: the same topk, so the plan picks the same points
-    hard = queue[hard_rows]  # [B, N, D]
+    hard = queue[hardest_negatives(l_neg, n_hard)]  # [B, N, D]: the same topk, so the plan picks the same points
 
     def pick(positions):  # [B, m] positions in the hard set -> [B, m, D]
         return hard.gather(1, positions.unsqueeze(-1).expand(-1, -1, dim))
@@ -95,28 +86,20 @@ def reference_head(q, k, queue, *, temperature, n_hard, plan):
     mixed = F.normalize(alpha * pick(plan.pair_i) + (1 - alpha) * pick(plan.pair_j), dim=-1)  # [B, s, D]
     beta = plan.beta.to(q.dtype).unsqueeze(-1)  # [B, s', 1]
     q_mixed = F.normalize(beta * q.detach().unsqueeze(1) + (1 - beta) * pick(plan.query_j), dim=-1)  # [B, s', D]
-    synthetic = torch.cat([mixed, q_mixed], dim=1)  # [B, s + s', D]
-    l_syn = torch.bmm(synthetic, q.unsqueeze(-1)).squeeze(-1)  # [B, s + s']
+    l_syn = torch.bmm(torch.cat([mixed, q_mixed], dim=1), q.unsqueeze(-1)).squeeze(-1)  # [B, s + s']
     logits = torch.cat([l_pos, l_neg, l_syn], dim=1) / temperature
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
 def mochi_head(q, k, queue, *, temperature, n_hard, plan):
+    """The library's head; with plan None, MoCo-v2's."""
     from mochi_hub.loss import contrastive_logits, info_nce
 
-    logits, labels = contrastive_logits(q, k, queue, temperature=temperature, n_hard=n_hard, plan=plan)
-    return info_nce(logits, labels)
+    return info_nce(*contrastive_logits(q, k, queue, temperature=temperature, n_hard=n_hard, plan=plan))
 
 
-def moco_head(q, k, queue, *, temperature, n_hard, plan):
-    from mochi_hub.loss import contrastive_logits, info_nce
-
-    logits, labels = contrastive_logits(q, k, queue, temperature=temperature)
-    return info_nce(logits, labels)
-
-
-HEADS = {"mochi": mochi_head, "reference": reference_head, "moco": moco_head}
+HEADS = {"mochi": mochi_head, "reference": reference_head,
+         "moco": lambda q, k, queue, **options: mochi_head(q, k, queue, **{**options, "plan": None})}
 
 
 def make_inputs(batch, dim, queue_size, n_hard, s, s_prime, *, dtype, seed=0):
@@ -130,12 +113,11 @@ def make_inputs(batch, dim, queue_size, n_hard, s, s_prime, *, dtype, seed=0):
     q = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=1).requires_grad_(True)
     k = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=1)
     queue = F.normalize(torch.randn(queue_size, dim, generator=g, dtype=dtype), dim=1)
-    plan = sample_plan(batch, n_hard, s, s_prime, generator=torch.Generator().manual_seed(seed + 1))
-    return q, k, queue, plan
+    return q, k, queue, sample_plan(batch, n_hard, s, s_prime, generator=torch.Generator().manual_seed(seed + 1))
 
 
-def check_reference_agrees() -> None:
-    """The MoCHi head and the materialised reference: same loss and gradient w.r.t. q, same plan."""
+def agreement_child(settings: dict) -> dict:
+    """The MoCHi head and the materialised reference: the same loss and gradient w.r.t. q, the same plan."""
     import torch
 
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
@@ -146,277 +128,156 @@ def check_reference_agrees() -> None:
                 loss = head(q, k, queue, temperature=TEMPERATURE, n_hard=n_hard, plan=plan)
                 loss.backward()
                 results.append((loss.detach(), q.grad))
-            (loss_m, grad_m), (loss_r, grad_r) = results
-            torch.testing.assert_close(loss_m, loss_r, rtol=tol, atol=tol)
-            torch.testing.assert_close(grad_m, grad_r, rtol=tol, atol=tol)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Child: one variant, one K
+            for mine, reference in zip(*results):
+                torch.testing.assert_close(mine, reference, rtol=tol, atol=tol)
+    return {}
 
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
-        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    return int(match.group(1))
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def run_child(args) -> dict:
+def head_child(settings: dict) -> dict:
+    """One variant at one K: time and peak extra memory over the timed loop."""
     import torch
 
-    torch.set_num_threads(args.threads)
-    dtype = torch.float32
-    sizes = QUICK if args.quick else PAPER
-    head = HEADS[args.child]
-    n_hard = sizes["n_hard"]
-
-    # Initialise the thread pool and autograd engine on a tiny problem, before the baseline.
-    q, k, queue, plan = make_inputs(4, 8, 64, 8, 8, 4, dtype=dtype, seed=1)
+    if settings["live"] and ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LIVE_MMAP_THRESHOLD) != 1:
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: no live-memory measurement on this libc")
+    sizes, head = settings["sizes"], HEADS[settings["variant"]]
+    q, k, queue, plan = make_inputs(4, 8, 64, 8, 8, 4, dtype=torch.float32, seed=1)  # thread pool, autograd engine
     head(q, k, queue, temperature=TEMPERATURE, n_hard=8, plan=plan).backward()
-    del q, k, queue, plan
-
-    q, k, queue, plan = make_inputs(sizes["batch"], sizes["dim"], args.k, n_hard, sizes["s"], sizes["s_prime"],
-                                    dtype=dtype)
-    reset_ok = _reset_peak_rss()
-    baseline_kib = _status_kib("VmRSS") if reset_ok else _status_kib("VmHWM")
+    q, k, queue, plan = make_inputs(sizes["batch"], sizes["dim"], settings["K"], sizes["n_hard"], sizes["s"],
+                                    sizes["s_prime"], dtype=torch.float32)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        reset, baseline_kib = True, _status_kib("VmRSS")
+    except OSError:
+        reset, baseline_kib = False, _status_kib("VmHWM")
 
     def step() -> tuple[float, float]:
         q.grad = None
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss = head(q, k, queue, temperature=TEMPERATURE, n_hard=n_hard, plan=plan)
+        loss = head(q, k, queue, temperature=TEMPERATURE, n_hard=sizes["n_hard"], plan=plan)
         loss.backward()
-        elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        elapsed = (time.perf_counter() - start, time.process_time() - start_cpu)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"{args.child}: non-finite loss")
-        return elapsed, elapsed_cpu
+            raise RuntimeError(f"{settings['variant']}: non-finite loss")
+        return elapsed
 
-    for _ in range(args.warmup):
+    for _ in range(settings["warmup"]):
         step()
-    times, cpu_times = zip(*[step() for _ in range(args.iters)])
-    peak_kib = _status_kib("VmHWM")
-    return dict(variant=args.child, K=args.k, threads=torch.get_num_threads(), times_ms=[t * 1e3 for t in times],
+    times, cpu_times = zip(*[step() for _ in range(settings["iters"])])
+    return dict(threads=torch.get_num_threads(), times_ms=[t * 1e3 for t in times],
                 median_ms=statistics.median(times) * 1e3, cpu_median_ms=statistics.median(cpu_times) * 1e3,
-                peak_extra_mib=(peak_kib - baseline_kib) / 1024,
-                baseline_rss_mib=baseline_kib / 1024, hwm_reset=reset_ok,
-                malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+                peak_extra_mib=(_status_kib("VmHWM") - baseline_kib) / 1024, baseline_rss_mib=baseline_kib / 1024,
+                hwm_reset=reset, malloc_mmap_threshold=LIVE_MMAP_THRESHOLD if settings["live"] else None)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Parent
-
-
-def run_child_process(variant: str, queue_size: int, args, *, live_memory: bool) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--k", str(queue_size),
-           "--threads", str(args.threads)]
-    # A live-memory run needs no timing: one warm-up and two iterations reach the steady peak.
-    timing = not live_memory or args.quick
-    cmd += ["--iters", str(args.iters), "--warmup", str(args.warmup)] if timing else ["--iters", "2", "--warmup", "1"]
-    if args.quick:
-        cmd.append("--quick")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc defaults
-    if live_memory:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{variant} K={queue_size} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def measure(variants: list[str], queue_size: int, args) -> list[dict]:
+def measure(variants: list[str], queue_size: int, args, logs: Path) -> list[dict]:
     """Per variant: the best-of-rounds median time (default allocator) and the live peak extra memory.
-
-    With --quick, a single run per variant under the live-memory setting gives both (a smoke run).
-    """
-    rows = []
+    With --quick, a single run per variant under the live-memory setting gives both (a smoke run)."""
     sizes = QUICK if args.quick else PAPER
+
+    def run(variant: str, live: bool, name: str) -> dict:
+        short = live and not args.quick  # a live-memory run needs no timing: 1 + 2 iterations reach the steady peak
+        settings = dict(variant=variant, K=queue_size, sizes=sizes, threads=args.threads, live=live,
+                        iters=2 if short else args.iters, warmup=1 if short else args.warmup)
+        return common.run_forked(head_child, settings, logs / f"{variant}-K{queue_size}-{name}.log")
+
     timed: dict[str, list[dict]] = {v: [] for v in variants}
-    for _ in range(0 if args.quick else args.rounds):
+    for r in range(0 if args.quick else args.rounds):  # rounds interleaved: every variant once per round
         for variant in variants:
-            timed[variant].append(run_child_process(variant, queue_size, args, live_memory=False))
+            timed[variant].append(run(variant, False, f"r{r}"))
+    rows = []
     for variant in variants:
-        live = run_child_process(variant, queue_size, args, live_memory=True)
+        live = run(variant, True, "live")
         runs = timed[variant] or [live]
         best = min(runs, key=lambda r: r["median_ms"])
-        row = dict(
-            variant=variant, K=queue_size, **sizes, dtype="float32", threads=best["threads"],
-            warmup=args.warmup, iters=args.iters, rounds=len(runs),
-            median_ms=best["median_ms"], round_medians_ms=[r["median_ms"] for r in runs], times_ms=best["times_ms"],
-            cpu_median_ms=best["cpu_median_ms"],
-            peak_extra_mib=live["peak_extra_mib"],
+        rows.append(dict(
+            variant=variant, K=queue_size, **sizes, dtype="float32", threads=best["threads"], warmup=args.warmup,
+            iters=args.iters, rounds=len(runs), median_ms=best["median_ms"],
+            round_medians_ms=[r["median_ms"] for r in runs], times_ms=best["times_ms"],
+            cpu_median_ms=best["cpu_median_ms"], peak_extra_mib=live["peak_extra_mib"],
             peak_extra_mib_default_malloc=None if args.quick else max(r["peak_extra_mib"] for r in runs),
-            memory_method=("VmHWM (reset via /proc/self/clear_refs) minus VmRSS after inputs" if live["hwm_reset"]
-                           else "VmHWM after the loop minus VmHWM after inputs")
-            + f"; live: MALLOC_MMAP_THRESHOLD_={LIVE_MMAP_THRESHOLD}",
-        )
-        print(f"  {variant:<10} K={queue_size:<6} {row['median_ms']:8.1f} ms (round medians "
-              f"{', '.join(f'{m:.1f}' for m in row['round_medians_ms'])})  {_mib(row['peak_extra_mib'])} MiB live, "
-              f"{_mib(row['peak_extra_mib_default_malloc'])} MiB default malloc", flush=True)
-        rows.append(row)
+            memory_method=f"VmHWM minus {'VmRSS (VmHWM reset by clear_refs)' if live['hwm_reset'] else 'VmHWM'} after "
+                          f"the inputs; live: mallopt(M_MMAP_THRESHOLD, {LIVE_MMAP_THRESHOLD})"))
+        print(f"  {variant:<10} K={queue_size:<6} {best['median_ms']:8.1f} ms, {live['peak_extra_mib']:7.1f} MiB live",
+              flush=True)
     return rows
-
-
-def _mib(value) -> str:
-    return f"{value:7.1f}" if value is not None else "    n/a"
 
 
 def ratios(rows: list[dict]) -> list[dict]:
     by_k: dict[int, dict[str, dict]] = {}
     for row in rows:
         by_k.setdefault(row["K"], {})[row["variant"]] = row
-    out = []
-    for queue_size, v in sorted(by_k.items()):
-        m, r, c = v["mochi"], v["reference"], v["moco"]
-
-        def mem_ratio(key):
-            return m[key] / r[key] if m[key] is not None and r[key] else None
-
-        out.append(dict(
-            K=queue_size,
-            reference_over_mochi_time=r["median_ms"] / m["median_ms"],
-            mochi_over_reference_memory=mem_ratio("peak_extra_mib"),
-            mochi_over_reference_memory_default_malloc=mem_ratio("peak_extra_mib_default_malloc"),
-            mochi_over_moco_time=m["median_ms"] / c["median_ms"],
-        ))
-    return out
+    return [dict(K=queue_size, reference_over_mochi_time=v["reference"]["median_ms"] / v["mochi"]["median_ms"],
+                 mochi_over_reference_memory=_share(v, "peak_extra_mib"),
+                 mochi_over_reference_memory_default_malloc=_share(v, "peak_extra_mib_default_malloc"),
+                 mochi_over_moco_time=v["mochi"]["median_ms"] / v["moco"]["median_ms"])
+            for queue_size, v in sorted(by_k.items())]
 
 
-def print_table(rows: list[dict], summary: list[dict]) -> None:
-    print(f"{'variant':<10} {'K':>6} {'median ms':>10} {'CPU ms':>8} {'peak extra MiB (live)':>22} "
-          f"{'(default malloc)':>17}")
-    for row in rows:
-        print(f"{row['variant']:<10} {row['K']:>6} {row['median_ms']:>10.1f} {row['cpu_median_ms']:>8.1f} "
-              f"{_mib(row['peak_extra_mib']):>22} {_mib(row['peak_extra_mib_default_malloc']):>17}")
-    if not summary:
-        return
-    print()
-    print(f"{'K':>6} {'reference/mochi time':>21} {'mochi/reference memory (live)':>30} {'(default malloc)':>17} "
-          f"{'mochi/moco time':>16}")
-    for s in summary:
-        print(f"{s['K']:>6} {s['reference_over_mochi_time']:>21.2f} {_ratio(s['mochi_over_reference_memory']):>30} "
-              f"{_ratio(s['mochi_over_reference_memory_default_malloc']):>17} {s['mochi_over_moco_time']:>16.2f}")
-
-
-def _ratio(value) -> str:
-    return f"{value:.3f}" if value is not None else "n/a"
-
-
-def markdown_table(rows: list[dict], summary: list[dict]) -> str:
-    """The figures as Markdown tables, for BENCHMARKS.md."""
-    lines = ["| variant | K | median ms | CPU ms | peak extra MiB (live) | peak extra MiB (default malloc) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | {r['K']} | {r['median_ms']:.1f} | {r['cpu_median_ms']:.1f} | "
-              f"{_mib(r['peak_extra_mib']).strip()} | {_mib(r['peak_extra_mib_default_malloc']).strip()} |"
-              for r in rows]
-    if summary:
-        lines += ["", "| K | reference / mochi time | mochi / reference memory (live) | (default malloc) | "
-                      "mochi / moco time |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {s['K']} | {s['reference_over_mochi_time']:.2f} | {_ratio(s['mochi_over_reference_memory'])} | "
-                  f"{_ratio(s['mochi_over_reference_memory_default_malloc'])} | {s['mochi_over_moco_time']:.2f} |"
-                  for s in summary]
-    return "\n".join(lines)
+def _share(v: dict[str, dict], key: str) -> float | None:
+    return v["mochi"][key] / v["reference"][key] if v["mochi"][key] is not None and v["reference"][key] else None
 
 
 def targets_met(summary: list[dict]) -> dict:
-    targets = {}
-    for s in summary:
-        t = dict(
-            memory_vs_reference=dict(target=f"mochi/reference peak extra memory <= {TARGET_MEMORY_VS_REFERENCE}",
-                                     value=s["mochi_over_reference_memory"],
-                                     met=s["mochi_over_reference_memory"] <= TARGET_MEMORY_VS_REFERENCE),
-            time_vs_moco=dict(target=f"mochi/moco time <= {TARGET_SLOWDOWN_VS_MOCO}", value=s["mochi_over_moco_time"],
-                              met=s["mochi_over_moco_time"] <= TARGET_SLOWDOWN_VS_MOCO),
-        )
-        # The issue sets the speed target at K = 16384; at other K it is reported for information.
-        t["speed_vs_reference"] = dict(target=f"reference/mochi time >= {TARGET_SPEEDUP_VS_REFERENCE}"
-                                       + ("" if s["K"] == 16384 else " (issue target is at K=16384)"),
-                                       value=s["reference_over_mochi_time"],
-                                       met=s["reference_over_mochi_time"] >= TARGET_SPEEDUP_VS_REFERENCE)
-        targets[str(s["K"])] = t
-    return targets
+    return {str(s["K"]): {name: dict(
+        target=f"{what} {op} {bound}" + (" (issue target is at K=16384)" if name == "speed_vs_reference"
+                                         and s["K"] != 16384 else ""),
+        value=s[key], met=s[key] <= bound if op == "<=" else s[key] >= bound)
+        for name, (key, op, bound, what) in TARGETS.items()} for s in summary}
+
+
+def report(rows: list[dict], summary: list[dict], targets: dict) -> str:
+    fmt = common.fmt
+    table = common.markdown_table(
+        ["variant", "K", "median ms", "CPU ms", "peak extra MiB (live)", "peak extra MiB (default malloc)"],
+        [[r["variant"], r["K"], fmt(r["median_ms"]), fmt(r["cpu_median_ms"]), fmt(r["peak_extra_mib"]),
+          fmt(r["peak_extra_mib_default_malloc"])] for r in rows])
+    ratio_table = common.markdown_table(
+        ["K", "reference / mochi time", "mochi / reference memory (live)", "(default malloc)", "mochi / moco time"],
+        [[s["K"], fmt(s["reference_over_mochi_time"], ".2f"), fmt(s["mochi_over_reference_memory"], ".3f"),
+          fmt(s["mochi_over_reference_memory_default_malloc"], ".3f"), fmt(s["mochi_over_moco_time"], ".2f")]
+         for s in summary]) if summary else ""
+    verdicts = "\n".join(f"K={k}: " + "; ".join(f"{v['target']}: {v['value']:.3g} {'met' if v['met'] else 'MISSED'}"
+                                                for v in t.values()) for k, t in targets.items())
+    return REPORT.format(rows=table, ratios=ratio_table, targets=verdicts)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ks", default=None, help="comma-separated queue sizes K (default 16384,65536; quick: 1024)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations per run (default 10; quick: 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 2; quick: 1)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="timing runs per variant, interleaved; the best median is kept (default 2; quick: 1)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch threads, the same for every variant (default: the CPUs this process may use)")
-    p.add_argument("--quick", action="store_true", help=f"small sizes {QUICK} for a smoke run")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    p.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
+    p = common.parser(__doc__, "head", quick=f"small sizes {QUICK} for a smoke run", threads=common.usable_cpus(),
+                      threads_help="torch threads, the same for every variant (default: the CPUs this process may use)",
+                      sized=SIZED)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    p.add_argument("--k", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.ks is None:
-        args.ks = "1024" if args.quick else "16384,65536"
-    if args.iters is None:
-        args.iters = 3 if args.quick else 10
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else 2
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 2
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
+    args = common.parse(p, argv)
+    if unknown := set(args.variants.split(",")) - set(VARIANTS):
         p.error(f"unknown variants {sorted(unknown)}")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.child:
-        print(json.dumps(run_child(args)))
-        return
+    import torch  # noqa: F401  (imported once, before the forks; nothing computes in this process)
 
-    import torch
+    import mochi_hub.loss  # noqa: F401
 
-    check_reference_agrees()
+    logs = args.out.with_suffix(".logs")
+    result = dict(benchmark="MoCHi head: contrastive logits + InfoNCE, forward + backward w.r.t. q", quick=args.quick,
+                  sizes=QUICK if args.quick else PAPER, temperature=TEMPERATURE, threads=args.threads,
+                  **common.environment(__file__, argv))
+    common.run_forked(agreement_child, dict(threads=args.threads), logs / "agreement.log")
     print("mochi == reference (loss and grad w.r.t. q, float64 and float32, small sizes): ok", flush=True)
-    load_before = os.getloadavg()
-    queue_sizes = [int(x) for x in args.ks.split(",") if x]
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
     rows = []
-    for queue_size in queue_sizes:
-        rows += measure(variants, queue_size, args)
+    for queue_size in (int(x) for x in args.ks.split(",") if x):
+        rows += measure(variants, queue_size, args, logs)
     summary = ratios(rows) if variants == list(VARIANTS) else []
     targets = {} if args.quick else targets_met(summary)  # the targets are for the paper's sizes
-    print()
-    print_table(rows, summary)
-    if targets:
-        print()
-        for queue_size, t in targets.items():
-            print(f"K={queue_size}: " + "; ".join(f"{v['target']}: {v['value']:.3g} {'met' if v['met'] else 'MISSED'}"
-                                                 for v in t.values()))
-
-    print(f"\nload average (1, 5, 15 min): {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} before, "
-          "{:.2f} {:.2f} {:.2f} after (the machine may be shared)".format(*os.getloadavg()))
-    if args.markdown:
-        print()
-        print(markdown_table(rows, summary))
-
-    result = dict(
-        benchmark="MoCHi head: contrastive logits + InfoNCE, forward + backward w.r.t. q",
-        quick=args.quick, sizes=QUICK if args.quick else PAPER, temperature=TEMPERATURE,
-        torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-        cpus=os.cpu_count(), threads=args.threads, load_average_before=load_before, load_average_after=os.getloadavg(),
-        rows=rows, ratios=summary, targets=targets,
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print(report(rows, summary, targets))
+    common.write_result(args.out, dict(result, rows=rows, ratios=summary, targets=targets))
 
 
 if __name__ == "__main__":

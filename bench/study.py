@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--train-images", type=int, default=None, help="pretraining subset (default 16384)")
     p.add_argument("--epochs", type=int, default=None, help="default 3")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs without mixing, for every MoCHi run")
+    p.add_argument("--mixing-warmup-epochs", type=int, default=1, help="epochs without mixing, for every MoCHi run")
     p.add_argument("--batch-size", type=int, default=None, help="default 128")
     p.add_argument("--queue-size", type=int, default=None, help="K (default 4096)")
     p.add_argument("--lr", type=float, default=0.06)
@@ -124,7 +124,7 @@ def train_config(args: argparse.Namespace, mochi: tuple[int, int, int], seed: in
     return resolve_train_config(
         dataset="fashion-mnist", model=args.model, image_size=args.image_size, epochs=args.epochs,
         batch_size=args.batch_size, queue_size=args.queue_size, mochi=mochi,
-        warmup_epochs=args.warmup_epochs if mochi[1] + mochi[2] else 0, lr=args.lr, temperature=args.temperature,
+        mixing_warmup_epochs=args.mixing_warmup_epochs if mochi[1] + mochi[2] else 0, lr=args.lr, temperature=args.temperature,
         key_momentum=args.key_momentum, seed=seed, workers=args.workers, output=str(output),
         max_train_images=args.train_images, log_every_steps=max(1, min(10, steps_per_epoch // 4)),
         keep_checkpoints=1, report_to="none", resume="auto")
@@ -220,7 +220,7 @@ def run_record(run_dir: Path, args: argparse.Namespace, runs_dir: Path, name: st
     info = json.loads((run_dir / "run.json").read_text())
     steps = read_steps(run_dir)
     steps_per_epoch = info["steps_per_epoch"]
-    warm = args.warmup_epochs * steps_per_epoch  # MoCHi mixes from this step on (the same steps for MoCo-v2)
+    warm = args.mixing_warmup_epochs * steps_per_epoch  # MoCHi mixes from this step on (the same steps for MoCo-v2)
     after = [r for r in steps if r["step"] > warm]
 
     def mean(key: str, rows: list[dict[str, Any]]) -> float | None:
@@ -514,7 +514,7 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
               f"{args.batch_size} = {steps['total_steps'] if steps else '?'} steps; queue K = {args.queue_size}; "
               f"SGD lr {args.lr} (cosine), momentum 0.9, wd 1e-4; temperature {args.temperature}; key momentum "
               f"{args.key_momentum}; shuffle-BN emulated on one process (split BN)",
-              f"- MoCHi runs: no mixing during the first {args.warmup_epochs} epoch(s) (until step {warm}), the "
+              f"- MoCHi runs: no mixing during the first {args.mixing_warmup_epochs} epoch(s) (until step {warm}), the "
               "same rule for every MoCHi setting; MoCo-v2 never mixes. Seeds: " + ", ".join(map(str, args.seeds)),
               f"- why N = {', '.join(map(str, mixing_n))}: with K = {args.queue_size} and 10 classes, about "
               f"{args.queue_size // 10} queue entries share a query's class; see the docstring of `bench/study.py` "
@@ -721,7 +721,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     previous = json.loads(args.compare_with.read_text()) if args.compare_with else None  # read before --out is rewritten
     out, runs_dir = Path(args.out), Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     clock = time.perf_counter()
     commit = git_commit()  # the code the runs of this invocation train with
     exe = sys.executable
@@ -734,7 +734,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = " ".join(shlex.quote(a) for a in [exe, "bench/study.py", *given])
 
     def log(message: str) -> None:
-        print(f"[study {datetime.now(timezone.utc):%H:%M:%S}] {message}", flush=True)
+        print(f"[study {datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
 
     # Seed-major order: an interrupted study has whole seeds of every setting, not all seeds of one.
     expected = [(name, seed) for seed in args.seeds for name in args.settings]
@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     invocations = json.loads(log_path.read_text()) if log_path.is_file() else []
     if not args.report_only:
         invocations.append({"started": started_at.isoformat(timespec="seconds"),
-                            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                             "wall_time_s": round(time.perf_counter() - clock, 1), "runs_finished": len(records),
                             "git_commit": commit})
         log_path.write_text(json.dumps(invocations, indent=1))
@@ -776,7 +776,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained_at = list(dict.fromkeys(i["git_commit"] for i in invocations if i.get("git_commit")))
     meta = {"command": command, "machine": machine_info(), "git_commit": commit, "trained_at_commits": trained_at,
             "started": invocations[0]["started"] if invocations else started_at.isoformat(timespec="seconds"),
-            "finished": invocations[-1]["finished"] if invocations else datetime.now(timezone.utc).isoformat(
+            "finished": invocations[-1]["finished"] if invocations else datetime.now(UTC).isoformat(
                 timespec="seconds"), "wall_time_s": wall, "invocations": invocations}  # report-only runs train nothing
     study = write_report(args, out, records, expected, references, meta, previous)
     log(f"wrote {out / 'README.md'} ({len(records)} of {len(expected)} runs; {wall / 60:.1f} min)")

@@ -48,6 +48,9 @@ HELP = {
     "max_train_images": "Use only the first N training images, in the source's order (smoke runs, CPU studies); "
                         "a warning says when they leave out classes.",
     "report_to": "Trackers: auto (TensorBoard when installed) | none | tensorboard | wandb | trackio. [default: auto]",
+    "augment_on": "Where MoCo-v2's views are drawn: workers (PIL, per image) | device (batched on the training device, "
+                  "per-image parameters; workers only decode) | auto (device on a GPU). [default: auto]",
+    "compile": "torch.compile both encoders (the key encoder too; off by default until measured on your GPU).",
     "on_nonfinite": "On a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step. [default: stop]",
 }
 

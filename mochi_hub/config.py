@@ -108,6 +108,8 @@ class TrainConfig:
     max_train_images: int | None = None  # subset for smoke runs and the CPU study
     report_to: Reporter = "auto"  # Accelerate trackers: auto (TensorBoard when installed), none, tensorboard, wandb, trackio
     on_nonfinite: OnNonFinite = "stop"  # a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step
+    augment_on: AugmentOn = "auto"  # MoCo-v2's views drawn by the loader workers (PIL) or batched on the device
+    compile: bool = False  # torch.compile both encoders (in place: the state dict keeps its names)
 
     def __post_init__(self) -> None:
         self.mochi = parse_mochi(self.mochi)
@@ -241,7 +243,7 @@ def resolve_train_config(**kwargs: Any) -> TrainConfig:
 # Older names of fields, still accepted in config files, saved configs and on the command line.
 TRAIN_ALIASES = {"warmup_epochs": "mixing_warmup_epochs"}
 # What a config saved before a field existed meant by it (the behaviour of that older version).
-TRAIN_LEGACY_DEFAULTS = {"init": "timm", "bn_splits": None}
+TRAIN_LEGACY_DEFAULTS = {"init": "timm", "bn_splits": None, "augment_on": "workers"}
 
 
 def _apply_aliases(values: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
@@ -267,7 +269,7 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 # Fields a resumed run may change: where and how it runs, not what it computes (`preset` is only a label).
 RESUME_MAY_CHANGE = ("output", "resume", "workers", "max_steps", "save_every_steps", "keep_checkpoints",
-                     "log_every_steps", "report_to", "preset")
+                     "log_every_steps", "report_to", "preset", "compile")
 
 
 def resume_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:

@@ -37,7 +37,7 @@ from .queue import NegativeQueue
 from .runs import MetricsLog, RunSummary, write_run_info
 from .seeding import generator
 from .step import StepOutput, cosine_lr, training_step
-from .views import epoch_loader, pretraining_views
+from .views import BatchViews, epoch_loader, pretraining_views, resolve_augment_on
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def train(config: TrainConfig, *, accelerator: Accelerator | None = None,
                 for batch in epoch_loader(run.views, config, epoch, rank=run.rank, world=run.world, start=first_batch,
                                           pin_memory=run.device.type == "cuda"):
                     lr = run.set_lr()
-                    images_q, images_k = (v.to(run.device, non_blocking=True, memory_format=run.memory_format)
-                                          for v in batch["images"])
+                    images_q, images_k = run.batch_views.of(batch, run.step, run.rank)
                     labels = batch["labels"].to(run.device, non_blocking=True)
                     run.report_bad_files(batch["skipped"])
                     logging_step = run.is_log_step()
@@ -112,6 +111,7 @@ class _Run:
     modules: dict[str, torch.nn.Module]
     bn_splits: int
     memory_format: torch.memory_format
+    batch_views: BatchViews
     metrics: MetricsLog
     info: dict[str, Any]
     summary: RunSummary = field(default_factory=RunSummary)
@@ -151,7 +151,8 @@ class _Run:
 
         # Data: every image decoded lazily; undecodable ones replaced and reported (DecodedImages).
         source = resolve_dataset(config.dataset, "train")
-        views = pretraining_views(source, config)
+        augment_on = resolve_augment_on(config, accelerator.device)
+        views = pretraining_views(source, config, augment_on)
         if len(views) < config.batch_size:
             raise ValueError(f"--dataset {config.dataset}: {len(views)} images, fewer than one global batch "
                              f"(--batch-size {config.batch_size})")
@@ -167,6 +168,9 @@ class _Run:
         query = Encoder(create_backbone(config.model, **build), config.proj_dim)
         key = make_key_encoder(query)
         queue = NegativeQueue(config.queue_size, config.proj_dim, generator=generator(config.seed, "queue_init"))
+        if config.compile:  # in place, so state dicts keep their names; Accelerate would compile only the query
+            query.compile()
+            key.compile()
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         query.to(memory_format=memory_format)
         key.to(accelerator.device, memory_format=memory_format)
@@ -184,10 +188,11 @@ class _Run:
                 "shuffle_bn": (f"keys shuffled across {world} processes" if world > 1 else "keys shuffled within the batch")
                               + f"; BatchNorm in {bn_splits} group(s) of {config.batch_size // world // bn_splits} per process, "
                                 "both encoders",
-                "dataset_images": len(views)}
+                "dataset_images": len(views), "augment_on": augment_on, "batchnorm_groups": config.batchnorm_groups}
         run = cls(config=config, run_dir=run_dir, accelerator=accelerator, views=views, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, last_step=last_step, query=query, key=key, queue=queue, optimizer=optimizer,
-                  modules=modules, bn_splits=bn_splits, memory_format=memory_format, metrics=MetricsLog(run_dir),
+                  modules=modules, bn_splits=bn_splits, memory_format=memory_format,
+                  batch_views=BatchViews(config, augment_on, accelerator.device, memory_format), metrics=MetricsLog(run_dir),
                   info=info, first_bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device))
         run.resume_or_reset(resume_from)
         if run.is_main:
@@ -224,9 +229,9 @@ class _Run:
         log.info("  %s, %d process(es), global batch %d, %d steps/epoch, %d epochs = %d steps%s", self.device,
                  self.world, c.batch_size, self.steps_per_epoch, c.epochs, self.total_steps,
                  f" (stopping at {self.last_step})" if self.last_step < self.total_steps else "")
-        log.info("  lr %.4g (cosine%s), K %d, T %g, m %g; %s; %s", c.base_lr,
+        log.info("  lr %.4g (cosine%s), K %d, T %g, m %g; %s; %s; views drawn in the %s", c.base_lr,
                  f", {c.lr_warmup_epochs} warm-up epochs" if c.lr_warmup_epochs else "", c.queue_size, c.temperature,
-                 c.key_momentum, mixing_from, self.info["shuffle_bn"])
+                 c.key_momentum, mixing_from, self.info["shuffle_bn"], self.info["augment_on"])
 
     # --- per step ----------------------------------------------------------------------------------------
 

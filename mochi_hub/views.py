@@ -1,33 +1,85 @@
-"""The pretraining data: images -> two seeded MoCo-v2 views each -> this process's share of every global batch.
+"""The pretraining data: images -> two MoCo-v2 views each -> this process's share of every global batch.
 
-`pretraining_views` and `epoch_loader` are what the training loop, the benches and the tests iterate, so
+Two places can draw the views (`--augment-on`):
+- workers: DataLoader workers decode and augment each image with PIL/torchvision (`moco_v2_transform`), seeded
+  by (seed, epoch, index), so the views do not depend on the number of workers or processes;
+- device: workers only decode to uint8 (large images pre-shrunk), and `DeviceViews` draws both views of the whole
+  batch on the training device with per-image parameters, seeded by (seed, step, rank). On a GPU this removes
+  the CPU bottleneck of MoCo-v2's augmentation (about 40 images/s per core with PIL).
+`pretraining_views`, `epoch_loader` and `TwoViews.of` are what the loop, the benches and the tests iterate, so
 "the same batches as the loop" holds by construction.
 """
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
+import math
+from functools import partial
+from typing import Any
 
-from .augment import TwoViews, moco_v2_transform
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import MEAN, STD, TwoViews, moco_v2_transform
 from .config import TrainConfig
-from .data import DecodedImages, ImageSource, collate_samples
+from .data import DecodedImages, ImageSource, Sample, collate_samples
+from .device_augment import DeviceViews, decode_to_uint8, pad_collate
 from .sampling import GlobalBatches, SeededItems
+from .seeding import generator
+
+MIN_CROP_SCALE = 0.2  # MoCo-v2's RandomResizedCrop(scale=(0.2, 1))
 
 
-def pretraining_views(source: ImageSource, config: TrainConfig) -> SeededItems:
-    """The first config.max_train_images images (all by default), each decoded on demand and turned into two
-    MoCo-v2 views seeded by (seed, epoch, index)."""
+def resolve_augment_on(config: TrainConfig, device: torch.device) -> str:
+    """auto: on the device when it is a GPU (the CPU cost of PIL then starves it), else in the workers."""
+    if config.augment_on == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return config.augment_on
+
+
+def pretraining_views(source: ImageSource, config: TrainConfig, augment_on: str = "workers") -> Dataset:
+    """The first config.max_train_images images (all by default), decoded on demand: as two seeded MoCo-v2 views
+    (workers), or as uint8 tensors for `device_views` (device)."""
     count = len(source) if config.max_train_images is None else min(len(source), config.max_train_images)
+    if augment_on == "device":
+        # Pre-shrink only what no crop needs: the smallest crop (scale 0.2) of the shorter side still >= image_size.
+        max_side = math.ceil(config.image_size / math.sqrt(MIN_CROP_SCALE))
+        return DecodedImages(source, partial(decode_to_uint8, max_side=max_side), strict=config.strict_data,
+                             indices=list(range(count)))
     images = DecodedImages(source, TwoViews(moco_v2_transform(config.image_size)), strict=config.strict_data,
                            indices=list(range(count)))
     return SeededItems(images, config.seed, "augment")
 
 
-def epoch_loader(views: SeededItems, config: TrainConfig, epoch: int, *, rank: int = 0, world: int = 1,
+def collate_canvas(samples: list[Sample]) -> dict[str, Any]:
+    """uint8 images of any sizes -> one padded canvas with each image's size (the device path's batches)."""
+    canvas, sizes = pad_collate([s.image for s in samples])
+    return {"images": canvas, "sizes": sizes, "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
+            "skipped": [reason for s in samples for reason in s.skipped]}
+
+
+def epoch_loader(views: Dataset, config: TrainConfig, epoch: int, *, rank: int = 0, world: int = 1,
                  start: int = 0, pin_memory: bool = False) -> DataLoader:
     """This process's batches of one epoch, in the seeded order of GlobalBatches, from batch `start` on."""
-    views.epoch = epoch
+    if isinstance(views, SeededItems):
+        views.epoch = epoch
+    collate = collate_samples if isinstance(views, SeededItems) else collate_canvas
     return DataLoader(views, batch_sampler=GlobalBatches(len(views), config.batch_size, seed=config.seed, epoch=epoch,
                                                          rank=rank, world=world, start=start),
-                      num_workers=config.workers, collate_fn=collate_samples, pin_memory=pin_memory,
-                      persistent_workers=False)
+                      num_workers=config.workers, collate_fn=collate, pin_memory=pin_memory, persistent_workers=False)
+
+
+class BatchViews:
+    """A loader batch -> (query views, key views) on the device, whichever path drew them."""
+
+    def __init__(self, config: TrainConfig, augment_on: str, device: torch.device, memory_format: torch.memory_format):
+        self.config, self.augment_on, self.device, self.memory_format = config, augment_on, device, memory_format
+        self.device_views = DeviceViews(config.image_size, mean=MEAN, std=STD) if augment_on == "device" else None
+
+    def of(self, batch: dict[str, Any], step: int, rank: int) -> tuple[Tensor, Tensor]:
+        if self.device_views is None:
+            return tuple(v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in batch["images"])
+        canvas = batch["images"].to(self.device, non_blocking=True)  # [L, 3, H, W] uint8
+        draws = generator(self.config.seed, "augment", step, rank, device=self.device)
+        return tuple(v.contiguous(memory_format=self.memory_format)
+                     for v in self.device_views(canvas, batch["sizes"], draws))  # [L, 3, S, S] each

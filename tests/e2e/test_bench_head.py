@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_head_benchmark_quick_run_writes_three_variants(tmp_path):
@@ -20,3 +20,6 @@ def test_head_benchmark_quick_run_writes_three_variants(tmp_path):
         assert row["median_ms"] > 0 and all(t > 0 for t in row["times_ms"])
         assert row["peak_extra_mib"] >= 0
     assert [r["K"] for r in result["ratios"]] == [1024]
+    assert result["threads"] == 1 and {row["threads"] for row in rows.values()} == {1}
+    assert all(row["memory_method"].endswith("mallopt(M_MMAP_THRESHOLD, 65536)") for row in rows.values())
+    assert "| variant | K |" in done.stdout and result["versions"]["torch"]  # the Markdown table; common.environment

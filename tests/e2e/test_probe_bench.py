@@ -9,10 +9,9 @@ import pytest
 
 from mochi_hub.data import DEBIAN_FASHION_MNIST
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_probe_benchmark_quick_run_writes_every_protocol(tmp_path):
     out = tmp_path / "probe.json"

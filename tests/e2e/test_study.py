@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _table(text: str, header_start: str) -> list[list[str]]:
@@ -28,7 +28,7 @@ def _table(text: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-@pytest.mark.slow
+
 def test_quick_study_writes_a_parsable_report(tmp_path):
     pytest.importorskip("timm")
     from mochi_hub.data import DEBIAN_FASHION_MNIST
@@ -123,7 +123,7 @@ def test_reproducibility_compares_seed_means_against_the_spread_and_same_runs_ex
     assert "**outside spread**" in "\n".join(study.reproducibility_section(rep, "before.json"))
 
 
-@pytest.mark.slow
+
 def test_dynamics_quick_run_compares_both_loops_at_the_same_steps(tmp_path):
     pytest.importorskip("lightly.loss")
     from mochi_hub.data import DEBIAN_FASHION_MNIST

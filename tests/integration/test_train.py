@@ -57,9 +57,10 @@ def test_false_negative_rate_reads_the_labels_the_hard_set_was_chosen_from(tmp_p
     assert after_enqueue != pytest.approx([logged[s] for s in (2, 3, 4)])  # the test tells the two readings apart
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = run_recording(tiny_config(tmp_path / "straight", save_every_steps=3))
-    interrupted = tiny_config(tmp_path / "resumed", save_every_steps=3, max_steps=5)
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_resume_continues_exactly(tmp_path, augment_on):
+    straight = run_recording(tiny_config(tmp_path / "straight", save_every_steps=3, augment_on=augment_on))
+    interrupted = tiny_config(tmp_path / "resumed", save_every_steps=3, max_steps=5, augment_on=augment_on)
     train(interrupted)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [
         "step-0000003", "step-0000004", "step-0000005"]
@@ -72,6 +73,7 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["step"] for r in lines if r["kind"] == "step"] == list(range(1, 9))
     run = json.loads((tmp_path / "resumed" / "run.json").read_text())
     assert run["summary"]["resumes"] == 1 and run["summary"]["images_seen"] == 8 * 16
+    assert run["augment_on"] == augment_on
 
 
 def test_resume_refuses_an_incompatible_config(tmp_path):
@@ -137,3 +139,25 @@ def test_short_real_run_learns_and_exports_for_timm(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert model.eval()(x).shape == (2, model.num_features)
     assert len(features.eval()(x)) == len(features.feature_info.channels())
+
+
+def test_device_views_train_on_photos_of_any_size(tmp_path):
+    """The device path on real colour JPEGs of several sizes (scikit-image's photos): one padded uint8 canvas a
+    batch, views drawn batched; the queue and weights move and the run exports."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as photos
+
+    root = tmp_path / "photos"
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        image = Image.fromarray(np.asarray(getattr(photos, name)()))
+        for k, size in enumerate(((96, 64), (64, 80), (120, 90), (48, 48))):  # (w, h): every batch mixes sizes
+            (root / name).mkdir(parents=True, exist_ok=True)
+            image.resize(size).save(root / name / f"{k}.jpg", quality=90)
+    steps = {}
+    run_dir = train(tiny_config(tmp_path / "run", dataset=str(root), max_train_images=None, batch_size=8,
+                                queue_size=16, mochi=(4, 4, 2), epochs=2, augment_on="device"),
+                    on_step=lambda step, info: steps.__setitem__(step, info["queue"].keys.clone()))
+    assert sorted(steps) == [1, 2, 3, 4] and not torch.equal(steps[1], steps[4])
+    assert json.loads((run_dir / "run.json").read_text())["augment_on"] == "device"
+    assert (run_dir / "export" / "model.safetensors").is_file()

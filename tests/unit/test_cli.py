@@ -58,6 +58,7 @@ CLI_VALUES = {  # a non-default value for every TrainConfig field
     "weight_decay": "0.0005", "sgd_momentum": "0.8", "beta_max": "0.4", "channels_last": None,
     "log_every_steps": "3", "keep_checkpoints": "4", "strict_data": None, "max_train_images": "100",
     "report_to": "none", "on_nonfinite": "skip", "init": "timm", "bn_splits": "4", "lr_warmup_epochs": "1",
+    "augment_on": "device", "compile": None,
 }
 
 

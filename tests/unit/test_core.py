@@ -181,7 +181,7 @@ def test_a_skipped_non_finite_step_updates_nothing():
 def test_resume_compares_every_field_but_the_allow_list():
     saved = TrainConfig()
     allowed = dict(output="elsewhere", resume="auto", workers=1, max_steps=5, save_every_steps=3, keep_checkpoints=4,
-                   log_every_steps=2, report_to="none", preset="imagenet-100")
+                   log_every_steps=2, report_to="none", preset="imagenet-100", compile=True)
     assert set(allowed) == set(RESUME_MAY_CHANGE)
     assert resume_differences(saved, dataclasses.replace(saved, **allowed)) == []
     for name, value in dict(beta_max=0.4, weight_decay=5e-4, sgd_momentum=0.8, mixed_precision="bf16",
