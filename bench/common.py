@@ -24,14 +24,22 @@ RESULTS = ROOT / "bench" / "results"
 PACKAGES = ("torch", "torchvision", "timm", "accelerate", "lightly", "mochi-hub")
 
 
-def parser(doc: str, name: str, *, quick: str, threads: int | None, threads_help: str,
-           sized: dict[str, tuple[type, Any, Any, str]] | None = None) -> argparse.ArgumentParser:
+def parser(
+    doc: str,
+    name: str,
+    *,
+    quick: str,
+    threads: int | None,
+    threads_help: str,
+    sized: dict[str, tuple[type, Any, Any, str]] | None = None,
+) -> argparse.ArgumentParser:
     """An ArgumentParser described by the bench's docstring, with --quick, --out and --threads, and `sized`
     options {name: (type, quick default, full default, help)} that `parse` fills in when not given."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--out", type=Path, default=RESULTS / f"{name}.json",
-                   help=f"JSON output (default bench/results/{name}.json)")
+    p.add_argument(
+        "--out", type=Path, default=RESULTS / f"{name}.json", help=f"JSON output (default bench/results/{name}.json)"
+    )
     p.add_argument("--threads", type=int, default=threads, help=threads_help)
     p.set_defaults(sized=sized or {})
     for option, (kind, small, full, text) in (sized or {}).items():
@@ -64,13 +72,22 @@ def environment(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
     lines = cpuinfo.splitlines()
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
     flags = next((line for line in lines if line.startswith("flags")), "")
-    return dict(command=" ".join(shlex.quote(x) for x in [sys.executable, *args]), git=_git(),
-                versions={"python": platform.python_version(), **{name: _version(name) for name in PACKAGES}},
-                cpu=dict(model=model or platform.processor(), machine=platform.machine(), logical_cpus=os.cpu_count(),
-                         usable_cpus=usable_cpus(), torch_threads=torch.get_num_threads(),
-                         torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                         avx512_bf16=" avx512_bf16" in flags, amx_bf16=" amx_bf16" in flags),
-                loadavg_before=list(os.getloadavg()))
+    return dict(
+        command=" ".join(shlex.quote(x) for x in [sys.executable, *args]),
+        git=_git(),
+        versions={"python": platform.python_version(), **{name: _version(name) for name in PACKAGES}},
+        cpu=dict(
+            model=model or platform.processor(),
+            machine=platform.machine(),
+            logical_cpus=os.cpu_count(),
+            usable_cpus=usable_cpus(),
+            torch_threads=torch.get_num_threads(),
+            torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            avx512_bf16=" avx512_bf16" in flags,
+            amx_bf16=" amx_bf16" in flags,
+        ),
+        loadavg_before=list(os.getloadavg()),
+    )
 
 
 def _version(name: str) -> str | None:
@@ -96,8 +113,10 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     result["loadavg_after"] = list(os.getloadavg())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}; load average (1 min) {result['loadavg_before'][0]:.2f} before, "
-          f"{result['loadavg_after'][0]:.2f} after (the machine may be shared)")
+    print(
+        f"\nwrote {path}; load average (1 min) {result['loadavg_before'][0]:.2f} before, "
+        f"{result['loadavg_after'][0]:.2f} after (the machine may be shared)"
+    )
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:
@@ -127,8 +146,10 @@ def run_forked(target: Callable[[dict], dict], settings: dict, log_path: Path) -
     process.join()
     if message is None or not message["ok"]:
         tail = log_path.read_text()[-3000:] if log_path.is_file() else ""
-        raise RuntimeError(f"{target.__name__} failed (exit code {process.exitcode}); log {log_path}:\n"
-                           f"{message['error'] if message else tail}")
+        raise RuntimeError(
+            f"{target.__name__} failed (exit code {process.exitcode}); log {log_path}:\n"
+            f"{message['error'] if message else tail}"
+        )
     return message["result"]
 
 

@@ -36,10 +36,36 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = dict(model="resnet50", image_size=224, batch_size=256, photos=256 * 44, pairs=20, warmup=5, mochi=(1024, 1024, 512),
-            queues=(16384, 65536), workers=(2, 4, 8, 12, 15), data_batches=12, train_steps=40, window=5, photo_size=(500, 375))
-SMOKE = dict(model="test_resnet", image_size=32, batch_size=8, photos=48, pairs=2, warmup=1, mochi=(8, 8, 4),
-             queues=(64,), workers=(0, 2), data_batches=2, train_steps=4, window=2, photo_size=(50, 38))
+FULL = dict(
+    model="resnet50",
+    image_size=224,
+    batch_size=256,
+    photos=256 * 44,
+    pairs=20,
+    warmup=5,
+    mochi=(1024, 1024, 512),
+    queues=(16384, 65536),
+    workers=(2, 4, 8, 12, 15),
+    data_batches=12,
+    train_steps=40,
+    window=5,
+    photo_size=(500, 375),
+)
+SMOKE = dict(
+    model="test_resnet",
+    image_size=32,
+    batch_size=8,
+    photos=48,
+    pairs=2,
+    warmup=1,
+    mochi=(8, 8, 4),
+    queues=(64,),
+    workers=(0, 2),
+    data_batches=2,
+    train_steps=4,
+    window=2,
+    photo_size=(50, 38),
+)
 
 
 def now() -> float:
@@ -70,8 +96,10 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
     from PIL import Image
     from skimage import data as photos
 
-    sources = [Image.fromarray(np.asarray(getattr(photos, name)())).convert("RGB")
-               for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    sources = [
+        Image.fromarray(np.asarray(getattr(photos, name)())).convert("RGB")
+        for name in ("astronaut", "chelsea", "coffee", "rocket")
+    ]
     rng = np.random.default_rng(0)
     for index in range(count):
         image = sources[index % 4]
@@ -87,14 +115,26 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
 def config_for(sizes: dict, **overrides: Any):
     from mochi_hub.config import TrainConfig
 
-    values = dict(dataset="fashion-mnist", model=sizes["model"], image_size=sizes["image_size"],
-                  batch_size=sizes["batch_size"], queue_size=sizes["queues"][0], mochi=sizes["mochi"],
-                  mixing_warmup_epochs=0, epochs=1, mixed_precision="bf16" if torch.cuda.is_available() else "no",
-                  channels_last=True, report_to="none", workers=0, log_every_steps=sizes["window"])
+    values = dict(
+        dataset="fashion-mnist",
+        model=sizes["model"],
+        image_size=sizes["image_size"],
+        batch_size=sizes["batch_size"],
+        queue_size=sizes["queues"][0],
+        mochi=sizes["mochi"],
+        mixing_warmup_epochs=0,
+        epochs=1,
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        channels_last=True,
+        report_to="none",
+        workers=0,
+        log_every_steps=sizes["window"],
+    )
     return TrainConfig(**(values | overrides))
 
 
 # --- part 1: the step on pre-made tensors ---------------------------------------------------------------------
+
 
 def part_step(sizes: dict) -> dict[str, Any]:
     from accelerate import Accelerator
@@ -115,7 +155,8 @@ def part_step(sizes: dict) -> dict[str, Any]:
         device = accelerator.device
         splits = local_bn_splits(base.batchnorm_groups, 1, base.batch_size)
         images = torch.randn(base.batch_size, 3, base.image_size, base.image_size, device=device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         labels = torch.arange(base.batch_size, device=device) % 100
         states = {}
         for name, config in configs.items():
@@ -131,17 +172,35 @@ def part_step(sizes: dict) -> dict[str, Any]:
             states[name] = (config, query, key, queue, optimizer)
         times: dict[str, list[float]] = {name: [] for name in configs}
         for i in range(sizes["warmup"] + sizes["pairs"]):
-            for name in (list(configs) if i % 2 == 0 else list(configs)[::-1]):
+            for name in list(configs) if i % 2 == 0 else list(configs)[::-1]:
                 config, query, key, queue, optimizer = states[name]
                 start = now()
-                training_step(query, key, queue, optimizer, accelerator, images, images, labels, config=config,
-                              step=i, mixing=config.uses_mixing, bn_splits=splits)
+                training_step(
+                    query,
+                    key,
+                    queue,
+                    optimizer,
+                    accelerator,
+                    images,
+                    images,
+                    labels,
+                    config=config,
+                    step=i,
+                    mixing=config.uses_mixing,
+                    bn_splits=splits,
+                )
                 if i >= sizes["warmup"]:
                     times[name].append((now() - start) * 1e3)
         for name in configs:
             median = statistics.median(times[name])
-            rows.append({"variant": name, "K": queue_size, "median_ms": round(median, 2),
-                         "images_per_sec": round(base.batch_size / median * 1e3, 1)})
+            rows.append(
+                {
+                    "variant": name,
+                    "K": queue_size,
+                    "median_ms": round(median, 2),
+                    "images_per_sec": round(base.batch_size / median * 1e3, 1),
+                }
+            )
         rows[-1]["mochi_over_moco"] = round(rows[-1]["median_ms"] / rows[-2]["median_ms"], 4)
         rows[-1]["peak_mib"] = peak_mib()
         del states
@@ -149,6 +208,7 @@ def part_step(sizes: dict) -> dict[str, Any]:
 
 
 # --- part 2: the data path alone ------------------------------------------------------------------------------
+
 
 def part_data(sizes: dict, photos: Path) -> dict[str, Any]:
     from mochi_hub.data import resolve_dataset
@@ -174,6 +234,7 @@ def part_data(sizes: dict, photos: Path) -> dict[str, Any]:
 
 # --- part 3: end-to-end train() -------------------------------------------------------------------------------
 
+
 def part_train(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
     from mochi_hub.pretrain import train
 
@@ -185,20 +246,36 @@ def part_train(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
                 continue  # compile changes the GPU side only; the worker path is bound by the CPUs
             reset_accelerate()
             run_dir = out / f"train-{path}-{'compiled' if compiled else 'eager'}"
-            config = config_for(sizes, dataset=str(photos), workers=workers, augment_on=path, compile=compiled,
-                                output=str(run_dir), max_steps=sizes["train_steps"], keep_checkpoints=1)
+            config = config_for(
+                sizes,
+                dataset=str(photos),
+                workers=workers,
+                augment_on=path,
+                compile=compiled,
+                output=str(run_dir),
+                max_steps=sizes["train_steps"],
+                keep_checkpoints=1,
+            )
             start = now()
             train(config)
             wall = now() - start
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             windows = [r["images_per_sec"] for r in records if r["kind"] == "step"][1:]  # the first holds start-up
-            rows.append({"augment_on": path, "compile": compiled, "workers": workers,
-                         "images_per_sec": round(statistics.median(windows), 1) if windows else None,
-                         "wall_s": round(wall, 1), "peak_mib": peak_mib()})
+            rows.append(
+                {
+                    "augment_on": path,
+                    "compile": compiled,
+                    "workers": workers,
+                    "images_per_sec": round(statistics.median(windows), 1) if windows else None,
+                    "wall_s": round(wall, 1),
+                    "peak_mib": peak_mib(),
+                }
+            )
     return {"rows": rows}
 
 
 # --- part 4: 2-step smoke of train + probe + export -----------------------------------------------------------
+
 
 def part_smoke(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
     from mochi_hub.config import ProbeConfig
@@ -207,15 +284,26 @@ def part_smoke(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
     from mochi_hub.probe import run_probe
 
     reset_accelerate()
-    run_dir = train(config_for(sizes, dataset=str(photos), output=str(out / "smoke"), max_steps=2, workers=2,
-                               augment_on="device"))
+    run_dir = train(
+        config_for(sizes, dataset=str(photos), output=str(out / "smoke"), max_steps=2, workers=2, augment_on="device")
+    )
     memory = {"train_peak_mib": peak_mib()}
     reset_accelerate()
-    result = run_probe(str(run_dir), ProbeConfig(dataset=str(photos), protocol="knn", split="train",
-                                                 image_size=sizes["image_size"], max_images=64, workers=2,
-                                                 batch_size=32, cache_dir=str(out / "cache"),
-                                                 mixed_precision="bf16" if torch.cuda.is_available() else "no"),
-                       show=False)
+    result = run_probe(
+        str(run_dir),
+        ProbeConfig(
+            dataset=str(photos),
+            protocol="knn",
+            split="train",
+            image_size=sizes["image_size"],
+            max_images=64,
+            workers=2,
+            batch_size=32,
+            cache_dir=str(out / "cache"),
+            mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        ),
+        show=False,
+    )
     memory["probe_peak_mib"] = peak_mib()
     export = export_run(run_dir)
     return {"knn_top1": result["top1"], "export_files": sorted(p.name for p in export.iterdir()), **memory}
@@ -230,24 +318,39 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     steps = result.get("step", {}).get("rows", [])
     first_k = [r for r in steps if r["variant"] == "MoCHi" and r["K"] == (steps[0]["K"] if steps else None)]
     if first_k:
-        out["mochi_step_over_moco"] = {"value": first_k[0]["mochi_over_moco"], "target": "<= 1.05",
-                                       "met": first_k[0]["mochi_over_moco"] <= 1.05}
+        out["mochi_step_over_moco"] = {
+            "value": first_k[0]["mochi_over_moco"],
+            "target": "<= 1.05",
+            "met": first_k[0]["mochi_over_moco"] <= 1.05,
+        }
     runs = {(r["augment_on"], r["compile"]): r["images_per_sec"] for r in result.get("train", {}).get("rows", [])}
     tensors = next((r["images_per_sec"] for r in steps if r["variant"] == "MoCHi"), None)
     device, workers = runs.get(("device", False)), runs.get(("workers", False))
     if device and tensors:
-        out["device_over_tensors_only"] = {"value": round(device / tensors, 3), "target": ">= 0.8",
-                                           "met": device / tensors >= 0.8}
+        out["device_over_tensors_only"] = {
+            "value": round(device / tensors, 3),
+            "target": ">= 0.8",
+            "met": device / tensors >= 0.8,
+        }
     if device and workers:
-        out["device_over_workers"] = {"value": round(device / workers, 2), "target": ">= 3", "met": device / workers >= 3}
+        out["device_over_workers"] = {
+            "value": round(device / workers, 2),
+            "target": ">= 3",
+            "met": device / workers >= 3,
+        }
     return out
 
 
 def machine() -> dict[str, Any]:
     import timm
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "cpu_count": os.cpu_count(), "command": " ".join(sys.argv)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cpu_count": os.cpu_count(),
+        "command": " ".join(sys.argv),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)

@@ -50,12 +50,17 @@ TEMPERATURE = 0.2
 PAPER = dict(batch=256, dim=128, n_hard=1024, s=1024, s_prime=512)
 QUICK = dict(batch=16, dim=32, n_hard=64, s=64, s_prime=32)
 # The issue's targets: {name: (ratio, "<=" or ">=", bound, what)}; the speed target is set at K = 16384 only.
-TARGETS = {"memory_vs_reference": ("mochi_over_reference_memory", "<=", 0.2, "mochi/reference peak extra memory"),
-           "time_vs_moco": ("mochi_over_moco_time", "<=", 5.0, "mochi/moco time"),
-           "speed_vs_reference": ("reference_over_mochi_time", ">=", 4.0, "reference/mochi time")}
-SIZED = dict(ks=(str, "1024", "16384,65536", "comma-separated queue sizes K"),
-             iters=(int, 3, 10, "timed iterations per run"), warmup=(int, 1, 2, "untimed iterations first"),
-             rounds=(int, 1, 2, "timing runs per variant, interleaved; the best median is kept"))
+TARGETS = {
+    "memory_vs_reference": ("mochi_over_reference_memory", "<=", 0.2, "mochi/reference peak extra memory"),
+    "time_vs_moco": ("mochi_over_moco_time", "<=", 5.0, "mochi/moco time"),
+    "speed_vs_reference": ("reference_over_mochi_time", ">=", 4.0, "reference/mochi time"),
+}
+SIZED = dict(
+    ks=(str, "1024", "16384,65536", "comma-separated queue sizes K"),
+    iters=(int, 3, 10, "timed iterations per run"),
+    warmup=(int, 1, 2, "untimed iterations first"),
+    rounds=(int, 1, 2, "timing runs per variant, interleaved; the best median is kept"),
+)
 LIVE_MMAP_THRESHOLD = 65536  # live-memory runs: every allocation above this is its own mapping, returned on free
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -98,8 +103,11 @@ def mochi_head(q, k, queue, *, temperature, n_hard, plan):
     return info_nce(*contrastive_logits(q, k, queue, temperature=temperature, n_hard=n_hard, plan=plan))
 
 
-HEADS = {"mochi": mochi_head, "reference": reference_head,
-         "moco": lambda q, k, queue, **options: mochi_head(q, k, queue, **{**options, "plan": None})}
+HEADS = {
+    "mochi": mochi_head,
+    "reference": reference_head,
+    "moco": lambda q, k, queue, **options: mochi_head(q, k, queue, **{**options, "plan": None}),
+}
 
 
 def make_inputs(batch, dim, queue_size, n_hard, s, s_prime, *, dtype, seed=0):
@@ -147,8 +155,9 @@ def head_child(settings: dict) -> dict:
     sizes, head = settings["sizes"], HEADS[settings["variant"]]
     q, k, queue, plan = make_inputs(4, 8, 64, 8, 8, 4, dtype=torch.float32, seed=1)  # thread pool, autograd engine
     head(q, k, queue, temperature=TEMPERATURE, n_hard=8, plan=plan).backward()
-    q, k, queue, plan = make_inputs(sizes["batch"], sizes["dim"], settings["K"], sizes["n_hard"], sizes["s"],
-                                    sizes["s_prime"], dtype=torch.float32)
+    q, k, queue, plan = make_inputs(
+        sizes["batch"], sizes["dim"], settings["K"], sizes["n_hard"], sizes["s"], sizes["s_prime"], dtype=torch.float32
+    )
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -169,10 +178,16 @@ def head_child(settings: dict) -> dict:
     for _ in range(settings["warmup"]):
         step()
     times, cpu_times = zip(*[step() for _ in range(settings["iters"])])
-    return dict(threads=torch.get_num_threads(), times_ms=[t * 1e3 for t in times],
-                median_ms=statistics.median(times) * 1e3, cpu_median_ms=statistics.median(cpu_times) * 1e3,
-                peak_extra_mib=(_status_kib("VmHWM") - baseline_kib) / 1024, baseline_rss_mib=baseline_kib / 1024,
-                hwm_reset=reset, malloc_mmap_threshold=LIVE_MMAP_THRESHOLD if settings["live"] else None)
+    return dict(
+        threads=torch.get_num_threads(),
+        times_ms=[t * 1e3 for t in times],
+        median_ms=statistics.median(times) * 1e3,
+        cpu_median_ms=statistics.median(cpu_times) * 1e3,
+        peak_extra_mib=(_status_kib("VmHWM") - baseline_kib) / 1024,
+        baseline_rss_mib=baseline_kib / 1024,
+        hwm_reset=reset,
+        malloc_mmap_threshold=LIVE_MMAP_THRESHOLD if settings["live"] else None,
+    )
 
 
 def measure(variants: list[str], queue_size: int, args, logs: Path) -> list[dict]:
@@ -182,8 +197,15 @@ def measure(variants: list[str], queue_size: int, args, logs: Path) -> list[dict
 
     def run(variant: str, live: bool, name: str) -> dict:
         short = live and not args.quick  # a live-memory run needs no timing: 1 + 2 iterations reach the steady peak
-        settings = dict(variant=variant, K=queue_size, sizes=sizes, threads=args.threads, live=live,
-                        iters=2 if short else args.iters, warmup=1 if short else args.warmup)
+        settings = dict(
+            variant=variant,
+            K=queue_size,
+            sizes=sizes,
+            threads=args.threads,
+            live=live,
+            iters=2 if short else args.iters,
+            warmup=1 if short else args.warmup,
+        )
         return common.run_forked(head_child, settings, logs / f"{variant}-K{queue_size}-{name}.log")
 
     timed: dict[str, list[dict]] = {v: [] for v in variants}
@@ -195,16 +217,30 @@ def measure(variants: list[str], queue_size: int, args, logs: Path) -> list[dict
         live = run(variant, True, "live")
         runs = timed[variant] or [live]
         best = min(runs, key=lambda r: r["median_ms"])
-        rows.append(dict(
-            variant=variant, K=queue_size, **sizes, dtype="float32", threads=best["threads"], warmup=args.warmup,
-            iters=args.iters, rounds=len(runs), median_ms=best["median_ms"],
-            round_medians_ms=[r["median_ms"] for r in runs], times_ms=best["times_ms"],
-            cpu_median_ms=best["cpu_median_ms"], peak_extra_mib=live["peak_extra_mib"],
-            peak_extra_mib_default_malloc=None if args.quick else max(r["peak_extra_mib"] for r in runs),
-            memory_method=f"VmHWM minus {'VmRSS (VmHWM reset by clear_refs)' if live['hwm_reset'] else 'VmHWM'} after "
-                          f"the inputs; live: mallopt(M_MMAP_THRESHOLD, {LIVE_MMAP_THRESHOLD})"))
-        print(f"  {variant:<10} K={queue_size:<6} {best['median_ms']:8.1f} ms, {live['peak_extra_mib']:7.1f} MiB live",
-              flush=True)
+        rows.append(
+            dict(
+                variant=variant,
+                K=queue_size,
+                **sizes,
+                dtype="float32",
+                threads=best["threads"],
+                warmup=args.warmup,
+                iters=args.iters,
+                rounds=len(runs),
+                median_ms=best["median_ms"],
+                round_medians_ms=[r["median_ms"] for r in runs],
+                times_ms=best["times_ms"],
+                cpu_median_ms=best["cpu_median_ms"],
+                peak_extra_mib=live["peak_extra_mib"],
+                peak_extra_mib_default_malloc=None if args.quick else max(r["peak_extra_mib"] for r in runs),
+                memory_method=f"VmHWM minus {'VmRSS (VmHWM reset by clear_refs)' if live['hwm_reset'] else 'VmHWM'} after "
+                f"the inputs; live: mallopt(M_MMAP_THRESHOLD, {LIVE_MMAP_THRESHOLD})",
+            )
+        )
+        print(
+            f"  {variant:<10} K={queue_size:<6} {best['median_ms']:8.1f} ms, {live['peak_extra_mib']:7.1f} MiB live",
+            flush=True,
+        )
     return rows
 
 
@@ -212,11 +248,16 @@ def ratios(rows: list[dict]) -> list[dict]:
     by_k: dict[int, dict[str, dict]] = {}
     for row in rows:
         by_k.setdefault(row["K"], {})[row["variant"]] = row
-    return [dict(K=queue_size, reference_over_mochi_time=v["reference"]["median_ms"] / v["mochi"]["median_ms"],
-                 mochi_over_reference_memory=_share(v, "peak_extra_mib"),
-                 mochi_over_reference_memory_default_malloc=_share(v, "peak_extra_mib_default_malloc"),
-                 mochi_over_moco_time=v["mochi"]["median_ms"] / v["moco"]["median_ms"])
-            for queue_size, v in sorted(by_k.items())]
+    return [
+        dict(
+            K=queue_size,
+            reference_over_mochi_time=v["reference"]["median_ms"] / v["mochi"]["median_ms"],
+            mochi_over_reference_memory=_share(v, "peak_extra_mib"),
+            mochi_over_reference_memory_default_malloc=_share(v, "peak_extra_mib_default_malloc"),
+            mochi_over_moco_time=v["mochi"]["median_ms"] / v["moco"]["median_ms"],
+        )
+        for queue_size, v in sorted(by_k.items())
+    ]
 
 
 def _share(v: dict[str, dict], key: str) -> float | None:
@@ -224,33 +265,69 @@ def _share(v: dict[str, dict], key: str) -> float | None:
 
 
 def targets_met(summary: list[dict]) -> dict:
-    return {str(s["K"]): {name: dict(
-        target=f"{what} {op} {bound}" + (" (issue target is at K=16384)" if name == "speed_vs_reference"
-                                         and s["K"] != 16384 else ""),
-        value=s[key], met=s[key] <= bound if op == "<=" else s[key] >= bound)
-        for name, (key, op, bound, what) in TARGETS.items()} for s in summary}
+    return {
+        str(s["K"]): {
+            name: dict(
+                target=f"{what} {op} {bound}"
+                + (" (issue target is at K=16384)" if name == "speed_vs_reference" and s["K"] != 16384 else ""),
+                value=s[key],
+                met=s[key] <= bound if op == "<=" else s[key] >= bound,
+            )
+            for name, (key, op, bound, what) in TARGETS.items()
+        }
+        for s in summary
+    }
 
 
 def report(rows: list[dict], summary: list[dict], targets: dict) -> str:
     fmt = common.fmt
     table = common.markdown_table(
         ["variant", "K", "median ms", "CPU ms", "peak extra MiB (live)", "peak extra MiB (default malloc)"],
-        [[r["variant"], r["K"], fmt(r["median_ms"]), fmt(r["cpu_median_ms"]), fmt(r["peak_extra_mib"]),
-          fmt(r["peak_extra_mib_default_malloc"])] for r in rows])
-    ratio_table = common.markdown_table(
-        ["K", "reference / mochi time", "mochi / reference memory (live)", "(default malloc)", "mochi / moco time"],
-        [[s["K"], fmt(s["reference_over_mochi_time"], ".2f"), fmt(s["mochi_over_reference_memory"], ".3f"),
-          fmt(s["mochi_over_reference_memory_default_malloc"], ".3f"), fmt(s["mochi_over_moco_time"], ".2f")]
-         for s in summary]) if summary else ""
-    verdicts = "\n".join(f"K={k}: " + "; ".join(f"{v['target']}: {v['value']:.3g} {'met' if v['met'] else 'MISSED'}"
-                                                for v in t.values()) for k, t in targets.items())
+        [
+            [
+                r["variant"],
+                r["K"],
+                fmt(r["median_ms"]),
+                fmt(r["cpu_median_ms"]),
+                fmt(r["peak_extra_mib"]),
+                fmt(r["peak_extra_mib_default_malloc"]),
+            ]
+            for r in rows
+        ],
+    )
+    ratio_table = (
+        common.markdown_table(
+            ["K", "reference / mochi time", "mochi / reference memory (live)", "(default malloc)", "mochi / moco time"],
+            [
+                [
+                    s["K"],
+                    fmt(s["reference_over_mochi_time"], ".2f"),
+                    fmt(s["mochi_over_reference_memory"], ".3f"),
+                    fmt(s["mochi_over_reference_memory_default_malloc"], ".3f"),
+                    fmt(s["mochi_over_moco_time"], ".2f"),
+                ]
+                for s in summary
+            ],
+        )
+        if summary
+        else ""
+    )
+    verdicts = "\n".join(
+        f"K={k}: " + "; ".join(f"{v['target']}: {v['value']:.3g} {'met' if v['met'] else 'MISSED'}" for v in t.values())
+        for k, t in targets.items()
+    )
     return REPORT.format(rows=table, ratios=ratio_table, targets=verdicts)
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__, "head", quick=f"small sizes {QUICK} for a smoke run", threads=common.usable_cpus(),
-                      threads_help="torch threads, the same for every variant (default: the CPUs this process may use)",
-                      sized=SIZED)
+    p = common.parser(
+        __doc__,
+        "head",
+        quick=f"small sizes {QUICK} for a smoke run",
+        threads=common.usable_cpus(),
+        threads_help="torch threads, the same for every variant (default: the CPUs this process may use)",
+        sized=SIZED,
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     args = common.parse(p, argv)
     if unknown := set(args.variants.split(",")) - set(VARIANTS):
@@ -265,9 +342,14 @@ def main(argv=None) -> None:
     import mochi_hub.loss  # noqa: F401
 
     logs = args.out.with_suffix(".logs")
-    result = dict(benchmark="MoCHi head: contrastive logits + InfoNCE, forward + backward w.r.t. q", quick=args.quick,
-                  sizes=QUICK if args.quick else PAPER, temperature=TEMPERATURE, threads=args.threads,
-                  **common.environment(__file__, argv))
+    result = dict(
+        benchmark="MoCHi head: contrastive logits + InfoNCE, forward + backward w.r.t. q",
+        quick=args.quick,
+        sizes=QUICK if args.quick else PAPER,
+        temperature=TEMPERATURE,
+        threads=args.threads,
+        **common.environment(__file__, argv),
+    )
     common.run_forked(agreement_child, dict(threads=args.threads), logs / "agreement.log")
     print("mochi == reference (loss and grad w.r.t. q, float64 and float32, small sizes): ok", flush=True)
     variants = [v for v in VARIANTS if v in args.variants.split(",")]

@@ -41,10 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 import common
 
-SIZED = dict(train_images=(int, 300, 2500, "training images"), eval_images=(int, 100, 1000, "evaluation images"),
-             epochs=(int, 3, None, "classifier epochs; none: the fashion-mnist preset's"),
-             milestones=(str, "2", None, "lr milestones, e.g. 12,16; none: the preset's"),
-             lr=(float, 0.1, None, "classifier lr; none: the preset's"))
+SIZED = dict(
+    train_images=(int, 300, 2500, "training images"),
+    eval_images=(int, 100, 1000, "evaluation images"),
+    epochs=(int, 3, None, "classifier epochs; none: the fashion-mnist preset's"),
+    milestones=(str, "2", None, "lr milestones, e.g. 12,16; none: the preset's"),
+    lr=(float, 0.1, None, "classifier lr; none: the preset's"),
+)
 FRESH = "fresh resnet18 (seed 0, MoCo init: zero_init_last=False)"
 REPORT = """
 {table}
@@ -75,8 +78,14 @@ def fresh_resnet18(folder: Path) -> str:
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__, "probe", quick="small sizes, few epochs: a smoke run", threads=common.usable_cpus(),
-                      threads_help="torch threads (default: the CPUs this process may use)", sized=SIZED)
+    p = common.parser(
+        __doc__,
+        "probe",
+        quick="small sizes, few epochs: a smoke run",
+        threads=common.usable_cpus(),
+        threads_help="torch threads (default: the CPUs this process may use)",
+        sized=SIZED,
+    )
     p.add_argument("--source", help="backbone to probe (default: a fresh resnet18, see above)")
     p.add_argument("--batch-size", type=int, help="global batch (default: the preset's)")
     p.add_argument("--image-size", type=int, help="crop size (default: the preset's, 32)")
@@ -93,46 +102,95 @@ def main(argv=None) -> None:
     from mochi_hub.probe import run_probe
 
     torch.set_num_threads(args.threads)
-    result = dict(bench="probe", quick=args.quick, source=args.source or FRESH, dataset="fashion-mnist (Debian idx)",
-                  train_images=args.train_images, eval_images=args.eval_images, threads=args.threads,
-                  **common.environment(__file__, argv))
+    result = dict(
+        bench="probe",
+        quick=args.quick,
+        source=args.source or FRESH,
+        dataset="fashion-mnist (Debian idx)",
+        train_images=args.train_images,
+        eval_images=args.eval_images,
+        threads=args.threads,
+        **common.environment(__file__, argv),
+    )
     sources = (first_images("train", args.train_images), first_images("val", args.eval_images))
     protocols = args.protocols.split(",")
     rows, config = {}, {}
-    print(f"probe bench: {args.train_images} train / {args.eval_images} eval Fashion-MNIST images, source "
-          f"{result['source']}, {args.threads} thread(s)", flush=True)
+    print(
+        f"probe bench: {args.train_images} train / {args.eval_images} eval Fashion-MNIST images, source "
+        f"{result['source']}, {args.threads} thread(s)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="mochi-bench-probe-") as tmp:
         source = args.source or fresh_resnet18(Path(tmp) / "resnet18")
         runs = [("fast", "cache-fast", label) for label in ("fast (cold)", "fast (warm)") if "fast" in protocols]
         runs += [(name, f"cache-{name}", name) for name in ("linear", "knn") if name in protocols]
         for protocol, cache, label in runs:
-            options = dict(dataset="fashion-mnist", protocol=protocol, epochs=args.epochs, lr=args.lr,
-                           lr_milestones=args.milestones, batch_size=args.batch_size, image_size=args.image_size,
-                           workers=args.workers, cache_dir=str(Path(tmp) / cache),
-                           output=str(Path(tmp) / f"{label}.json"))
+            options = dict(
+                dataset="fashion-mnist",
+                protocol=protocol,
+                epochs=args.epochs,
+                lr=args.lr,
+                lr_milestones=args.milestones,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                workers=args.workers,
+                cache_dir=str(Path(tmp) / cache),
+                output=str(Path(tmp) / f"{label}.json"),
+            )
             started = time.perf_counter()
-            out = run_probe(source, resolve_probe_config(**{k: v for k, v in options.items() if v is not None}),
-                            sources=sources, show=False)
+            out = run_probe(
+                source,
+                resolve_probe_config(**{k: v for k, v in options.items() if v is not None}),
+                sources=sources,
+                show=False,
+            )
             seconds = time.perf_counter() - started
-            rows[label] = dict(protocol=label, seconds=round(seconds, 2), top1=out["top1"], top5=out["top5"],
-                               train_images=out["train_images"], eval_images=out["eval_images"],
-                               phases={k: v for k, v in out["time"].items() if k.endswith("_s")})
+            rows[label] = dict(
+                protocol=label,
+                seconds=round(seconds, 2),
+                top1=out["top1"],
+                top5=out["top5"],
+                train_images=out["train_images"],
+                eval_images=out["eval_images"],
+                phases={k: v for k, v in out["time"].items() if k.endswith("_s")},
+            )
             config = config or out["hyperparameters"]
             print(f"  {label:12s} {seconds:8.1f} s  top-1 {out['top1']:6.2f}  top-5 {out['top5']:6.2f}", flush=True)
 
     linear, fast = rows.get("linear"), rows.get("fast (cold)")
     for row in rows.values():
         row["speedup_vs_linear"] = round(linear["seconds"] / row["seconds"], 2) if linear else None
-    targets = {"fast_speedup_at_least_10x": fast["speedup_vs_linear"] >= 10.0,
-               "fast_top1_within_2_points": abs(fast["top1"] - linear["top1"]) <= 2.0,
-               "fast_minus_linear_top1": round(fast["top1"] - linear["top1"], 2)} if linear and fast else {}
-    table = common.markdown_table(["protocol", "seconds", "x linear", "top-1 %", "top-5 %"], [
-        [r["protocol"], common.fmt(r["seconds"]), common.fmt(r["speedup_vs_linear"]), common.fmt(r["top1"], ".2f"),
-         common.fmt(r["top5"], ".2f")] for r in rows.values()])
+    targets = (
+        {
+            "fast_speedup_at_least_10x": fast["speedup_vs_linear"] >= 10.0,
+            "fast_top1_within_2_points": abs(fast["top1"] - linear["top1"]) <= 2.0,
+            "fast_minus_linear_top1": round(fast["top1"] - linear["top1"], 2),
+        }
+        if linear and fast
+        else {}
+    )
+    table = common.markdown_table(
+        ["protocol", "seconds", "x linear", "top-1 %", "top-5 %"],
+        [
+            [
+                r["protocol"],
+                common.fmt(r["seconds"]),
+                common.fmt(r["speedup_vs_linear"]),
+                common.fmt(r["top1"], ".2f"),
+                common.fmt(r["top5"], ".2f"),
+            ]
+            for r in rows.values()
+        ],
+    )
     knn = rows.get("knn", {}).get("phases", {})
-    print(REPORT.format(table=table, knn_s=common.fmt(knn.get("knn_s"), ".2f"),
-                        features_s=common.fmt(knn.get("features_s")),
-                        targets="\n".join(f"{name}: {value}" for name, value in targets.items())))
+    print(
+        REPORT.format(
+            table=table,
+            knn_s=common.fmt(knn.get("knn_s"), ".2f"),
+            features_s=common.fmt(knn.get("features_s")),
+            targets="\n".join(f"{name}: {value}" for name, value in targets.items()),
+        )
+    )
     common.write_result(args.out, dict(result, config=config, rows=list(rows.values()), targets=targets))
 
 

@@ -58,11 +58,13 @@ QUICK_SETTINGS: dict[str, tuple[int, int, int]] = {
     "MoCo-v2": (0, 0, 0),
     "MoCHi (128, 64, 32)": (128, 64, 32),
 }
-CURVES = (("proxy_top1", "proxy top-1 (positive ranked first; MoCHi: synthetic negatives included)"),
-          ("uniformity", "uniformity (Wang & Isola, t=2; lower = more uniform)"),
-          ("alignment", "alignment (E||q-k||^2; lower = better aligned)"),
-          ("false_negative_rate", "false-negative rate (same-class share) among the hardest queue entries"),
-          ("loss", "InfoNCE loss"))
+CURVES = (
+    ("proxy_top1", "proxy top-1 (positive ranked first; MoCHi: synthetic negatives included)"),
+    ("uniformity", "uniformity (Wang & Isola, t=2; lower = more uniform)"),
+    ("alignment", "alignment (E||q-k||^2; lower = better aligned)"),
+    ("false_negative_rate", "false-negative rate (same-class share) among the hardest queue entries"),
+    ("loss", "InfoNCE loss"),
+)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")
 FINAL_WINDOW = 5  # "final" = mean of the last 5 logged steps (each is one batch of 128: noisy alone)
 
@@ -87,24 +89,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.06)
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--key-momentum", type=float, default=0.99)
-    p.add_argument("--probe-images", type=int, default=None,
-                   help="seeded subset of the train split used as the kNN memory / linear training set "
-                        "(default 20000); the test split (10,000) is always used whole")
+    p.add_argument(
+        "--probe-images",
+        type=int,
+        default=None,
+        help="seeded subset of the train split used as the kNN memory / linear training set "
+        "(default 20000); the test split (10,000) is always used whole",
+    )
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--reference-seeds", default=None,
-                   help="seeds whose initial weights are probed as the random-init reference (default: the first "
-                        "seed; 'none' for no reference)")
+    p.add_argument(
+        "--reference-seeds",
+        default=None,
+        help="seeds whose initial weights are probed as the random-init reference (default: the first "
+        "seed; 'none' for no reference)",
+    )
     p.add_argument("--report-only", action="store_true", help="only rewrite --out from finished runs")
-    p.add_argument("--compare-with", type=Path, default=None,
-                   help="an earlier study.json: the report then says whether this study reproduces its table "
-                        "within the seed spread, and which runs of the same setting and seed came out identical")
-    p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each finished run's checkpoints/ (default: removed; export/ is kept)")
+    p.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        help="an earlier study.json: the report then says whether this study reproduces its table "
+        "within the seed spread, and which runs of the same setting and seed came out identical",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each finished run's checkpoints/ (default: removed; export/ is kept)",
+    )
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = dict(seeds="0" if quick else "0,1,2", train_images=256 if quick else 16384,
-                    epochs=2 if quick else 3, batch_size=32 if quick else 128, queue_size=128 if quick else 4096,
-                    probe_images=256 if quick else 20000)
+    defaults = dict(
+        seeds="0" if quick else "0,1,2",
+        train_images=256 if quick else 16384,
+        epochs=2 if quick else 3,
+        batch_size=32 if quick else 128,
+        queue_size=128 if quick else 4096,
+        probe_images=256 if quick else 20000,
+    )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -117,25 +138,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------- running
 
+
 def train_config(args: argparse.Namespace, mochi: tuple[int, int, int], seed: int, output: Path):
     from mochi_hub.config import resolve_train_config
 
     steps_per_epoch = args.train_images // args.batch_size
     return resolve_train_config(
-        dataset="fashion-mnist", model=args.model, image_size=args.image_size, epochs=args.epochs,
-        batch_size=args.batch_size, queue_size=args.queue_size, mochi=mochi,
-        mixing_warmup_epochs=args.mixing_warmup_epochs if mochi[1] + mochi[2] else 0, lr=args.lr, temperature=args.temperature,
-        key_momentum=args.key_momentum, seed=seed, workers=args.workers, output=str(output),
-        max_train_images=args.train_images, log_every_steps=max(1, min(10, steps_per_epoch // 4)),
-        keep_checkpoints=1, report_to="none", resume="auto")
+        dataset="fashion-mnist",
+        model=args.model,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        queue_size=args.queue_size,
+        mochi=mochi,
+        mixing_warmup_epochs=args.mixing_warmup_epochs if mochi[1] + mochi[2] else 0,
+        lr=args.lr,
+        temperature=args.temperature,
+        key_momentum=args.key_momentum,
+        seed=seed,
+        workers=args.workers,
+        output=str(output),
+        max_train_images=args.train_images,
+        log_every_steps=max(1, min(10, steps_per_epoch // 4)),
+        keep_checkpoints=1,
+        report_to="none",
+        resume="auto",
+    )
 
 
 def probe_config(args: argparse.Namespace, protocol: str, runs_dir: Path, output: str | None = None):
     from mochi_hub.config import resolve_probe_config
 
-    return resolve_probe_config(dataset="fashion-mnist", protocol=protocol, split="val", image_size=args.image_size,
-                                max_images=args.probe_images, workers=args.workers,
-                                cache_dir=str(runs_dir / "feature-cache"), output=output)
+    return resolve_probe_config(
+        dataset="fashion-mnist",
+        protocol=protocol,
+        split="val",
+        image_size=args.image_size,
+        max_images=args.probe_images,
+        workers=args.workers,
+        cache_dir=str(runs_dir / "feature-cache"),
+        output=output,
+    )
 
 
 def probe_path(run_dir: Path, args: argparse.Namespace, protocol: str, runs_dir: Path) -> Path:
@@ -151,8 +194,9 @@ def finished(run_dir: Path, args: argparse.Namespace, runs_dir: Path) -> bool:
     return all(probe_path(run_dir, args, p, runs_dir).is_file() for p in ("knn", "fast"))
 
 
-def do_run(args: argparse.Namespace, mochi: tuple[int, int, int], seed: int, run_dir: Path, runs_dir: Path,
-           log) -> None:
+def do_run(
+    args: argparse.Namespace, mochi: tuple[int, int, int], seed: int, run_dir: Path, runs_dir: Path, log
+) -> None:
     from mochi_hub.probe import run_probe
     from mochi_hub.train import train
 
@@ -188,18 +232,28 @@ def reference_probe(args: argparse.Namespace, seed: int, runs_dir: Path, log) ->
             if module is None:
                 torch.manual_seed(seed)
                 module = create_backbone(args.model).eval()
-                info = {"kind": "random-init", "seed": seed, "architecture": args.model,
-                        "num_features": int(module.num_features), "weights_sha256": weights_sha256(module)}
+                info = {
+                    "kind": "random-init",
+                    "seed": seed,
+                    "architecture": args.model,
+                    "num_features": int(module.num_features),
+                    "weights_sha256": weights_sha256(module),
+                }
             folder.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
-            run_probe(f"random-init:{args.model}:seed{seed}", probe_config(args, protocol, runs_dir, str(path)),
-                      backbone=(module, info), show=False)
+            run_probe(
+                f"random-init:{args.model}:seed{seed}",
+                probe_config(args, protocol, runs_dir, str(path)),
+                backbone=(module, info),
+                show=False,
+            )
             log(f"  random init seed {seed} {protocol}: {time.perf_counter() - t:.0f} s")
         results[protocol] = json.loads(path.read_text())["top1"]
     return results
 
 
 # ----------------------------------------------------------------------------------------------- reading
+
 
 def read_steps(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
@@ -229,23 +283,33 @@ def run_record(run_dir: Path, args: argparse.Namespace, runs_dir: Path, name: st
 
     last = steps[-FINAL_WINDOW:]
     record = {
-        "setting": name, "mochi": list(mochi), "seed": seed, "run_dir": str(run_dir),
+        "setting": name,
+        "mochi": list(mochi),
+        "seed": seed,
+        "run_dir": str(run_dir),
         "knn_top1": json.loads(probe_path(run_dir, args, "knn", runs_dir).read_text())["top1"],
         "fast_top1": json.loads(probe_path(run_dir, args, "fast", runs_dir).read_text())["top1"],
-        "final_proxy_top1": mean("proxy_top1", last), "final_uniformity": mean("uniformity", last),
-        "final_alignment": mean("alignment", last), "final_loss": mean("loss", last),
+        "final_proxy_top1": mean("proxy_top1", last),
+        "final_uniformity": mean("uniformity", last),
+        "final_alignment": mean("alignment", last),
+        "final_loss": mean("loss", last),
         "mean_false_negative_rate": mean("false_negative_rate", after),
         "mean_proxy_top1_after_warmup": mean("proxy_top1", after),
         "mean_uniformity_after_warmup": mean("uniformity", after),
         "mean_false_negative_rate_warmup": mean("false_negative_rate", [r for r in steps if r["step"] <= warm]),
         "last_step_values": {k: steps[-1].get(k) for k, _ in CURVES} if steps else {},
-        "wall_time_s": info["summary"]["wall_time_s"], "train_images_per_sec": info["summary"]["images_per_sec"],
-        "steps_per_epoch": steps_per_epoch, "total_steps": info["total_steps"], "warmup_steps": warm,
+        "wall_time_s": info["summary"]["wall_time_s"],
+        "train_images_per_sec": info["summary"]["images_per_sec"],
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": info["total_steps"],
+        "warmup_steps": warm,
         "curves": {k: [[r["step"], r.get(k)] for r in steps] for k, _ in CURVES},
         "probe_train_images": json.loads(probe_path(run_dir, args, "knn", runs_dir).read_text())["train_images"],
         "probe_eval_images": json.loads(probe_path(run_dir, args, "knn", runs_dir).read_text())["eval_images"],
-        "probe_seconds": {p: json.loads(probe_path(run_dir, args, p, runs_dir).read_text())["time"]["seconds"]
-                          for p in ("knn", "fast")},
+        "probe_seconds": {
+            p: json.loads(probe_path(run_dir, args, p, runs_dir).read_text())["time"]["seconds"]
+            for p in ("knn", "fast")
+        },
     }
     return record
 
@@ -257,13 +321,21 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-TABLE_COLUMNS = (("knn_top1", "kNN top-1 %", 2), ("fast_top1", "fast-linear top-1 %", 2),
-                 ("final_proxy_top1", "final proxy top-1", 3), ("final_uniformity", "final uniformity", 3),
-                 ("final_alignment", "final alignment", 3), ("mean_false_negative_rate", "mean FN rate", 3))
+TABLE_COLUMNS = (
+    ("knn_top1", "kNN top-1 %", 2),
+    ("fast_top1", "fast-linear top-1 %", 2),
+    ("final_proxy_top1", "final proxy top-1", 3),
+    ("final_uniformity", "final uniformity", 3),
+    ("final_alignment", "final alignment", 3),
+    ("mean_false_negative_rate", "mean FN rate", 3),
+)
 
 
-EXTRA_COLUMNS = (("wall_time_s", "", 0), ("mean_proxy_top1_after_warmup", "", 3),
-                 ("mean_uniformity_after_warmup", "", 3))
+EXTRA_COLUMNS = (
+    ("wall_time_s", "", 0),
+    ("mean_proxy_top1_after_warmup", "", 3),
+    ("mean_uniformity_after_warmup", "", 3),
+)
 
 
 def aggregate(records: list[dict[str, Any]], settings: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
@@ -298,8 +370,9 @@ def compare(agg: dict[str, Any], key: str, a: str, b: str) -> dict[str, Any] | N
     if not va or not vb:
         return None
     diff = statistics.fmean(vb) - statistics.fmean(va)
-    var = (statistics.variance(va) / len(va) if len(va) > 1 else 0.0) + \
-          (statistics.variance(vb) / len(vb) if len(vb) > 1 else 0.0)
+    var = (statistics.variance(va) / len(va) if len(va) > 1 else 0.0) + (
+        statistics.variance(vb) / len(vb) if len(vb) > 1 else 0.0
+    )
     se = math.sqrt(var)
     return {"diff": diff, "se": se, "z": diff / se if se > 0 else None, "n": [len(va), len(vb)]}
 
@@ -319,8 +392,15 @@ def verdict(c: dict[str, Any] | None, sign: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- plotting
 
-def plot_curves(series: dict[str, list[list[float]]], title: str, path: Path, *, vline: float | None = None,
-                hline: tuple[float, str] | None = None) -> None:
+
+def plot_curves(
+    series: dict[str, list[list[float]]],
+    title: str,
+    path: Path,
+    *,
+    vline: float | None = None,
+    hline: tuple[float, str] | None = None,
+) -> None:
     """One PNG line chart, one line per setting (mean over seeds), with a legend; Pillow only, as
     mochi_hub.export.plot_training_curves."""
     from PIL import Image, ImageDraw, ImageFont
@@ -387,6 +467,7 @@ def plot_curves(series: dict[str, list[list[float]]], title: str, path: Path, *,
 
 # ----------------------------------------------------------------------------------------------- report
 
+
 def machine_info() -> dict[str, Any]:
     import timm
     import torch
@@ -401,19 +482,32 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu_model": cpu, "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(),
-            "versions": {"torch": torch.__version__, "timm": timm.__version__, "mochi-hub": mochi_hub.__version__,
-                         "torchvision": __import__("torchvision").__version__,
-                         "accelerate": __import__("accelerate").__version__}}
+    return {
+        "cpu_model": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "mochi-hub": mochi_hub.__version__,
+            "torchvision": __import__("torchvision").__version__,
+            "accelerate": __import__("accelerate").__version__,
+        },
+    }
 
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -430,9 +524,15 @@ def fmt_cmp(c: dict[str, Any] | None, digits: int) -> str:
     return f"{c['diff']:+.{digits}f} ± {c['se']:.{digits}f}"
 
 
-def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, Any]], expected: list[tuple[str, int]],
-                 references: dict[int, dict[str, float]], meta: dict[str, Any],
-                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_report(
+    args: argparse.Namespace,
+    out: Path,
+    records: list[dict[str, Any]],
+    expected: list[tuple[str, int]],
+    references: dict[int, dict[str, float]],
+    meta: dict[str, Any],
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     settings = args.settings
     agg = aggregate(records, settings)
@@ -448,8 +548,13 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
         if not any(series.values()):
             continue
         name = f"{key}.png"
-        plot_curves(series, title + " - mean over seeds", out / name, vline=warm,
-                    hline=(0.1, "10 classes: chance share 0.10") if key == "false_negative_rate" else None)
+        plot_curves(
+            series,
+            title + " - mean over seeds",
+            out / name,
+            vline=warm,
+            hline=(0.1, "10 classes: chance share 0.10") if key == "false_negative_rate" else None,
+        )
         plots.append((key, name))
 
     comparisons = {}
@@ -458,21 +563,38 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
     claims = []
     for name in list(settings)[1:]:
         c = comparisons[name]
-        claims.append({"setting": name,
-                       "proxy_harder": verdict(c["final_proxy_top1"], -1),
-                       "proxy_harder_after_warmup": verdict(c["mean_proxy_top1_after_warmup"], -1),
-                       "uniformity_better_after_warmup": verdict(c["mean_uniformity_after_warmup"], -1),
-                       "uniformity_better": verdict(c["final_uniformity"], -1),
-                       "knn_gain": verdict(c["knn_top1"], +1), "fast_gain": verdict(c["fast_top1"], +1)})
+        claims.append(
+            {
+                "setting": name,
+                "proxy_harder": verdict(c["final_proxy_top1"], -1),
+                "proxy_harder_after_warmup": verdict(c["mean_proxy_top1_after_warmup"], -1),
+                "uniformity_better_after_warmup": verdict(c["mean_uniformity_after_warmup"], -1),
+                "uniformity_better": verdict(c["final_uniformity"], -1),
+                "knn_gain": verdict(c["knn_top1"], +1),
+                "fast_gain": verdict(c["fast_top1"], +1),
+            }
+        )
 
-    study = {"command": meta["command"], "partial": partial, "missing": missing, "args": {
-        k: v for k, v in vars(args).items() if k not in ("settings", "compare_with")}, "settings": {k: list(v) for k, v in settings.items()},
-        "machine": meta["machine"], "git_commit": meta["git_commit"], "trained_at_commits": meta["trained_at_commits"],
+    study = {
+        "command": meta["command"],
+        "partial": partial,
+        "missing": missing,
+        "args": {k: v for k, v in vars(args).items() if k not in ("settings", "compare_with")},
+        "settings": {k: list(v) for k, v in settings.items()},
+        "machine": meta["machine"],
+        "git_commit": meta["git_commit"],
+        "trained_at_commits": meta["trained_at_commits"],
         "started": meta["started"],
-        "finished": meta["finished"], "study_wall_time_s": meta["wall_time_s"], "invocations": meta["invocations"],
+        "finished": meta["finished"],
+        "study_wall_time_s": meta["wall_time_s"],
+        "invocations": meta["invocations"],
         "sum_of_run_wall_times_s": sum(r["wall_time_s"] for r in records),
-        "random_init_reference": references, "aggregate": agg, "comparisons_vs_moco": comparisons,
-        "claims": claims, "runs": records}
+        "random_init_reference": references,
+        "aggregate": agg,
+        "comparisons_vs_moco": comparisons,
+        "claims": claims,
+        "runs": records,
+    }
     if previous is not None:
         study["reproducibility"] = reproducibility(agg, records, previous)
     (out / "study.json").write_text(json.dumps(study, indent=1))
@@ -480,82 +602,121 @@ def write_report(args: argparse.Namespace, out: Path, records: list[dict[str, An
     m = meta["machine"]
     lines = [f"# CPU-scale study: MoCHi vs MoCo-v2 on Fashion-MNIST{' (PARTIAL)' if partial else ''}", ""]
     if partial:
-        lines += [f"**Partial**: {len(records)} of {len(expected)} runs finished; missing: {', '.join(missing)}. "
-                  "Re-running the command below continues the study (finished runs are not redone).", ""]
-    lines += ["Generated by `bench/study.py` (issue 7). Every number below is in [study.json](study.json).", "",
-              "## Command", "", "```bash", meta["command"], "```", "",
-              f"- machine: {m['cpu_model']}, {m['usable_cpus']} usable CPU cores ({m['logical_cpus']} logical), "
-              f"torch threads {m['torch_threads']}, no GPU; Python {m['python']}",
-              f"- versions: torch {m['versions']['torch']}, torchvision {m['versions']['torchvision']}, "
-              f"timm {m['versions']['timm']}, accelerate {m['versions']['accelerate']}, "
-              f"mochi-hub {m['versions']['mochi-hub']} (runs trained at commit "
-              f"{', '.join(meta['trained_at_commits']) or 'not recorded'}; report written at commit "
-              f"{meta['git_commit'] or 'unknown'})",
-              f"- wall time: {meta['wall_time_s'] / 60:.1f} min over {max(1, len(meta['invocations']))} invocation(s) "
-              f"(first started {meta['started']}; an interrupted study continues where it stopped); "
-              f"sum of the runs' own training wall times: {sum(r['wall_time_s'] for r in records) / 60:.1f} min "
-              "(the machine was shared with other work at times, so times are upper bounds)", ""]
+        lines += [
+            f"**Partial**: {len(records)} of {len(expected)} runs finished; missing: {', '.join(missing)}. "
+            "Re-running the command below continues the study (finished runs are not redone).",
+            "",
+        ]
+    lines += [
+        "Generated by `bench/study.py` (issue 7). Every number below is in [study.json](study.json).",
+        "",
+        "## Command",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+        f"- machine: {m['cpu_model']}, {m['usable_cpus']} usable CPU cores ({m['logical_cpus']} logical), "
+        f"torch threads {m['torch_threads']}, no GPU; Python {m['python']}",
+        f"- versions: torch {m['versions']['torch']}, torchvision {m['versions']['torchvision']}, "
+        f"timm {m['versions']['timm']}, accelerate {m['versions']['accelerate']}, "
+        f"mochi-hub {m['versions']['mochi-hub']} (runs trained at commit "
+        f"{', '.join(meta['trained_at_commits']) or 'not recorded'}; report written at commit "
+        f"{meta['git_commit'] or 'unknown'})",
+        f"- wall time: {meta['wall_time_s'] / 60:.1f} min over {max(1, len(meta['invocations']))} invocation(s) "
+        f"(first started {meta['started']}; an interrupted study continues where it stopped); "
+        f"sum of the runs' own training wall times: {sum(r['wall_time_s'] for r in records) / 60:.1f} min "
+        "(the machine was shared with other work at times, so times are upper bounds)",
+        "",
+    ]
     steps = records[0] if records else None
     fn_n = min(1024, args.queue_size)  # train.py's hard-set size for a MoCo-v2 run's false-negative analysis
     probe_train = records[0]["probe_train_images"] if records else args.probe_images
     probe_eval = records[0]["probe_eval_images"] if records else None
     mixing_n = sorted({v[0] for v in settings.values() if v[1] + v[2]})
-    lines += ["## Setup (the same for every run)", "",
-              f"- data: Fashion-MNIST (Debian's real images), pretraining on the first {args.train_images:,} "
-              f"training images; probes fit on a seeded {probe_train:,}-image subset of the training split and "
-              f"report {'the whole test split' if probe_eval == 10000 else 'a seeded subset of the test split'} "
-              f"({probe_eval if probe_eval is not None else '?'} images)",
-              f"- backbone: timm `{args.model}` (random init, `num_classes=0`) + MoCo-v2 MLP head (128-d), "
-              f"{args.image_size} px crops; MoCo-v2 augmentation unchanged (random resized crop 0.2-1, colour "
-              "jitter p=0.8, random grayscale p=0.2, blur p=0.5, flip). On these grayscale images (converted to "
-              "RGB with R=G=B) the jitter's saturation and hue and the random grayscale do nothing; brightness "
-              "and contrast still act",
-              f"- {args.epochs} epochs x {steps['steps_per_epoch'] if steps else '?'} steps of batch "
-              f"{args.batch_size} = {steps['total_steps'] if steps else '?'} steps; queue K = {args.queue_size}; "
-              f"SGD lr {args.lr} (cosine), momentum 0.9, wd 1e-4; temperature {args.temperature}; key momentum "
-              f"{args.key_momentum}; shuffle-BN emulated on one process (split BN)",
-              f"- MoCHi runs: no mixing during the first {args.mixing_warmup_epochs} epoch(s) (until step {warm}), the "
-              "same rule for every MoCHi setting; MoCo-v2 never mixes. Seeds: " + ", ".join(map(str, args.seeds)),
-              f"- why N = {', '.join(map(str, mixing_n))}: with K = {args.queue_size} and 10 classes, about "
-              f"{args.queue_size // 10} queue entries share a query's class; see the docstring of `bench/study.py` "
-              f"(the paper's N = 1024 of K = 16384 with 100 classes is about 6 classes' worth of entries). "
-              f"{fn_n} is also the hard-set size over which mochi_hub.train measures a MoCo-v2 run's false-negative "
-              f"rate (min(1024, K)); a MoCHi run's is measured over its own N"
-              + (", so every run is measured over the same hard set size" if mixing_n == [fn_n] else
-                 " (NOT the same here: compare the FN rates with care)"),
-              "- probes: `knn` (k = 200, T = 0.07, cosine) and `fast` (linear classifier, 20 epochs, on cached "
-              "features of un-augmented centre crops; not the paper's augmented linear protocol)",
-              f"- final proxy top-1 / uniformity / alignment: mean of the last {FINAL_WINDOW} logged steps (one "
-              "batch each); mean FN rate: mean over the logged steps after warm-up (the steps where MoCHi mixes; "
-              "the same steps for MoCo-v2) of the share of same-class entries among each query's hardest queue "
-              "entries (chance: about 0.10)", ""]
-    lines += ["## Results (mean ± std over seeds)", "",
-              "| setting | runs | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " | train wall time (s) |",
-              "|---" * (len(TABLE_COLUMNS) + 3) + "|"]
+    lines += [
+        "## Setup (the same for every run)",
+        "",
+        f"- data: Fashion-MNIST (Debian's real images), pretraining on the first {args.train_images:,} "
+        f"training images; probes fit on a seeded {probe_train:,}-image subset of the training split and "
+        f"report {'the whole test split' if probe_eval == 10000 else 'a seeded subset of the test split'} "
+        f"({probe_eval if probe_eval is not None else '?'} images)",
+        f"- backbone: timm `{args.model}` (random init, `num_classes=0`) + MoCo-v2 MLP head (128-d), "
+        f"{args.image_size} px crops; MoCo-v2 augmentation unchanged (random resized crop 0.2-1, colour "
+        "jitter p=0.8, random grayscale p=0.2, blur p=0.5, flip). On these grayscale images (converted to "
+        "RGB with R=G=B) the jitter's saturation and hue and the random grayscale do nothing; brightness "
+        "and contrast still act",
+        f"- {args.epochs} epochs x {steps['steps_per_epoch'] if steps else '?'} steps of batch "
+        f"{args.batch_size} = {steps['total_steps'] if steps else '?'} steps; queue K = {args.queue_size}; "
+        f"SGD lr {args.lr} (cosine), momentum 0.9, wd 1e-4; temperature {args.temperature}; key momentum "
+        f"{args.key_momentum}; shuffle-BN emulated on one process (split BN)",
+        f"- MoCHi runs: no mixing during the first {args.mixing_warmup_epochs} epoch(s) (until step {warm}), the "
+        "same rule for every MoCHi setting; MoCo-v2 never mixes. Seeds: " + ", ".join(map(str, args.seeds)),
+        f"- why N = {', '.join(map(str, mixing_n))}: with K = {args.queue_size} and 10 classes, about "
+        f"{args.queue_size // 10} queue entries share a query's class; see the docstring of `bench/study.py` "
+        f"(the paper's N = 1024 of K = 16384 with 100 classes is about 6 classes' worth of entries). "
+        f"{fn_n} is also the hard-set size over which mochi_hub.train measures a MoCo-v2 run's false-negative "
+        f"rate (min(1024, K)); a MoCHi run's is measured over its own N"
+        + (
+            ", so every run is measured over the same hard set size"
+            if mixing_n == [fn_n]
+            else " (NOT the same here: compare the FN rates with care)"
+        ),
+        "- probes: `knn` (k = 200, T = 0.07, cosine) and `fast` (linear classifier, 20 epochs, on cached "
+        "features of un-augmented centre crops; not the paper's augmented linear protocol)",
+        f"- final proxy top-1 / uniformity / alignment: mean of the last {FINAL_WINDOW} logged steps (one "
+        "batch each); mean FN rate: mean over the logged steps after warm-up (the steps where MoCHi mixes; "
+        "the same steps for MoCo-v2) of the share of same-class entries among each query's hardest queue "
+        "entries (chance: about 0.10)",
+        "",
+    ]
+    lines += [
+        "## Results (mean ± std over seeds)",
+        "",
+        "| setting | runs | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " | train wall time (s) |",
+        "|---" * (len(TABLE_COLUMNS) + 3) + "|",
+    ]
     for name in settings:
         if name not in agg:
             lines.append(f"| {name} | 0 | " + " | ".join("n/a" for _ in TABLE_COLUMNS) + " | n/a |")
             continue
         e = agg[name]
-        lines.append(f"| {name} | {e['n']} | " + " | ".join(fmt(e[k], d) for k, _, d in TABLE_COLUMNS)
-                     + f" | {fmt(e['wall_time_s'], 0)} |")
+        lines.append(
+            f"| {name} | {e['n']} | "
+            + " | ".join(fmt(e[k], d) for k, _, d in TABLE_COLUMNS)
+            + f" | {fmt(e['wall_time_s'], 0)} |"
+        )
     if references:
         knn = mean_std([r["knn"] for r in references.values()])
         fast = mean_std([r["fast"] for r in references.values()])
-        lines.append(f"| random init (reference, no training) | {len(references)} | "
-                     f"{fmt({'mean': knn[0], 'std': knn[1]}, 2)} | {fmt({'mean': fast[0], 'std': fast[1]}, 2)} | "
-                     "- | - | - | - | - |")
-    lines += ["", "Differences against MoCo-v2 (MoCHi minus MoCo-v2, ± standard error of the difference of the "
-              "seed means):", "",
-              "| setting | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+        lines.append(
+            f"| random init (reference, no training) | {len(references)} | "
+            f"{fmt({'mean': knn[0], 'std': knn[1]}, 2)} | {fmt({'mean': fast[0], 'std': fast[1]}, 2)} | "
+            "- | - | - | - | - |"
+        )
+    lines += [
+        "",
+        "Differences against MoCo-v2 (MoCHi minus MoCo-v2, ± standard error of the difference of the seed means):",
+        "",
+        "| setting | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |",
+        "|---" * (len(TABLE_COLUMNS) + 1) + "|",
+    ]
     for name, c in comparisons.items():
         lines.append(f"| {name} | " + " | ".join(fmt_cmp(c[k], d) for k, _, d in TABLE_COLUMNS) + " |")
-    lines += ["", "Per run:", "", "| setting | seed | kNN top-1 | fast top-1 | final proxy top-1 | final uniformity | "
-              "final alignment | mean FN rate | wall time (s) |", "|---" * 9 + "|"]
+    lines += [
+        "",
+        "Per run:",
+        "",
+        "| setting | seed | kNN top-1 | fast top-1 | final proxy top-1 | final uniformity | "
+        "final alignment | mean FN rate | wall time (s) |",
+        "|---" * 9 + "|",
+    ]
     for r in records:
-        lines.append(f"| {r['setting']} | {r['seed']} | {r['knn_top1']:.2f} | {r['fast_top1']:.2f} | "
-                     f"{r['final_proxy_top1']:.3f} | {r['final_uniformity']:.3f} | {r['final_alignment']:.3f} | "
-                     f"{r['mean_false_negative_rate']:.3f} | {r['wall_time_s']:.0f} |")
+        lines.append(
+            f"| {r['setting']} | {r['seed']} | {r['knn_top1']:.2f} | {r['fast_top1']:.2f} | "
+            f"{r['final_proxy_top1']:.3f} | {r['final_uniformity']:.3f} | {r['final_alignment']:.3f} | "
+            f"{r['mean_false_negative_rate']:.3f} | {r['wall_time_s']:.0f} |"
+        )
     lines += ["", "## Curves (mean over seeds; the dashed line is the end of the warm-up)", ""]
     for key, name in plots:
         lines += [f"![{key}]({name})", ""]
@@ -585,59 +746,100 @@ def reproducibility(agg: dict[str, Any], records: list[dict[str, Any]], previous
                 continue
             spread = max(now["std"] or 0.0, then["std"] or 0.0)
             diff = now["mean"] - then["mean"]
-            settings[name][key] = {"now": now["mean"], "before": then["mean"], "diff": diff, "spread": spread,
-                                   "n": [entry["n"], before["n"]], "within_spread": abs(diff) <= spread}
+            settings[name][key] = {
+                "now": now["mean"],
+                "before": then["mean"],
+                "diff": diff,
+                "spread": spread,
+                "n": [entry["n"], before["n"]],
+                "within_spread": abs(diff) <= spread,
+            }
     earlier = {(r["setting"], r["seed"]): r for r in previous.get("runs", [])}
     runs = []
     for r in records:
         old = earlier.get((r["setting"], r["seed"]))
         if old is not None:
-            runs.append({"setting": r["setting"], "seed": r["seed"],
-                         "max_abs_diff": {k: abs(r[k] - old[k]) for k in columns
-                                          if r.get(k) is not None and old.get(k) is not None}})
-    return {"previous_commit": previous.get("git_commit"), "previous_started": previous.get("started"),
-            "settings": settings, "same_runs": runs}
+            runs.append(
+                {
+                    "setting": r["setting"],
+                    "seed": r["seed"],
+                    "max_abs_diff": {
+                        k: abs(r[k] - old[k]) for k in columns if r.get(k) is not None and old.get(k) is not None
+                    },
+                }
+            )
+    return {
+        "previous_commit": previous.get("git_commit"),
+        "previous_started": previous.get("started"),
+        "settings": settings,
+        "same_runs": runs,
+    }
 
 
 def reproducibility_section(rep: dict[str, Any], path: str) -> list[str]:
     names = {key: label for key, label, _ in TABLE_COLUMNS}
     digits = {key: d for key, _, d in TABLE_COLUMNS}
-    lines = ["## Re-running the study", "",
-             f"Compared with an earlier study ({path}: commit {rep['previous_commit'] or 'unknown'}, started "
-             f"{rep['previous_started']}). *within spread*: the difference of the seed means is at most the larger of "
-             "the two standard deviations over seeds.", "",
-             "| setting | runs (now, before) | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 2) + "|"]
+    lines = [
+        "## Re-running the study",
+        "",
+        f"Compared with an earlier study ({path}: commit {rep['previous_commit'] or 'unknown'}, started "
+        f"{rep['previous_started']}). *within spread*: the difference of the seed means is at most the larger of "
+        "the two standard deviations over seeds.",
+        "",
+        "| setting | runs (now, before) | " + " | ".join(names.values()) + " |",
+        "|---" * (len(names) + 2) + "|",
+    ]
     for name, cols in rep["settings"].items():
         n = next(iter(cols.values()))["n"] if cols else ["?", "?"]
         cells = []
         for key in names:
             c = cols.get(key)
-            cells.append("n/a" if c is None else f"{c['diff']:+.{digits[key]}f} (spread {c['spread']:.{digits[key]}f}): "
-                         f"{'within spread' if c['within_spread'] else '**outside spread**'}")
+            cells.append(
+                "n/a"
+                if c is None
+                else f"{c['diff']:+.{digits[key]}f} (spread {c['spread']:.{digits[key]}f}): "
+                f"{'within spread' if c['within_spread'] else '**outside spread**'}"
+            )
         lines.append(f"| {name} | {n[0]}, {n[1]} | " + " | ".join(cells) + " |")
     if rep["same_runs"]:
-        lines += ["", "Runs of the same setting and seed in both studies, absolute difference per column "
-                  "(0 = the same value):", "", "| setting | seed | " + " | ".join(names.values()) + " |",
-                  "|---" * (len(names) + 2) + "|"]
+        lines += [
+            "",
+            "Runs of the same setting and seed in both studies, absolute difference per column (0 = the same value):",
+            "",
+            "| setting | seed | " + " | ".join(names.values()) + " |",
+            "|---" * (len(names) + 2) + "|",
+        ]
         for r in rep["same_runs"]:
-            lines.append(f"| {r['setting']} | {r['seed']} | " + " | ".join(
-                f"{r['max_abs_diff'][k]:.{digits[k] + 1}f}" if k in r["max_abs_diff"] else "n/a" for k in names) + " |")
+            lines.append(
+                f"| {r['setting']} | {r['seed']} | "
+                + " | ".join(
+                    f"{r['max_abs_diff'][k]:.{digits[k] + 1}f}" if k in r["max_abs_diff"] else "n/a" for k in names
+                )
+                + " |"
+            )
     return lines + [""]
 
 
 CLAIMS_PLACEHOLDER = "<!-- claims -->"
 
 
-def claims_section(agg: dict[str, Any], comparisons: dict[str, Any], claims: list[dict[str, Any]],
-                   settings: dict[str, tuple[int, int, int]]) -> str:
+def claims_section(
+    agg: dict[str, Any],
+    comparisons: dict[str, Any],
+    claims: list[dict[str, Any]],
+    settings: dict[str, tuple[int, int, int]],
+) -> str:
     """The side-by-side table, generated from the numbers: a claim 'holds' when the difference of seed
     means lies in the paper's direction by at least 2 standard errors."""
     moco = next(iter(settings))
-    rows = ["Verdict rule: *holds* when MoCHi minus MoCo-v2 lies in the paper's direction by at least two "
-            "standard errors of the difference of seed means; *opposite* when it lies the other way by as much; "
-            "otherwise *not resolved*.", "",
-            "| paper's claim | what was measured here | " + " | ".join(f"{n}" for n in list(settings)[1:]) + " |",
-            "|---|---|" + "---|" * (len(settings) - 1)]
+    rows = [
+        "Verdict rule: *holds* when MoCHi minus MoCo-v2 lies in the paper's direction by at least two "
+        "standard errors of the difference of seed means; *opposite* when it lies the other way by as much; "
+        "otherwise *not resolved*.",
+        "",
+        "| paper's claim | what was measured here | " + " | ".join(f"{n}" for n in list(settings)[1:]) + " |",
+        "|---|---|" + "---|" * (len(settings) - 1),
+    ]
 
     def cell(name: str, key: str, claim: str, digits: int) -> str:
         c = comparisons[name][key]
@@ -645,15 +847,28 @@ def claims_section(agg: dict[str, Any], comparisons: dict[str, Any], claims: lis
         return f"{fmt_cmp(c, digits)}: **{v}**"
 
     others = list(settings)[1:]
-    rows.append("| (1) MoCHi makes the proxy task harder (lower proxy accuracy) | final proxy top-1, MoCHi - MoCo-v2 "
-                "(MoCHi's counts its synthetic negatives, as its loss does) | "
-                + " | ".join(cell(n, "final_proxy_top1", "proxy_harder", 3) + "; mean after warm-up: "
-                             + cell(n, "mean_proxy_top1_after_warmup", "proxy_harder_after_warmup", 3)
-                             for n in others) + " |")
-    rows.append("| (2) MoCHi improves uniformity | final uniformity, MoCHi - MoCo-v2 (negative = more uniform) | "
-                + " | ".join(cell(n, "final_uniformity", "uniformity_better", 3) + "; mean after warm-up: "
-                             + cell(n, "mean_uniformity_after_warmup", "uniformity_better_after_warmup", 3)
-                             for n in others) + " |")
+    rows.append(
+        "| (1) MoCHi makes the proxy task harder (lower proxy accuracy) | final proxy top-1, MoCHi - MoCo-v2 "
+        "(MoCHi's counts its synthetic negatives, as its loss does) | "
+        + " | ".join(
+            cell(n, "final_proxy_top1", "proxy_harder", 3)
+            + "; mean after warm-up: "
+            + cell(n, "mean_proxy_top1_after_warmup", "proxy_harder_after_warmup", 3)
+            for n in others
+        )
+        + " |"
+    )
+    rows.append(
+        "| (2) MoCHi improves uniformity | final uniformity, MoCHi - MoCo-v2 (negative = more uniform) | "
+        + " | ".join(
+            cell(n, "final_uniformity", "uniformity_better", 3)
+            + "; mean after warm-up: "
+            + cell(n, "mean_uniformity_after_warmup", "uniformity_better_after_warmup", 3)
+            for n in others
+        )
+        + " |"
+    )
+
     def above_chance(name: str) -> str:
         e = agg.get(name, {}).get("mean_false_negative_rate")
         if not e or e["mean"] is None:
@@ -661,16 +876,27 @@ def claims_section(agg: dict[str, Any], comparisons: dict[str, Any], claims: lis
         n = len([v for v in e["values"] if v is not None])
         se = e["std"] / math.sqrt(n) if n > 1 else 0.0
         z = (e["mean"] - CHANCE_FN) / se if se > 0 else None
-        word = ("one seed only" if z is None else "above chance" if z >= 2 else "below chance" if z <= -2
-                else "at chance (within 2 SE)")
+        word = (
+            "one seed only"
+            if z is None
+            else "above chance"
+            if z >= 2
+            else "below chance"
+            if z <= -2
+            else "at chance (within 2 SE)"
+        )
         return f"{fmt(e, 3)}: **{word}**"
 
-    rows.append(f"| (3) false negatives appear among the hardest negatives | share of same-class entries among each "
-                f"query's hardest queue entries, mean after warm-up; chance = {CHANCE_FN:.2f} (10 balanced classes); "
-                f"MoCo-v2: {above_chance(moco)} | " + " | ".join(above_chance(n) for n in others) + " |")
-    rows.append("| (4) linear-accuracy gain over MoCo-v2 | fast-linear top-1 (kNN top-1), MoCHi - MoCo-v2, points | "
-                + " | ".join(f"{cell(n, 'fast_top1', 'fast_gain', 2)} ({cell(n, 'knn_top1', 'knn_gain', 2)})"
-                             for n in others) + " |")
+    rows.append(
+        f"| (3) false negatives appear among the hardest negatives | share of same-class entries among each "
+        f"query's hardest queue entries, mean after warm-up; chance = {CHANCE_FN:.2f} (10 balanced classes); "
+        f"MoCo-v2: {above_chance(moco)} | " + " | ".join(above_chance(n) for n in others) + " |"
+    )
+    rows.append(
+        "| (4) linear-accuracy gain over MoCo-v2 | fast-linear top-1 (kNN top-1), MoCHi - MoCo-v2, points | "
+        + " | ".join(f"{cell(n, 'fast_top1', 'fast_gain', 2)} ({cell(n, 'knn_top1', 'knn_gain', 2)})" for n in others)
+        + " |"
+    )
     rows += ["", NOTES]
     return "\n".join(rows)
 
@@ -716,9 +942,12 @@ NOTES = """Notes on reading these numbers:
 
 # ----------------------------------------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    previous = json.loads(args.compare_with.read_text()) if args.compare_with else None  # read before --out is rewritten
+    previous = (
+        json.loads(args.compare_with.read_text()) if args.compare_with else None
+    )  # read before --out is rewritten
     out, runs_dir = Path(args.out), Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     started_at = datetime.now(UTC)
@@ -729,7 +958,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]  # the study's command
     if "--compare-with" in given:  # a reporting option, not part of the study's command
         at = given.index("--compare-with")
-        del given[at:at + 2]
+        del given[at : at + 2]
     given = [a for a in given if not a.startswith("--compare-with=")]
     command = " ".join(shlex.quote(a) for a in [exe, "bench/study.py", *given])
 
@@ -767,17 +996,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log_path = runs_dir / "invocations.json"
     invocations = json.loads(log_path.read_text()) if log_path.is_file() else []
     if not args.report_only:
-        invocations.append({"started": started_at.isoformat(timespec="seconds"),
-                            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-                            "wall_time_s": round(time.perf_counter() - clock, 1), "runs_finished": len(records),
-                            "git_commit": commit})
+        invocations.append(
+            {
+                "started": started_at.isoformat(timespec="seconds"),
+                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                "wall_time_s": round(time.perf_counter() - clock, 1),
+                "runs_finished": len(records),
+                "git_commit": commit,
+            }
+        )
         log_path.write_text(json.dumps(invocations, indent=1))
     wall = sum(i["wall_time_s"] for i in invocations) if invocations else time.perf_counter() - clock
     trained_at = list(dict.fromkeys(i["git_commit"] for i in invocations if i.get("git_commit")))
-    meta = {"command": command, "machine": machine_info(), "git_commit": commit, "trained_at_commits": trained_at,
-            "started": invocations[0]["started"] if invocations else started_at.isoformat(timespec="seconds"),
-            "finished": invocations[-1]["finished"] if invocations else datetime.now(UTC).isoformat(
-                timespec="seconds"), "wall_time_s": wall, "invocations": invocations}  # report-only runs train nothing
+    meta = {
+        "command": command,
+        "machine": machine_info(),
+        "git_commit": commit,
+        "trained_at_commits": trained_at,
+        "started": invocations[0]["started"] if invocations else started_at.isoformat(timespec="seconds"),
+        "finished": invocations[-1]["finished"] if invocations else datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_time_s": wall,
+        "invocations": invocations,
+    }  # report-only runs train nothing
     study = write_report(args, out, records, expected, references, meta, previous)
     log(f"wrote {out / 'README.md'} ({len(records)} of {len(expected)} runs; {wall / 60:.1f} min)")
     return study

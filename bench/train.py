@@ -66,20 +66,33 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # lightly's si
 TARGET_STEP_RATIO = 1.02  # MoCHi step / MoCo-v2 step, at most
 TARGET_THROUGHPUT_RATIO = 1.0  # ours images/s / lightly images/s, at least
 # TrainConfig fields: the issue's sizes, and tiny ones for --quick. bn_splits None: the default (batch / 32).
-FULL = dict(model="resnet18", image_size=64, batch_size=64, queue_size=16384, mochi=(1024, 1024, 512),
-            proj_dim=128, dataset="fashion-mnist", bn_splits=None)
+FULL = dict(
+    model="resnet18",
+    image_size=64,
+    batch_size=64,
+    queue_size=16384,
+    mochi=(1024, 1024, 512),
+    proj_dim=128,
+    dataset="fashion-mnist",
+    bn_splits=None,
+)
 QUICK = dict(FULL, model="test_resnet", image_size=16, batch_size=8, queue_size=64, mochi=(16, 16, 8), bn_splits=2)
 MOCO = (0, 0, 0)
-PRECISIONS = {"fp32": dict(mixed_precision="no", channels_last=False),
-              "bf16+cl": dict(mixed_precision="bf16", channels_last=True)}
-SIZED = dict(step_pairs=(int, 2, 40, "timed pairs, one MoCo-v2 + one MoCHi step each"),
-             step_warmup=(int, 1, 3, "untimed pairs first"), step_batches=(int, 3, 8, "distinct batches, cycled"),
-             check_loop=(int, 3, 0, "check that the step reproduces train()'s losses over this many steps"),
-             data_blocks=(int, 1, 8, "data: timed blocks of one batch per pipeline"),
-             rounds=(int, 1, 2, "throughput: rounds of alternated runs"),
-             window=(int, 1, 5, "throughput: steps per images/s window"),
-             windows=(int, 1, 4, "throughput: measured windows per run, after the dropped first"),
-             workers=(int, 0, 2, "throughput: DataLoader workers, both sides"))
+PRECISIONS = {
+    "fp32": dict(mixed_precision="no", channels_last=False),
+    "bf16+cl": dict(mixed_precision="bf16", channels_last=True),
+}
+SIZED = dict(
+    step_pairs=(int, 2, 40, "timed pairs, one MoCo-v2 + one MoCHi step each"),
+    step_warmup=(int, 1, 3, "untimed pairs first"),
+    step_batches=(int, 3, 8, "distinct batches, cycled"),
+    check_loop=(int, 3, 0, "check that the step reproduces train()'s losses over this many steps"),
+    data_blocks=(int, 1, 8, "data: timed blocks of one batch per pipeline"),
+    rounds=(int, 1, 2, "throughput: rounds of alternated runs"),
+    window=(int, 1, 5, "throughput: steps per images/s window"),
+    windows=(int, 1, 4, "throughput: measured windows per run, after the dropped first"),
+    workers=(int, 0, 2, "throughput: DataLoader workers, both sides"),
+)
 
 STEP_REPORT = """
 Training step, alternated in one process ({model}, {image_size} px, batch {batch_size} in {groups} BatchNorm \
@@ -105,8 +118,16 @@ def train_config(sizes: dict, *, mochi: tuple[int, int, int], precision: str, wo
     """The one TrainConfig of every part, ours and lightly's: the source of every hyperparameter."""
     from mochi_hub.config import TrainConfig
 
-    return TrainConfig(**{**sizes, "mochi": mochi}, mixing_warmup_epochs=0, epochs=1, workers=workers, seed=seed,
-                       report_to="none", **PRECISIONS[precision], **extra)
+    return TrainConfig(
+        **{**sizes, "mochi": mochi},
+        mixing_warmup_epochs=0,
+        epochs=1,
+        workers=workers,
+        seed=seed,
+        report_to="none",
+        **PRECISIONS[precision],
+        **extra,
+    )
 
 
 # --- Part 1: the training step, MoCHi against MoCo-v2, alternated in one process ------------------------
@@ -130,13 +151,22 @@ def build_state(config, accelerator) -> dict:
     query.to(memory_format=memory_format)
     key.to(accelerator.device, memory_format=memory_format)
     queue.to(accelerator.device)
-    optimizer = torch.optim.SGD(query.parameters(), lr=config.base_lr, momentum=config.sgd_momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        query.parameters(), lr=config.base_lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
+    )
     query, optimizer = accelerator.prepare(query, optimizer)
     query.train()
     key.train()
-    return dict(config=config, accelerator=accelerator, query=query, key=key, queue=queue, optimizer=optimizer,
-                memory_format=memory_format, bn_splits=local_bn_splits(config.batchnorm_groups, 1, config.batch_size))
+    return dict(
+        config=config,
+        accelerator=accelerator,
+        query=query,
+        key=key,
+        queue=queue,
+        optimizer=optimizer,
+        memory_format=memory_format,
+        bn_splits=local_bn_splits(config.batchnorm_groups, 1, config.batch_size),
+    )
 
 
 def bench_step(state: dict, batch: dict, step: int, steps_per_epoch: int) -> float:
@@ -145,13 +175,26 @@ def bench_step(state: dict, batch: dict, step: int, steps_per_epoch: int) -> flo
 
     config, accelerator, optimizer = state["config"], state["accelerator"], state["optimizer"]
     for group in optimizer.param_groups:
-        group["lr"] = cosine_lr(step, config.epochs * steps_per_epoch, config.base_lr,
-                                config.lr_warmup_epochs * steps_per_epoch)
-    images_q, images_k = (v.to(accelerator.device, non_blocking=True, memory_format=state["memory_format"])
-                          for v in batch["images"])
-    out = training_step(state["query"], state["key"], state["queue"], optimizer, accelerator, images_q, images_k,
-                        batch["labels"].to(accelerator.device), config=config, step=step, mixing=config.uses_mixing,
-                        bn_splits=state["bn_splits"])
+        group["lr"] = cosine_lr(
+            step, config.epochs * steps_per_epoch, config.base_lr, config.lr_warmup_epochs * steps_per_epoch
+        )
+    images_q, images_k = (
+        v.to(accelerator.device, non_blocking=True, memory_format=state["memory_format"]) for v in batch["images"]
+    )
+    out = training_step(
+        state["query"],
+        state["key"],
+        state["queue"],
+        optimizer,
+        accelerator,
+        images_q,
+        images_k,
+        batch["labels"].to(accelerator.device),
+        config=config,
+        step=step,
+        mixing=config.uses_mixing,
+        bn_splits=state["bn_splits"],
+    )
     if not bool(out.finite):
         raise RuntimeError(f"non-finite loss at step {step} ({config.mochi})")
     return float(out.loss)
@@ -165,9 +208,12 @@ def step_child(settings: dict) -> dict:
     from mochi_hub.data import resolve_dataset
     from mochi_hub.views import epoch_loader, pretraining_views
 
-    configs = {name: train_config(settings["sizes"], mochi=mochi, precision=settings["precision"], workers=0,
-                                  seed=settings["seed"])
-               for name, mochi in (("moco", MOCO), ("mochi", settings["sizes"]["mochi"]))}
+    configs = {
+        name: train_config(
+            settings["sizes"], mochi=mochi, precision=settings["precision"], workers=0, seed=settings["seed"]
+        )
+        for name, mochi in (("moco", MOCO), ("mochi", settings["sizes"]["mochi"]))
+    }
     base = configs["moco"]
     accelerator = Accelerator(cpu=True, mixed_precision=base.mixed_precision)
     views = pretraining_views(resolve_dataset(base.dataset, "train"), base)
@@ -175,15 +221,21 @@ def step_child(settings: dict) -> dict:
     states = {name: build_state(config, accelerator) for name, config in configs.items()}
     raw: dict[str, Any] = {kind: {"moco": [], "mochi": []} for kind in ("times_ms", "cpu_times_ms", "losses")}
     for i in range(settings["warmup"] + settings["pairs"]):
-        for name in (("moco", "mochi") if i % 2 == 0 else ("mochi", "moco")):
+        for name in ("moco", "mochi") if i % 2 == 0 else ("mochi", "moco"):
             start, start_cpu = time.perf_counter(), time.process_time()
-            raw["losses"][name].append(bench_step(states[name], batches[i % len(batches)], i,
-                                                  len(views) // base.batch_size))  # every step: the loop check
+            raw["losses"][name].append(
+                bench_step(states[name], batches[i % len(batches)], i, len(views) // base.batch_size)
+            )  # every step: the loop check
             if i >= settings["warmup"]:
                 raw["times_ms"][name].append((time.perf_counter() - start) * 1e3)
                 raw["cpu_times_ms"][name].append((time.process_time() - start_cpu) * 1e3)
-    return dict(raw, threads=torch.get_num_threads(), settings=base.to_dict(), mochi=list(configs["mochi"].mochi),
-                batchnorm_groups=states["moco"]["bn_splits"])
+    return dict(
+        raw,
+        threads=torch.get_num_threads(),
+        settings=base.to_dict(),
+        mochi=list(configs["mochi"].mochi),
+        batchnorm_groups=states["moco"]["bn_splits"],
+    )
 
 
 def check_against_loop(raw: dict, settings: dict, logs: Path) -> dict:
@@ -192,23 +244,39 @@ def check_against_loop(raw: dict, settings: dict, logs: Path) -> dict:
     steps = min(settings["check_steps"], settings["warmup"] + settings["pairs"], settings["batches"])
     out: dict[str, Any] = dict(steps=steps, variants={})
     for name, mochi in (("moco", MOCO), ("mochi", settings["sizes"]["mochi"])):
-        loop = common.run_forked(ours_child, dict(settings, mochi=mochi, workers=0, window=1, windows=steps - 1),
-                                 logs / f"loop-check-{name}.log")["losses"]
+        loop = common.run_forked(
+            ours_child,
+            dict(settings, mochi=mochi, workers=0, window=1, windows=steps - 1),
+            logs / f"loop-check-{name}.log",
+        )["losses"]
         bench = raw["losses"][name][:steps]
-        out["variants"][name] = dict(bench_step=bench, loop=loop, match=len(bench) == len(loop) and all(
-            math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5) for a, b in zip(bench, loop)))
+        out["variants"][name] = dict(
+            bench_step=bench,
+            loop=loop,
+            match=len(bench) == len(loop)
+            and all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5) for a, b in zip(bench, loop)),
+        )
     out["match"] = all(v["match"] for v in out["variants"].values())
     return out
 
 
 def summarise_steps(raw: dict) -> dict:
-    median = {f"{cpu}{name}_median_ms": statistics.median(raw[kind][name])
-              for cpu, kind in (("", "times_ms"), ("cpu_", "cpu_times_ms")) for name in ("moco", "mochi")}
+    median = {
+        f"{cpu}{name}_median_ms": statistics.median(raw[kind][name])
+        for cpu, kind in (("", "times_ms"), ("cpu_", "cpu_times_ms"))
+        for name in ("moco", "mochi")
+    }
     ratio = median["mochi_median_ms"] / median["moco_median_ms"]
     paired = [b / a for a, b in zip(raw["times_ms"]["moco"], raw["times_ms"]["mochi"])]
-    return dict(median, ratio_of_medians=ratio, median_paired_ratio=statistics.median(paired), pairs=len(paired),
-                cpu_ratio_of_medians=median["cpu_mochi_median_ms"] / median["cpu_moco_median_ms"],
-                target=f"MoCHi / MoCo-v2 <= {TARGET_STEP_RATIO}", met=ratio <= TARGET_STEP_RATIO)
+    return dict(
+        median,
+        ratio_of_medians=ratio,
+        median_paired_ratio=statistics.median(paired),
+        pairs=len(paired),
+        cpu_ratio_of_medians=median["cpu_mochi_median_ms"] / median["cpu_moco_median_ms"],
+        target=f"MoCHi / MoCo-v2 <= {TARGET_STEP_RATIO}",
+        met=ratio <= TARGET_STEP_RATIO,
+    )
 
 
 # --- Part 2: images/s of `mochi train` and of lightly's MoCo ----------------------------------------------
@@ -222,15 +290,25 @@ def ours_child(settings: dict) -> dict:
     window, windows = settings["window"], settings["windows"]
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         started = time.perf_counter()
-        train(train_config(settings["sizes"], mochi=tuple(settings["mochi"]), precision=settings["precision"],
-                           workers=settings["workers"], seed=settings["seed"], output=tmp,
-                           max_steps=window * (windows + 1), log_every_steps=window))
+        train(
+            train_config(
+                settings["sizes"],
+                mochi=tuple(settings["mochi"]),
+                precision=settings["precision"],
+                workers=settings["workers"],
+                seed=settings["seed"],
+                output=tmp,
+                max_steps=window * (windows + 1),
+                log_every_steps=window,
+            )
+        )
         wall = time.perf_counter() - started
         steps = [line for line in read_metrics(Path(tmp) / "metrics.jsonl") if line["kind"] == "step"]
     if len(steps) != windows + 1:
         raise RuntimeError(f"expected {windows + 1} step lines in metrics.jsonl, got {len(steps)}")
-    return dict(window_images_per_sec=[s["images_per_sec"] for s in steps], losses=[s["loss"] for s in steps],
-                wall_s=wall)
+    return dict(
+        window_images_per_sec=[s["images_per_sec"] for s in steps], losses=[s["loss"] for s in steps], wall_s=wall
+    )
 
 
 def torchvision_root(folder: Path) -> Path:
@@ -262,11 +340,22 @@ def lightly_child(settings: dict) -> dict:
 
     from mochi_hub.model import backbone_args, create_backbone
 
-    config = train_config(settings["sizes"], mochi=MOCO, precision=settings["precision"],
-                          workers=settings["workers"], seed=settings["seed"])
+    config = train_config(
+        settings["sizes"],
+        mochi=MOCO,
+        precision=settings["precision"],
+        workers=settings["workers"],
+        seed=settings["seed"],
+    )
     dataset = lightly_views(settings["torchvision_root"], config.image_size)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                        num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.workers,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     build = backbone_args(config.model, init=config.init, image_size=config.image_size)
     torch.manual_seed(config.seed)  # as ours: the same initial backbone
     backbone = create_backbone(config.model, **build)
@@ -278,8 +367,12 @@ def lightly_child(settings: dict) -> dict:
     for module in (backbone, head, backbone_key, head_key):
         module.to(memory_format=memory_format).train()
     criterion = NTXentLoss(temperature=config.temperature, memory_bank_size=(config.queue_size, config.proj_dim))
-    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=config.base_lr,
-                                momentum=config.sgd_momentum, weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        [*backbone.parameters(), *head.parameters()],
+        lr=config.base_lr,
+        momentum=config.sgd_momentum,
+        weight_decay=config.weight_decay,
+    )
     bf16 = config.mixed_precision == "bf16"
     window, last_step = settings["window"], settings["window"] * (settings["windows"] + 1)
     rates, losses = [], []
@@ -320,7 +413,7 @@ def data_child(settings: dict) -> dict:
         pipelines["lightly"] = (lightly_views(settings["torchvision_root"], sizes["image_size"]), default_collate)
     per_image_ms: dict[str, list[float]] = {name: [] for name in pipelines}
     for b in range(settings["blocks"] + 1):  # the first block warms up
-        for name in (list(pipelines) if b % 2 == 0 else list(pipelines)[::-1]):
+        for name in list(pipelines) if b % 2 == 0 else list(pipelines)[::-1]:
             dataset, collate = pipelines[name]
             start = time.perf_counter()
             collate([dataset[i] for i in range(b * block, (b + 1) * block)])
@@ -337,19 +430,25 @@ def summarise_throughput(runs: list[dict]) -> dict:
     out = {}
     for precision in PRECISIONS:
         mine = [run for run in runs if run["precision"] == precision]
-        rows: dict[str, Any] = {impl: dict(median_images_per_sec=statistics.median(steady), windows=len(steady))
-                                for impl in ("ours_moco", "lightly_moco", "ours_mochi")
-                                if (steady := [r for run in mine if run["impl"] == impl
-                                               for r in run["window_images_per_sec"][1:]])}
+        rows: dict[str, Any] = {
+            impl: dict(median_images_per_sec=statistics.median(steady), windows=len(steady))
+            for impl in ("ours_moco", "lightly_moco", "ours_mochi")
+            if (steady := [r for run in mine if run["impl"] == impl for r in run["window_images_per_sec"][1:]])
+        }
         rate = {impl: row["median_images_per_sec"] for impl, row in rows.items()}
         if "ours_moco" in rate and "lightly_moco" in rate:
             ratio = rate["ours_moco"] / rate["lightly_moco"]
-            by_round = {(run["round"], run["impl"]): statistics.median(run["window_images_per_sec"][1:])
-                        for run in mine}
-            rows.update(ours_over_lightly=ratio, target=f"ours / lightly >= {TARGET_THROUGHPUT_RATIO}",
-                        met=ratio >= TARGET_THROUGHPUT_RATIO,
-                        ours_over_lightly_per_round=[by_round[r, "ours_moco"] / by_round[r, "lightly_moco"]
-                                                     for r in sorted({r for r, _ in by_round})])
+            by_round = {
+                (run["round"], run["impl"]): statistics.median(run["window_images_per_sec"][1:]) for run in mine
+            }
+            rows.update(
+                ours_over_lightly=ratio,
+                target=f"ours / lightly >= {TARGET_THROUGHPUT_RATIO}",
+                met=ratio >= TARGET_THROUGHPUT_RATIO,
+                ours_over_lightly_per_round=[
+                    by_round[r, "ours_moco"] / by_round[r, "lightly_moco"] for r in sorted({r for r, _ in by_round})
+                ],
+            )
         if "ours_moco" in rate and "ours_mochi" in rate:
             rows["mochi_over_moco"] = rate["ours_mochi"] / rate["ours_moco"]
         if rows:
@@ -364,33 +463,65 @@ def report(result: dict) -> str:
     parts, fmt = [], common.fmt
     if step := result.get("step"):
         raw, check = step["raw"], step.get("loop_check")
-        loop = ("loop check off" if check is None else f"reproduces mochi_hub.pretrain.train's losses over "
-                f"{check['steps']} steps: {'yes' if check['match'] else 'NO'}")
-        parts.append(STEP_REPORT.format(**{**raw["settings"], **step["summary"], "mochi": tuple(raw["mochi"])},
-                                        groups=raw["batchnorm_groups"], precision=step["precision"], loop=loop,
-                                        threads=raw["threads"], verdict="met" if step["summary"]["met"] else "MISSED"))
+        loop = (
+            "loop check off"
+            if check is None
+            else f"reproduces mochi_hub.pretrain.train's losses over "
+            f"{check['steps']} steps: {'yes' if check['match'] else 'NO'}"
+        )
+        parts.append(
+            STEP_REPORT.format(
+                **{**raw["settings"], **step["summary"], "mochi": tuple(raw["mochi"])},
+                groups=raw["batchnorm_groups"],
+                precision=step["precision"],
+                loop=loop,
+                threads=raw["threads"],
+                verdict="met" if step["summary"]["met"] else "MISSED",
+            )
+        )
     if data := result.get("data"):
         d = data["summary"]
-        parts.append(DATA_REPORT.format(ours=fmt(d["ours_median_ms_per_image"], ".2f"), ratio=fmt(
-            d.get("ours_over_lightly_cost"), ".2f"), lightly=fmt(d.get("lightly_median_ms_per_image"), ".2f")))
+        parts.append(
+            DATA_REPORT.format(
+                ours=fmt(d["ours_median_ms_per_image"], ".2f"),
+                ratio=fmt(d.get("ours_over_lightly_cost"), ".2f"),
+                lightly=fmt(d.get("lightly_median_ms_per_image"), ".2f"),
+            )
+        )
     if throughput := result.get("throughput"):
+
         def rate(rows, impl):
             return fmt(rows[impl]["median_images_per_sec"] if impl in rows else None)
 
         table = common.markdown_table(
             ["setting", "ours MoCo-v2", "lightly MoCo", "ours / lightly", "ours MoCHi", "MoCHi / MoCo", "target"],
-            [[precision, rate(rows, "ours_moco"), rate(rows, "lightly_moco"), fmt(rows.get("ours_over_lightly"), ".3f"),
-              rate(rows, "ours_mochi"), fmt(rows.get("mochi_over_moco"), ".3f"),
-              ("met" if rows["met"] else "MISSED") if "met" in rows else "n/a (lightly skipped)"]
-             for precision, rows in throughput["summary"].items()])
+            [
+                [
+                    precision,
+                    rate(rows, "ours_moco"),
+                    rate(rows, "lightly_moco"),
+                    fmt(rows.get("ours_over_lightly"), ".3f"),
+                    rate(rows, "ours_mochi"),
+                    fmt(rows.get("mochi_over_moco"), ".3f"),
+                    ("met" if rows["met"] else "MISSED") if "met" in rows else "n/a (lightly skipped)",
+                ]
+                for precision, rows in throughput["summary"].items()
+            ],
+        )
         parts.append(THROUGHPUT_REPORT.format(**throughput, table=table))
     return "\n".join(parts)
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__, "train", quick=f"tiny sizes {QUICK}, few steps: a smoke run", threads=None, sized=SIZED,
-                      threads_help="torch threads in every measured process (default: torch's, as `mochi train`); "
-                                   "1 makes CPU time a load-independent measure of work on a shared machine")
+    p = common.parser(
+        __doc__,
+        "train",
+        quick=f"tiny sizes {QUICK}, few steps: a smoke run",
+        threads=None,
+        sized=SIZED,
+        threads_help="torch threads in every measured process (default: torch's, as `mochi train`); "
+        "1 makes CPU time a load-independent measure of work on a shared machine",
+    )
     p.add_argument("--parts", default="step,data,throughput", help="comma-separated: step, data, throughput")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-precision", choices=list(PRECISIONS), default="fp32")
@@ -398,8 +529,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-lightly", action="store_true", help="measure ours only (no lightly comparison)")
     p.add_argument("--no-mochi-info", action="store_true", help="skip the informational MoCHi throughput runs")
     args = common.parse(p, argv)
-    args.parts, args.precisions = ([x.strip() for x in value.split(",") if x.strip()]
-                                   for value in (args.parts, args.precisions))
+    args.parts, args.precisions = (
+        [x.strip() for x in value.split(",") if x.strip()] for value in (args.parts, args.precisions)
+    )
     if unknown := set(args.parts) - {"step", "data", "throughput"} | set(args.precisions) - set(PRECISIONS):
         p.error(f"unknown part or precision: {', '.join(sorted(unknown))}")
     return args
@@ -422,18 +554,33 @@ def main(argv=None) -> int:
             return 2
         print(note := "lightly not installed: the lightly runs were skipped (pip install -e '.[bench]')")
     logs, started = args.out.with_suffix(".logs"), time.perf_counter()
-    result: dict[str, Any] = dict(benchmark="mochi train on this CPU: MoCHi step vs MoCo-v2 step; images/s vs "
-                                  "lightly's MoCo", quick=args.quick, seed=args.seed, threads=args.threads,
-                                  sizes={k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()},
-                                  **common.environment(__file__, argv))
+    result: dict[str, Any] = dict(
+        benchmark="mochi train on this CPU: MoCHi step vs MoCo-v2 step; images/s vs lightly's MoCo",
+        quick=args.quick,
+        seed=args.seed,
+        threads=args.threads,
+        sizes={k: list(v) if isinstance(v, tuple) else v for k, v in sizes.items()},
+        **common.environment(__file__, argv),
+    )
     base = dict(sizes=sizes, seed=args.seed, threads=args.threads)
     if "step" in args.parts:
-        settings = dict(base, precision=args.step_precision, pairs=args.step_pairs, warmup=args.step_warmup,
-                        batches=args.step_batches, check_steps=args.check_loop)
+        settings = dict(
+            base,
+            precision=args.step_precision,
+            pairs=args.step_pairs,
+            warmup=args.step_warmup,
+            batches=args.step_batches,
+            check_steps=args.check_loop,
+        )
         print(f"step: {args.step_warmup} + {args.step_pairs} alternated pairs ...", flush=True)
         raw = common.run_forked(step_child, settings, logs / "step.log")
-        step = result["step"] = dict(precision=args.step_precision, warmup_pairs=args.step_warmup, raw=raw,
-                                     order="ABBA: the order flips every pair", summary=summarise_steps(raw))
+        step = result["step"] = dict(
+            precision=args.step_precision,
+            warmup_pairs=args.step_warmup,
+            raw=raw,
+            order="ABBA: the order flips every pair",
+            summary=summarise_steps(raw),
+        )
         if args.check_loop:
             print(f"step: checking it against mochi_hub.pretrain.train ({args.check_loop} steps) ...", flush=True)
             step["loop_check"] = check_against_loop(raw, settings, logs)
@@ -442,33 +589,57 @@ def main(argv=None) -> int:
         root = str(torchvision_root(Path(tmp))) if use_lightly and {"data", "throughput"} & set(args.parts) else None
         if "data" in args.parts:
             print(f"data: {args.data_blocks} alternated blocks of {sizes['batch_size']} images ...", flush=True)
-            result["data"] = common.run_forked(data_child, dict(base, threads=None, blocks=args.data_blocks,
-                                                                torchvision_root=root), logs / "data.log")
+            result["data"] = common.run_forked(
+                data_child, dict(base, threads=None, blocks=args.data_blocks, torchvision_root=root), logs / "data.log"
+            )
         if "throughput" in args.parts:
-            impls = [("ours_moco", ours_child, MOCO)] + [("lightly_moco", lightly_child, MOCO)] * use_lightly \
+            impls = (
+                [("ours_moco", ours_child, MOCO)]
+                + [("lightly_moco", lightly_child, MOCO)] * use_lightly
                 + [("ours_mochi", ours_child, tuple(sizes["mochi"]))] * (not args.no_mochi_info)
+            )
             runs = []
             for r in range(args.rounds):
-                for precision in (args.precisions if r % 2 == 0 else args.precisions[::-1]):
-                    for impl, target, mochi in (impls if r % 2 == 0 else impls[::-1]):
+                for precision in args.precisions if r % 2 == 0 else args.precisions[::-1]:
+                    for impl, target, mochi in impls if r % 2 == 0 else impls[::-1]:
                         print(f"throughput: round {r + 1}/{args.rounds}, {precision}, {impl} ...", flush=True)
-                        settings = dict(base, precision=precision, mochi=mochi, workers=args.workers,
-                                        window=args.window, windows=args.windows, torchvision_root=root)
+                        settings = dict(
+                            base,
+                            precision=precision,
+                            mochi=mochi,
+                            workers=args.workers,
+                            window=args.window,
+                            windows=args.windows,
+                            torchvision_root=root,
+                        )
                         out = common.run_forked(target, settings, logs / f"r{r}-{precision}-{impl}.log")
-                        print(f"  {statistics.median(out['window_images_per_sec'][1:]):8.1f} images/s (windows: "
-                              f"{', '.join(f'{x:.1f}' for x in out['window_images_per_sec'])})", flush=True)
+                        print(
+                            f"  {statistics.median(out['window_images_per_sec'][1:]):8.1f} images/s (windows: "
+                            f"{', '.join(f'{x:.1f}' for x in out['window_images_per_sec'])})",
+                            flush=True,
+                        )
                         runs.append(dict(round=r, precision=precision, impl=impl, mochi=list(mochi), **out))
-            result["throughput"] = dict(rounds=args.rounds, window=args.window, windows=args.windows,
-                                        workers=args.workers, precisions={p: PRECISIONS[p] for p in args.precisions},
-                                        lightly=use_lightly, lightly_note=note, runs=runs,
-                                        summary=summarise_throughput(runs))
+            result["throughput"] = dict(
+                rounds=args.rounds,
+                window=args.window,
+                windows=args.windows,
+                workers=args.workers,
+                precisions={p: PRECISIONS[p] for p in args.precisions},
+                lightly=use_lightly,
+                lightly_note=note,
+                runs=runs,
+                summary=summarise_throughput(runs),
+            )
     result["wall_s"] = time.perf_counter() - started
     print(report(result))
     common.write_result(args.out, result)
     print(f"logs in {logs}/; {result['wall_s']:.0f} s")
     if (check := result.get("step", {}).get("loop_check")) and not check["match"]:
-        print("the bench's step does NOT reproduce the losses of mochi_hub.pretrain.train: part 1 no longer times "
-              f"the loop's step; update bench_step. {json.dumps(check['variants'])}", file=sys.stderr)
+        print(
+            "the bench's step does NOT reproduce the losses of mochi_hub.pretrain.train: part 1 no longer times "
+            f"the loop's step; update bench_step. {json.dumps(check['variants'])}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

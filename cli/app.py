@@ -29,8 +29,11 @@ app = typer.Typer(
 
 
 @app.callback()
-def root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Print the version and exit.")] = False) -> None:
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Messages of long work go to stderr as plain lines; results go to stdout."""
     from mochi_hub.console import setup_logging
 
@@ -38,7 +41,9 @@ def root(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 
 app.command("train", help="Pretrain a timm backbone with MoCo-v2 + MoCHi (Accelerate: CPU, GPUs, nodes).")(train)
-app.command("probe", help="Evaluate a frozen backbone: the paper's linear protocol, kNN, or cached-feature linear.")(probe)
+app.command("probe", help="Evaluate a frozen backbone: the paper's linear protocol, kNN, or cached-feature linear.")(
+    probe
+)
 app.command("export", help="Export a run's backbone as a timm folder (or detectron2 / torchvision weights).")(export)
 app.command("push", help="Upload an export, with its model card, to the Hugging Face Hub.")(push)
 app.command("presets", help="List the presets of train and probe with their resolved values.")(presets)

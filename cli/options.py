@@ -27,8 +27,9 @@ def _option_type(annotation: Any) -> Any:
     return AS_TEXT.get(origin, annotation)
 
 
-def config_options(cls: type, help_texts: dict[str, str],
-                   aliases: dict[str, tuple[str, ...]] | None = None) -> list[inspect.Parameter]:
+def config_options(
+    cls: type, help_texts: dict[str, str], aliases: dict[str, tuple[str, ...]] | None = None
+) -> list[inspect.Parameter]:
     """One keyword parameter per dataclass field (Literal fields become choices), plus --config FILE and
     --print-config. `aliases`: older option names a field still answers to."""
     params = []
@@ -41,15 +42,34 @@ def config_options(cls: type, help_texts: dict[str, str],
         if kind is bool:
             flag = f"{flag}/--no-{f.name.replace('_', '-')}"
         option = typer.Option(flag, *(aliases or {}).get(f.name, ()), help=help_texts[f.name], show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[kind | None, option]))
-    params.append(inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                    annotation=Annotated[Path | None, typer.Option(
-                                        "--config", help="YAML or JSON file of option values (under explicit options).",
-                                        show_default=False)]))
-    params.append(inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False,
-                                    annotation=Annotated[bool, typer.Option(
-                                        "--print-config", help="Print the resolved configuration (YAML) and exit.")]))
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+            )
+        )
+    params.append(
+        inspect.Parameter(
+            "config_file",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Option(
+                    "--config", help="YAML or JSON file of option values (under explicit options).", show_default=False
+                ),
+            ],
+        )
+    )
+    params.append(
+        inspect.Parameter(
+            "print_config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool, typer.Option("--print-config", help="Print the resolved configuration (YAML) and exit.")
+            ],
+        )
+    )
     return params
 
 

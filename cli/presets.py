@@ -11,8 +11,9 @@ from mochi_hub.config import PROBE_PRESETS, TRAIN_PRESETS, ProbeConfig, TrainCon
 from .options import USAGE, fail
 
 
-def presets(name: Annotated[str | None, typer.Argument(help="One preset; all when omitted.",
-                                                       show_default=False)] = None) -> None:
+def presets(
+    name: Annotated[str | None, typer.Argument(help="One preset; all when omitted.", show_default=False)] = None,
+) -> None:
     import yaml
 
     known = sorted(set(TRAIN_PRESETS) | set(PROBE_PRESETS))

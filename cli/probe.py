@@ -14,23 +14,23 @@ from .options import print_config as show_config
 
 HELP = {
     "dataset": "Hub dataset id (org/name), local imagefolder (train/ + val/), or imagenet-100 | imagenet-1k | "
-               "fashion-mnist (each also selects its preset). A local folder of ImageNet-100 synsets takes "
-               "CMC's class order. [default: the dataset SOURCE was trained on]",
+    "fashion-mnist (each also selects its preset). A local folder of ImageNet-100 synsets takes "
+    "CMC's class order. [default: the dataset SOURCE was trained on]",
     "protocol": "linear (the paper's: frozen backbone, augmented images every epoch) | knn (weighted kNN) | "
-                "fast (linear classifier on cached, un-augmented features; not the paper's). [default: linear]",
+    "fast (linear classifier on cached, un-augmented features; not the paper's). [default: linear]",
     "split": "Split reported: val (Hub: validation) or train; the classifier is always fitted on train. [default: val]",
     "epochs": "Classifier epochs (linear, fast). [default: 60; imagenet-1k 100; fashion-mnist 20]",
     "batch_size": "Global batch size, split evenly over processes. [default: 128; imagenet-1k 512; fashion-mnist 256]",
     "lr": "Initial learning rate. [default: 10.0; imagenet-1k 30.0]",
     "lr_milestones": "Epochs at which lr is multiplied by --lr-gamma, e.g. 30,40,50. [default: 30,40,50; "
-                     "imagenet-1k 60,80; fashion-mnist 12,16]",
+    "imagenet-1k 60,80; fashion-mnist 12,16]",
     "lr_gamma": "Factor applied to lr at each milestone. [default: 0.1]",
     "sgd_momentum": "SGD momentum. [default: 0.9]",
     "weight_decay": "SGD weight decay. [default: 0]",
     "augment": "Train the linear protocol on RandomResizedCrop + flip (--no-augment: the evaluation crop). [default: on]",
     "crop_min_scale": "Smallest area share of the training crops (RandomResizedCrop). [default: 0.08; fashion-mnist 0.5]",
     "image_size": "Crop size in pixels; evaluation resizes to 256/224 of it and centre-crops. "
-                  "[default: SOURCE's input size (pretrained_cfg), else the preset's]",
+    "[default: SOURCE's input size (pretrained_cfg), else the preset's]",
     "knn_k": "Neighbours voting in kNN. [default: 200]",
     "knn_temperature": "kNN vote weight exp(similarity / T). [default: 0.07]",
     "seed": "Seed of the classifier's initialisation, data order, augmentation and subsets. [default: 0]",
@@ -45,11 +45,18 @@ HELP = {
 }
 
 SOURCE = inspect.Parameter(
-    "source", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    annotation=Annotated[str, typer.Argument(
-        help="A run directory (its export/, else its newest checkpoint), an exported timm folder "
-             "(config.json + model.safetensors), or hf-hub:org/name[@revision].", metavar="SOURCE",
-        show_default=False)])
+    "source",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Annotated[
+        str,
+        typer.Argument(
+            help="A run directory (its export/, else its newest checkpoint), an exported timm folder "
+            "(config.json + model.safetensors), or hf-hub:org/name[@revision].",
+            metavar="SOURCE",
+            show_default=False,
+        ),
+    ],
+)
 
 
 def run(source: str, *, print_config: bool = False, **options: Any) -> None:
@@ -64,5 +71,8 @@ def run(source: str, *, print_config: bool = False, **options: Any) -> None:
         run_probe(source, config)
 
 
-probe = with_signature(run, [SOURCE, *config_options(ProbeConfig, HELP)],
-                       "Evaluate a frozen backbone: the paper's linear protocol, kNN, or cached-feature linear.")
+probe = with_signature(
+    run,
+    [SOURCE, *config_options(ProbeConfig, HELP)],
+    "Evaluate a frozen backbone: the paper's linear protocol, kNN, or cached-feature linear.",
+)

@@ -30,15 +30,29 @@ def _size(n: int) -> str:
 
 
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `mochi train` (run.json, checkpoints/).",
-                                            show_default=False)],
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Output folder. Default: RUN_DIR/export (timm), RUN_DIR/export-detectron2, "
-                               "RUN_DIR/export-torchvision.", show_default=False)] = None,
-    format: Annotated[ExportFormat, typer.Option(
-        "--format", help="timm: model.safetensors + config.json + model card (what `mochi push` uploads). "
-                         "detectron2: a .pkl for detectron2's R50-C4/FPN configs. torchvision: a safetensors "
-                         "state dict for torchvision.models.resnet*().")] = ExportFormat.timm,
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="A run directory written by `mochi train` (run.json, checkpoints/).", show_default=False),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output folder. Default: RUN_DIR/export (timm), RUN_DIR/export-detectron2, "
+            "RUN_DIR/export-torchvision.",
+            show_default=False,
+        ),
+    ] = None,
+    format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="timm: model.safetensors + config.json + model card (what `mochi push` uploads). "
+            "detectron2: a .pkl for detectron2's R50-C4/FPN configs. torchvision: a safetensors "
+            "state dict for torchvision.models.resnet*().",
+        ),
+    ] = ExportFormat.timm,
 ) -> None:
     """Export the newest checkpoint's query backbone."""
     from mochi_hub.export import ExportError, export_run
@@ -56,25 +70,42 @@ def export(
 
 
 def push(
-    source: Annotated[Path, typer.Argument(
-        help="A run directory (its export is pushed, exported first if missing or stale) or an export folder.",
-        show_default=False)],
-    repo_id: Annotated[str, typer.Option("--repo-id", help="Target model repository, namespace/name.",
-                                         show_default=False)],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory (its export is pushed, exported first if missing or stale) or an export folder.",
+            show_default=False,
+        ),
+    ],
+    repo_id: Annotated[
+        str, typer.Option("--repo-id", help="Target model repository, namespace/name.", show_default=False)
+    ],
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
-    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of committing "
-                                                                "to the branch.")] = False,
-    revision: Annotated[str | None, typer.Option("--revision", help="Branch to commit to (created if missing); "
-                                                 "with --create-pr, the branch the PR targets.",
-                                                 show_default=False)] = None,
-    tag: Annotated[str | None, typer.Option("--tag", help="Tag the new commit (e.g. v1.0).",
-                                            show_default=False)] = None,
-    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Commit title.",
-                                                       show_default=False)] = None,
+    create_pr: Annotated[
+        bool, typer.Option("--create-pr", help="Open a pull request instead of committing to the branch.")
+    ] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision",
+            help="Branch to commit to (created if missing); with --create-pr, the branch the PR targets.",
+            show_default=False,
+        ),
+    ] = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", help="Tag the new commit (e.g. v1.0).", show_default=False)
+    ] = None,
+    commit_message: Annotated[
+        str | None, typer.Option("--commit-message", help="Commit title.", show_default=False)
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and sizes; send nothing.")] = False,
-    allow_extra: Annotated[bool, typer.Option("--allow-extra", help="Also upload files that are not part of "
-                                              "an export (refused by default: optimizer state, checkpoints).")
-                           ] = False,
+    allow_extra: Annotated[
+        bool,
+        typer.Option(
+            "--allow-extra",
+            help="Also upload files that are not part of an export (refused by default: optimizer state, checkpoints).",
+        ),
+    ] = False,
 ) -> None:
     """Upload an export, with its model card, in one commit; then verify the remote files."""
     from mochi_hub.export import ExportError
@@ -82,15 +113,27 @@ def push(
     from mochi_hub.hub import push as push_export
 
     try:
-        result = push_export(source, repo_id, private=private, create_pr=create_pr, revision=revision, tag=tag,
-                             commit_message=commit_message, dry_run=dry_run, allow_extra=allow_extra,
-                             log=lambda message: typer.echo(message, err=True))
+        result = push_export(
+            source,
+            repo_id,
+            private=private,
+            create_pr=create_pr,
+            revision=revision,
+            tag=tag,
+            commit_message=commit_message,
+            dry_run=dry_run,
+            allow_extra=allow_extra,
+            log=lambda message: typer.echo(message, err=True),
+        )
     except (PushError, ExportError) as error:
         fail(error)
     total = sum(f.size for f in result.files)
     verb = "would upload" if result.dry_run else "uploaded"
-    typer.echo(f"{verb} {len(result.files)} files ({_size(total)}) from {result.folder} to {repo_id}"
-               + (f" @ {revision}" if revision else "") + (" as a pull request" if create_pr else ""))
+    typer.echo(
+        f"{verb} {len(result.files)} files ({_size(total)}) from {result.folder} to {repo_id}"
+        + (f" @ {revision}" if revision else "")
+        + (" as a pull request" if create_pr else "")
+    )
     for f in result.files:
         typer.echo(f"  {f.path_in_repo:<28} {_size(f.size):>10}")
     if result.dry_run:

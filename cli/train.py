@@ -20,7 +20,7 @@ HELP = {
     "queue_size": "K, the number of negatives in the queue. [default: 16384]",
     "mochi": "MoCHi N,s,s' (hardest negatives, pair mixes, query mixes); 0,0,0 is plain MoCo-v2. [default: 1024,1024,512]",
     "mixing_warmup_epochs": "(alias --warmup-epochs) MoCHi's warm-up: epochs of plain MoCo-v2 before mixing starts (not a learning-rate "
-                            "warm-up; see --lr-warmup-epochs). [default: 10]",
+    "warm-up; see --lr-warmup-epochs). [default: 10]",
     "lr": "Base learning rate. [default: 0.03 x batch-size / 256]",
     "temperature": "Softmax temperature tau. [default: 0.2]",
     "key_momentum": "Momentum m of the key encoder update. [default: 0.999]",
@@ -33,9 +33,9 @@ HELP = {
     "mixed_precision": "no | bf16 | fp16 (logits, loss and queue stay in fp32). [default: no]",
     "preset": f"Start from a preset: {', '.join(TRAIN_PRESETS)}.",
     "init": "Initial weights: moco (MoCo's reference init: timm ResNets with zero_init_last=False) | timm "
-            "(timm's default, zero-initialised last BatchNorm of each residual block). [default: moco]",
+    "(timm's default, zero-initialised last BatchNorm of each residual block). [default: moco]",
     "bn_splits": "BatchNorm groups over the global batch, in both encoders (the paper's 8 GPUs; the key "
-                 "encoder's groups come from the shuffled batch). [default: 8]",
+    "encoder's groups come from the shuffled batch). [default: 8]",
     "lr_warmup_epochs": "Linear learning-rate warm-up epochs before the cosine schedule. [default: 0]",
     "proj_dim": "Output width of the MLP projection head. [default: 128]",
     "weight_decay": "SGD weight decay. [default: 1e-4]",
@@ -46,10 +46,10 @@ HELP = {
     "keep_checkpoints": "Number of newest checkpoints kept. [default: 2]",
     "strict_data": "Stop at the first unusable image instead of reporting and skipping it.",
     "max_train_images": "Use only the first N training images, in the source's order (smoke runs, CPU studies); "
-                        "a warning says when they leave out classes.",
+    "a warning says when they leave out classes.",
     "report_to": "Trackers: auto (TensorBoard when installed) | none | tensorboard | wandb | trackio. [default: auto]",
     "augment_on": "Where MoCo-v2's views are drawn: workers (PIL, per image) | device (batched on the training device, "
-                  "per-image parameters; workers only decode) | auto (device on a GPU). [default: auto]",
+    "per-image parameters; workers only decode) | auto (device on a GPU). [default: auto]",
     "compile": "torch.compile both encoders (the key encoder too; off by default until measured on your GPU).",
     "on_nonfinite": "On a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step. [default: stop]",
 }
@@ -57,8 +57,11 @@ HELP = {
 
 def run(*, print_config: bool = False, **options: Any) -> None:
     if not any(options.get(k) is not None for k in ("dataset", "preset", "config_file")):
-        fail(f"say what to train on: --dataset (a folder, a Hub id or {', '.join(NAMED_DATASETS)}), --preset "
-             f"({', '.join(TRAIN_PRESETS)}; `mochi presets` shows their values) or --config FILE", USAGE)
+        fail(
+            f"say what to train on: --dataset (a folder, a Hub id or {', '.join(NAMED_DATASETS)}), --preset "
+            f"({', '.join(TRAIN_PRESETS)}; `mochi presets` shows their values) or --config FILE",
+            USAGE,
+        )
     with exit_on(ValueError, code=USAGE):
         config = resolve_train_config(**options)
     if print_config:
@@ -71,5 +74,8 @@ def run(*, print_config: bool = False, **options: Any) -> None:
         train_run(config)
 
 
-train = with_signature(run, config_options(TrainConfig, HELP, aliases={"mixing_warmup_epochs": ("--warmup-epochs",)}),
-                       "Pretrain a timm backbone with MoCo-v2 + MoCHi (Accelerate: CPU, GPUs, nodes).")
+train = with_signature(
+    run,
+    config_options(TrainConfig, HELP, aliases={"mixing_warmup_epochs": ("--warmup-epochs",)}),
+    "Pretrain a timm backbone with MoCo-v2 + MoCHi (Accelerate: CPU, GPUs, nodes).",
+)

@@ -14,9 +14,17 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 _LAZY = {
-    "TrainConfig": "config", "ProbeConfig": "config", "DetectConfig": "config",
-    "resolve_train_config": "config", "resolve_probe_config": "config", "resolve_detect_config": "config",
-    "train": "pretrain", "run_probe": "probe", "export_run": "export", "push": "hub", "run_detect": "detect",
+    "TrainConfig": "config",
+    "ProbeConfig": "config",
+    "DetectConfig": "config",
+    "resolve_train_config": "config",
+    "resolve_probe_config": "config",
+    "resolve_detect_config": "config",
+    "train": "pretrain",
+    "run_probe": "probe",
+    "export_run": "export",
+    "push": "hub",
+    "run_detect": "detect",
 }
 __all__ = ["__version__", *_LAZY]
 

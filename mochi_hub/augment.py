@@ -31,15 +31,17 @@ class GaussianBlur:
 
 def moco_v2_transform(image_size: int) -> T.Compose:
     """MoCo-v2: RandomResizedCrop (0.2, 1), colour jitter p=0.8, grayscale p=0.2, blur p=0.5, flip."""
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 class TwoViews:
@@ -54,11 +56,18 @@ class TwoViews:
 
 def probe_train_transform(image_size: int, min_scale: float = 0.08) -> T.Compose:
     """The linear protocol's training augmentation: RandomResizedCrop (area share min_scale..1) + flip."""
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(MEAN, STD)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def eval_transform(image_size: int) -> T.Compose:
     """Resize to 256/224 of the crop, then centre crop (256 -> 224 at ImageNet scale)."""
-    return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize(MEAN, STD)])
+    return T.Compose(
+        [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)]
+    )

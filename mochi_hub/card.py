@@ -37,20 +37,51 @@ _MOCO_V2_PAPER = "Chen et al. 2020, MoCo-v2 (arXiv:2003.04297), and the facebook
 # transcribed from the paper's ImageNet-100 and ImageNet-1K tables (the ImageNet-100 MoCo-v2 row is the
 # paper's own re-run of MoCo-v2, with K = 16384); re-check them against the paper before quoting.
 PAPER_RESULTS: list[dict[str, Any]] = [
-    dict(dataset="imagenet-100", model="resnet50", epochs=200, method="MoCo-v2", mochi=None, top1=78.0,
-         source=_MOCHI_PAPER),
-    dict(dataset="imagenet-100", model="resnet50", epochs=200, method="MoCHi (1024, 1024, 512)",
-         mochi=(1024, 1024, 512), top1=79.0, source=_MOCHI_PAPER),
-    dict(dataset="imagenet-1k", model="resnet50", epochs=200, method="MoCo-v2", mochi=None, top1=67.5,
-         source=_MOCO_V2_PAPER),
-    dict(dataset="imagenet-1k", model="resnet50", epochs=200, method="MoCHi (1024, 1024, 512)",
-         mochi=(1024, 1024, 512), top1=68.0, source=_MOCHI_PAPER),
+    dict(
+        dataset="imagenet-100",
+        model="resnet50",
+        epochs=200,
+        method="MoCo-v2",
+        mochi=None,
+        top1=78.0,
+        source=_MOCHI_PAPER,
+    ),
+    dict(
+        dataset="imagenet-100",
+        model="resnet50",
+        epochs=200,
+        method="MoCHi (1024, 1024, 512)",
+        mochi=(1024, 1024, 512),
+        top1=79.0,
+        source=_MOCHI_PAPER,
+    ),
+    dict(
+        dataset="imagenet-1k",
+        model="resnet50",
+        epochs=200,
+        method="MoCo-v2",
+        mochi=None,
+        top1=67.5,
+        source=_MOCO_V2_PAPER,
+    ),
+    dict(
+        dataset="imagenet-1k",
+        model="resnet50",
+        epochs=200,
+        method="MoCHi (1024, 1024, 512)",
+        mochi=(1024, 1024, 512),
+        top1=68.0,
+        source=_MOCHI_PAPER,
+    ),
 ]
 
 # Dataset names that mean the same data (named source, Hub id) -> the key used in PAPER_RESULTS.
 _DATASET_KEYS = {
-    "imagenet-100": "imagenet-100", "clane9/imagenet-100": "imagenet-100",
-    "imagenet-1k": "imagenet-1k", "imagenet": "imagenet-1k", "ilsvrc/imagenet-1k": "imagenet-1k",
+    "imagenet-100": "imagenet-100",
+    "clane9/imagenet-100": "imagenet-100",
+    "imagenet-1k": "imagenet-1k",
+    "imagenet": "imagenet-1k",
+    "ilsvrc/imagenet-1k": "imagenet-1k",
     "imagenet-1k/imagenet-1k": "imagenet-1k",
 }
 _PROTOCOLS = {"linear": "linear probe", "knn": "kNN", "fast": "linear probe (cached features)"}
@@ -66,6 +97,7 @@ def protocol_label(probe: Mapping[str, Any]) -> str:
 def _split(probe: Mapping[str, Any]) -> str:
     """The split as the dataset names it (a Hub copy's "validation" or "test"), else the probe's --split."""
     return str(probe.get("split_name") or probe.get("split") or "-")
+
 
 # An absolute POSIX path (or ~/...) at the start of a string or after whitespace, ':', '=', '(' or a quote.
 _LOCAL_PATH = re.compile(r"(?:^|(?<=[\s:=(\"']))(?:~|/(?!/))[^\s\"'()]*")
@@ -128,8 +160,10 @@ def _hyperparameters(config: Mapping[str, Any], run_info: Mapping[str, Any]) -> 
     rows = [
         ("Method", method_name(mochi)),
         ("MoCHi (N, s, s')", _fmt(mochi)),
-        ("Mixing warm-up (epochs without mixing)", _fmt(config.get("mixing_warmup_epochs")) if method_name(mochi) == "MoCHi"
-         else "n/a"),
+        (
+            "Mixing warm-up (epochs without mixing)",
+            _fmt(config.get("mixing_warmup_epochs")) if method_name(mochi) == "MoCHi" else "n/a",
+        ),
         ("Max share of the query in s' mixes (beta max)", _fmt(config.get("beta_max"))),
         ("Epochs", _fmt(config.get("epochs"))),
         ("Global batch size", _fmt(batch)),
@@ -160,14 +194,21 @@ def _eval_results(probe_results: Iterable[Mapping[str, Any]]) -> list[EvalResult
     for probe in probe_results:
         protocol = str(probe.get("protocol", "linear"))
         dataset = str(probe.get("dataset", "unknown"))
-        common = dict(task_type="image-classification",
-                      task_name=f"Image classification ({protocol_label(probe)}, frozen features)",
-                      dataset_type=hub_dataset_id(dataset) or dataset, dataset_name=dataset,
-                      dataset_split=_split(probe), metric_config=protocol)
+        common = dict(
+            task_type="image-classification",
+            task_name=f"Image classification ({protocol_label(probe)}, frozen features)",
+            dataset_type=hub_dataset_id(dataset) or dataset,
+            dataset_name=dataset,
+            dataset_split=_split(probe),
+            metric_config=protocol,
+        )
         for key, label in (("top1", "top-1"), ("top5", "top-5")):
             if probe.get(key) is not None:
-                results.append(EvalResult(metric_type="accuracy", metric_name=f"{label} accuracy (%)",
-                                          metric_value=probe[key], **common))
+                results.append(
+                    EvalResult(
+                        metric_type="accuracy", metric_name=f"{label} accuracy (%)", metric_value=probe[key], **common
+                    )
+                )
     return results
 
 
@@ -184,10 +225,16 @@ def _paper_rows(config: Mapping[str, Any], architecture: str) -> list[dict[str, 
     return rows
 
 
-def generate_model_card(config_dict: Mapping[str, Any], *, probe_results: Iterable[Mapping[str, Any]] = (),
-                        repo_id: str | None = None, model_info: Mapping[str, Any] | None = None,
-                        run_info: Mapping[str, Any] | None = None, license: str = DEFAULT_LICENSE,
-                        has_curves: bool = False) -> ModelCard:
+def generate_model_card(
+    config_dict: Mapping[str, Any],
+    *,
+    probe_results: Iterable[Mapping[str, Any]] = (),
+    repo_id: str | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    run_info: Mapping[str, Any] | None = None,
+    license: str = DEFAULT_LICENSE,
+    has_curves: bool = False,
+) -> ModelCard:
     """Render the card for one exported backbone.
 
     config_dict: the resolved TrainConfig (`to_dict()`); probe_results: `mochi probe` JSON records;
@@ -204,14 +251,21 @@ def generate_model_card(config_dict: Mapping[str, Any], *, probe_results: Iterab
     method = method_name(mochi)
     dataset = str(config.get("dataset", "unknown"))
     hub_dataset = hub_dataset_id(dataset)
-    dataset_label = f"{dataset} ([{hub_dataset}](https://huggingface.co/datasets/{hub_dataset}))" \
-        if hub_dataset and hub_dataset != dataset else dataset
+    dataset_label = (
+        f"{dataset} ([{hub_dataset}](https://huggingface.co/datasets/{hub_dataset}))"
+        if hub_dataset and hub_dataset != dataset
+        else dataset
+    )
     model_name = repo_id.split("/")[-1] if repo_id else f"{architecture}-{method.lower()}-{dataset.split('/')[-1]}"
     eval_results = _eval_results(probes)
 
     card_data = ModelCardData(
-        library_name="timm", license=license, tags=list(TAGS), pipeline_tag="image-feature-extraction",
-        datasets=[hub_dataset] if hub_dataset else None, model_name=model_name,
+        library_name="timm",
+        license=license,
+        tags=list(TAGS),
+        pipeline_tag="image-feature-extraction",
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=model_name,
         eval_results=eval_results or None,
     )
     feature_info = info.get("feature_info") or {}
@@ -229,10 +283,13 @@ def generate_model_card(config_dict: Mapping[str, Any], *, probe_results: Iterab
         global_pool=info.get("global_pool", "avg"),
         params=f"{params / 1e6:.1f}M" if params else "?",
         input_size=input_size,
-        mean=_fmt(info.get("mean")), std=_fmt(info.get("std")),
+        mean=_fmt(info.get("mean")),
+        std=_fmt(info.get("std")),
         feature_channels=_fmt(feature_info.get("channels")) if feature_info.get("channels") else None,
         feature_strides=_fmt(feature_info.get("reduction")) if feature_info.get("reduction") else None,
-        method_long="MoCo-v2 (no hard negative mixing)" if method == "MoCo-v2" else "MoCHi (MoCo-v2 + hard negative mixing)",
+        method_long="MoCo-v2 (no hard negative mixing)"
+        if method == "MoCo-v2"
+        else "MoCHi (MoCo-v2 + hard negative mixing)",
         is_moco=method == "MoCo-v2",
         mochi=mochi,
         dataset_label=dataset_label,
@@ -240,12 +297,20 @@ def generate_model_card(config_dict: Mapping[str, Any], *, probe_results: Iterab
         max_steps=config.get("max_steps"),
         short_run=bool(config.get("max_steps")) or (isinstance(epochs, int) and epochs < 20),
         hyperparameters=_hyperparameters(config, run),
-        results=[dict(protocol=protocol_label(p), dataset=p.get("dataset"), split=_split(p),
-                      epochs=_fmt(p.get("epochs", (p.get("hyperparameters") or {}).get("epochs")))
-                      if p.get("protocol") != "knn" else "-",
-                      images=f"{_fmt(p.get('train_images'))} / {_fmt(p.get('eval_images'))}",
-                      top1=_pct(p.get("top1")), top5=_pct(p.get("top5")))
-                 for p in probes],
+        results=[
+            dict(
+                protocol=protocol_label(p),
+                dataset=p.get("dataset"),
+                split=_split(p),
+                epochs=_fmt(p.get("epochs", (p.get("hyperparameters") or {}).get("epochs")))
+                if p.get("protocol") != "knn"
+                else "-",
+                images=f"{_fmt(p.get('train_images'))} / {_fmt(p.get('eval_images'))}",
+                top1=_pct(p.get("top1")),
+                top5=_pct(p.get("top5")),
+            )
+            for p in probes
+        ],
         paper_rows=_paper_rows(config, architecture),
         has_curves=has_curves,
         num_processes=run.get("num_processes"),
@@ -255,8 +320,9 @@ def generate_model_card(config_dict: Mapping[str, Any], *, probe_results: Iterab
     return card
 
 
-def model_card_from_export(export_config: Mapping[str, Any], *, repo_id: str | None = None,
-                           has_curves: bool = False) -> ModelCard:
+def model_card_from_export(
+    export_config: Mapping[str, Any], *, repo_id: str | None = None, has_curves: bool = False
+) -> ModelCard:
     """The card of an export folder, from its config.json alone (used again at push time with the repo id)."""
     pretrained = export_config.get("pretrained_cfg", {})
     run = dict(export_config.get("run") or {})
@@ -265,13 +331,16 @@ def model_card_from_export(export_config: Mapping[str, Any], *, repo_id: str | N
         export_config.get("training_config", {}),
         probe_results=export_config.get("probe_results", []),
         repo_id=repo_id,
-        model_info=dict(architecture=export_config.get("architecture"),
-                        num_features=export_config.get("num_features"),
-                        global_pool=export_config.get("global_pool"),
-                        num_params=export_config.get("num_params"),
-                        feature_info=export_config.get("feature_info"),
-                        input_size=pretrained.get("input_size"),
-                        mean=pretrained.get("mean"), std=pretrained.get("std")),
+        model_info=dict(
+            architecture=export_config.get("architecture"),
+            num_features=export_config.get("num_features"),
+            global_pool=export_config.get("global_pool"),
+            num_params=export_config.get("num_params"),
+            feature_info=export_config.get("feature_info"),
+            input_size=pretrained.get("input_size"),
+            mean=pretrained.get("mean"),
+            std=pretrained.get("std"),
+        ),
         run_info=run,
         license=pretrained.get("license", DEFAULT_LICENSE),
         has_curves=has_curves,

@@ -47,12 +47,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def model_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """One flat tensor dict: {prefix.name: tensor}."""
-    return {f"{prefix}.{name}": tensor for prefix, module in modules.items()
-            for name, tensor in module.state_dict().items()}
+    return {
+        f"{prefix}.{name}": tensor for prefix, module in modules.items() for name, tensor in module.state_dict().items()
+    }
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], is_main: bool, rank: int, scaler: Any = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    modules: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    is_main: bool,
+    rank: int,
+    scaler: Any = None,
+) -> Path:
     """Every process writes its RNG files; the main process writes the rest. Call on all processes;
     the caller synchronises (wait_for_everyone) before the main process calls `finish_checkpoint`."""
     final = checkpoint_dir(run_dir, step)
@@ -82,19 +92,26 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
-                    rank: int, scaler: Any = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    modules: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    rank: int,
+    scaler: Any = None,
+) -> dict[str, Any]:
     """Restore modules, optimizer, GradScaler and this rank's RNG; return state.json."""
     path = Path(path)
     state = read_state(path)
     tensors = persist.load_tensors(path / WEIGHTS)
     for prefix, module in modules.items():
-        own = {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
+        own = {name[len(prefix) + 1 :]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
         try:
             module.load_state_dict(own)
         except RuntimeError as error:
-            raise persist.StateFileError(f"{path / WEIGHTS}: does not fit the {prefix} module "
-                                         f"({str(error).splitlines()[0]})") from None
+            raise persist.StateFileError(
+                f"{path / WEIGHTS}: does not fit the {prefix} module ({str(error).splitlines()[0]})"
+            ) from None
     if optimizer is not None:
         optimizer.load_state_dict(persist.join_state(persist.load_tensors(path / OPTIMIZER), state["optimizer"]))
     if scaler is not None and state.get("grad_scaler"):
@@ -108,5 +125,6 @@ def load_checkpoint(path: str | Path, *, modules: dict[str, nn.Module], optimize
 def load_query_backbone_tensors(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """The query encoder's backbone weights alone, as timm names them (what an export holds)."""
     prefix = "query.backbone."
-    return {k[len(prefix):]: v for k, v in persist.load_tensors(Path(checkpoint) / WEIGHTS).items()
-            if k.startswith(prefix)}
+    return {
+        k[len(prefix) :]: v for k, v in persist.load_tensors(Path(checkpoint) / WEIGHTS).items() if k.startswith(prefix)
+    }

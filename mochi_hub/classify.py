@@ -35,8 +35,16 @@ def topk_hits(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> T
 
 
 @torch.no_grad()
-def knn_scores(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, *, k: int, temperature: float,
-               chunk: int = 512) -> Tensor:
+def knn_scores(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    num_classes: int,
+    *,
+    k: int,
+    temperature: float,
+    chunk: int = 512,
+) -> Tensor:
     """Weighted kNN votes [Q, C]: per query, the k most cosine-similar bank features each add
     exp(sim / temperature) to their class (InstDisc, Wu et al. 2018; as in MoCo's kNN monitor)."""
     bank = F.normalize(bank.float(), dim=1)  # [N, D]
@@ -45,6 +53,7 @@ def knn_scores(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: 
     for part in F.normalize(queries.float(), dim=1).split(chunk):  # [q, D]
         sim, index = (part @ bank.T).topk(k, dim=1)  # [q, k]
         weights = (sim / temperature).exp()  # [q, k]
-        votes.append(torch.zeros(part.shape[0], num_classes, device=part.device).scatter_add_(
-            1, bank_labels[index], weights))  # [q, C]
+        votes.append(
+            torch.zeros(part.shape[0], num_classes, device=part.device).scatter_add_(1, bank_labels[index], weights)
+        )  # [q, C]
     return torch.cat(votes)

@@ -33,20 +33,24 @@ def parse_mochi(value: str | tuple[int, int, int] | list[int]) -> tuple[int, int
     try:
         n_hard, s, s_prime = (int(p) for p in parts)
     except (TypeError, ValueError):
-        raise ValueError(f"--mochi takes three integers N,s,s' (e.g. 1024,1024,512; 0,0,0 for MoCo-v2), "
-                         f"got {value!r}") from None
+        raise ValueError(
+            f"--mochi takes three integers N,s,s' (e.g. 1024,1024,512; 0,0,0 for MoCo-v2), got {value!r}"
+        ) from None
     return n_hard, s, s_prime
 
 
-def check_mochi_settings(n_hard: int, s: int, s_prime: int, *, queue_size: int | None = None,
-                         beta_max: float = 0.5) -> None:
+def check_mochi_settings(
+    n_hard: int, s: int, s_prime: int, *, queue_size: int | None = None, beta_max: float = 0.5
+) -> None:
     """Raise ValueError naming the setting when MoCHi (N, s, s') or beta_max cannot work."""
     for name, value in (("N (n_hard)", n_hard), ("s", s), ("s' (s_prime)", s_prime)):
         if value < 0:
             raise ValueError(f"MoCHi {name} must be >= 0, got {value}")
     if n_hard == 0 and (s > 0 or s_prime > 0):
-        raise ValueError(f"MoCHi N (n_hard) = 0 leaves nothing to mix, but s={s}, s'={s_prime}; "
-                         "use N > 0, or (0, 0, 0) for plain MoCo-v2")
+        raise ValueError(
+            f"MoCHi N (n_hard) = 0 leaves nothing to mix, but s={s}, s'={s_prime}; "
+            "use N > 0, or (0, 0, 0) for plain MoCo-v2"
+        )
     if queue_size is not None and n_hard > queue_size:
         raise ValueError(f"MoCHi N (n_hard) = {n_hard} exceeds the queue size K = {queue_size}")
     if not 0.0 < beta_max < 1.0:
@@ -58,8 +62,10 @@ def _check_choices(config: Any) -> None:
     for name, hint in get_type_hints(type(config)).items():
         choices = get_args(hint) if get_origin(hint) is Literal else ()
         if choices and getattr(config, name) not in choices:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
-                             f"got {getattr(config, name)!r}")
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                f"got {getattr(config, name)!r}"
+            )
 
 
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False, zero: bool = False) -> None:
@@ -106,7 +112,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     strict_data: bool = False
     max_train_images: int | None = None  # subset for smoke runs and the CPU study
-    report_to: Reporter = "auto"  # Accelerate trackers: auto (TensorBoard when installed), none, tensorboard, wandb, trackio
+    report_to: Reporter = (
+        "auto"  # Accelerate trackers: auto (TensorBoard when installed), none, tensorboard, wandb, trackio
+    )
     on_nonfinite: OnNonFinite = "stop"  # a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step
     augment_on: AugmentOn = "auto"  # MoCo-v2's views drawn by the loader workers (PIL) or batched on the device
     compile: bool = False  # torch.compile both encoders (in place: the state dict keeps its names)
@@ -114,8 +122,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.mochi = parse_mochi(self.mochi)
         n_hard, s, s_prime = self.mochi
-        for name in ("image_size", "epochs", "batch_size", "queue_size", "temperature", "proj_dim",
-                     "log_every_steps", "keep_checkpoints"):
+        for name in (
+            "image_size",
+            "epochs",
+            "batch_size",
+            "queue_size",
+            "temperature",
+            "proj_dim",
+            "log_every_steps",
+            "keep_checkpoints",
+        ):
             _positive(name, getattr(self, name))
         for name in ("mixing_warmup_epochs", "lr_warmup_epochs", "workers", "weight_decay", "sgd_momentum"):
             _positive(name, getattr(self, name), zero=True)
@@ -124,25 +140,31 @@ class TrainConfig:
         if not 0.0 <= self.key_momentum < 1.0:
             raise ValueError(f"--key-momentum must lie in [0, 1), got {self.key_momentum}")
         if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, "
-                             f"got {self.mixed_precision!r}")
+            raise ValueError(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
+            )
         if self.init not in INITS:
             raise ValueError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.bn_splits is not None and (self.batch_size % self.bn_splits or self.batch_size // self.bn_splits < 2):
-            raise ValueError(f"--bn-splits ({self.bn_splits}) must divide --batch-size ({self.batch_size}) into "
-                             "BatchNorm groups of at least 2 images")
+            raise ValueError(
+                f"--bn-splits ({self.bn_splits}) must divide --batch-size ({self.batch_size}) into "
+                "BatchNorm groups of at least 2 images"
+            )
         if self.lr_warmup_epochs >= self.epochs:
             raise ValueError(f"--lr-warmup-epochs ({self.lr_warmup_epochs}) must be < --epochs ({self.epochs})")
         if self.queue_size < self.batch_size:
-            raise ValueError(f"--queue-size (K = {self.queue_size}) must be at least the global "
-                             f"--batch-size ({self.batch_size})")
+            raise ValueError(
+                f"--queue-size (K = {self.queue_size}) must be at least the global --batch-size ({self.batch_size})"
+            )
         try:
             check_mochi_settings(n_hard, s, s_prime, queue_size=self.queue_size, beta_max=self.beta_max)
         except ValueError as error:
             raise ValueError(f"--mochi: {error}") from None
         if s + s_prime > 0 and self.mixing_warmup_epochs >= self.epochs:
-            raise ValueError(f"--mixing-warmup-epochs ({self.mixing_warmup_epochs}) must be < --epochs ({self.epochs}) "
-                             "or MoCHi never mixes; use --mochi 0,0,0 for plain MoCo-v2")
+            raise ValueError(
+                f"--mixing-warmup-epochs ({self.mixing_warmup_epochs}) must be < --epochs ({self.epochs}) "
+                "or MoCHi never mixes; use --mochi 0,0,0 for plain MoCo-v2"
+            )
 
     @property
     def base_lr(self) -> float:
@@ -167,14 +189,42 @@ class TrainConfig:
 
 # The paper's settings (Sec. 4 and Appendix) and a CPU-sized demo. Values are TrainConfig fields.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "imagenet-100": dict(dataset="imagenet-100", model="resnet50", image_size=224, epochs=200, batch_size=256,
-                         queue_size=16384, mochi=(1024, 1024, 512), mixing_warmup_epochs=10),
-    "imagenet-1k": dict(dataset="imagenet-1k", model="resnet50", image_size=224, epochs=200, batch_size=256,
-                        queue_size=65536, mochi=(1024, 1024, 512), mixing_warmup_epochs=15),
+    "imagenet-100": dict(
+        dataset="imagenet-100",
+        model="resnet50",
+        image_size=224,
+        epochs=200,
+        batch_size=256,
+        queue_size=16384,
+        mochi=(1024, 1024, 512),
+        mixing_warmup_epochs=10,
+    ),
+    "imagenet-1k": dict(
+        dataset="imagenet-1k",
+        model="resnet50",
+        image_size=224,
+        epochs=200,
+        batch_size=256,
+        queue_size=65536,
+        mochi=(1024, 1024, 512),
+        mixing_warmup_epochs=15,
+    ),
     # Minutes on a 2-core CPU: a small ResNet on 32 px Fashion-MNIST crops.
-    "demo": dict(dataset="fashion-mnist", model="resnet18", image_size=32, epochs=2, batch_size=64,
-                 queue_size=1024, mochi=(64, 64, 32), mixing_warmup_epochs=1, lr=0.06, workers=2,
-                 max_train_images=4096, key_momentum=0.99, log_every_steps=8),
+    "demo": dict(
+        dataset="fashion-mnist",
+        model="resnet18",
+        image_size=32,
+        epochs=2,
+        batch_size=64,
+        queue_size=1024,
+        mochi=(64, 64, 32),
+        mixing_warmup_epochs=1,
+        lr=0.06,
+        workers=2,
+        max_train_images=4096,
+        key_momentum=0.99,
+        log_every_steps=8,
+    ),
 }
 
 
@@ -202,8 +252,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve_config(cls: type, presets: dict[str, dict[str, Any]], *, preset: str | None = None,
-                   config_file: str | Path | None = None, base: dict[str, Any] | None = None, **options: Any):
+def resolve_config(
+    cls: type,
+    presets: dict[str, dict[str, Any]],
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    base: dict[str, Any] | None = None,
+    **options: Any,
+):
     """defaults <- preset <- base (what the SOURCE says) <- config file <- options (None: 'not given'),
     validated once."""
     values: dict[str, Any] = {}
@@ -235,8 +292,10 @@ def resolve_train_config(**kwargs: Any) -> TrainConfig:
     args = backbone_args(config.model, init=config.init, image_size=config.image_size)  # checks the name too
     smallest = min_image_size(config.model, **args)
     if config.image_size < smallest:
-        raise ValueError(f"--image-size {config.image_size}: {config.model} reduces its input {smallest}x, so it "
-                         f"needs at least {smallest} px")
+        raise ValueError(
+            f"--image-size {config.image_size}: {config.model} reduces its input {smallest}x, so it "
+            f"needs at least {smallest} px"
+        )
     return config
 
 
@@ -268,15 +327,27 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 # Fields a resumed run may change: where and how it runs, not what it computes (`preset` is only a label).
-RESUME_MAY_CHANGE = ("output", "resume", "workers", "max_steps", "save_every_steps", "keep_checkpoints",
-                     "log_every_steps", "report_to", "preset", "compile")
+RESUME_MAY_CHANGE = (
+    "output",
+    "resume",
+    "workers",
+    "max_steps",
+    "save_every_steps",
+    "keep_checkpoints",
+    "log_every_steps",
+    "report_to",
+    "preset",
+    "compile",
+)
 
 
 def resume_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:
     """Every field outside RESUME_MAY_CHANGE that differs, as "name: checkpoint X, now Y"."""
-    return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, now {getattr(now, f.name)!r}"
-            for f in dataclasses.fields(TrainConfig)
-            if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(now, f.name)]
+    return [
+        f"{f.name}: checkpoint {getattr(saved, f.name)!r}, now {getattr(now, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(now, f.name)
+    ]
 
 
 # --- Evaluation: `mochi probe` --------------------------------------------------------------------------
@@ -354,24 +425,36 @@ PAPER_PROTOCOL_DATASETS = ("imagenet-100", "imagenet-1k")  # presets that are th
 # The paper's linear protocol (Appendix, following MoCo) and a small-image setting for Fashion-MNIST.
 # When --preset is not given and --dataset names one of these, that preset applies.
 PROBE_PRESETS: dict[str, dict[str, Any]] = {
-    "imagenet-100": dict(dataset="imagenet-100", image_size=224, epochs=60, lr=10.0, batch_size=128,
-                         lr_milestones=(30, 40, 50)),
-    "imagenet-1k": dict(dataset="imagenet-1k", image_size=224, epochs=100, lr=30.0, batch_size=512,
-                        lr_milestones=(60, 80)),
+    "imagenet-100": dict(
+        dataset="imagenet-100", image_size=224, epochs=60, lr=10.0, batch_size=128, lr_milestones=(30, 40, 50)
+    ),
+    "imagenet-1k": dict(
+        dataset="imagenet-1k", image_size=224, epochs=100, lr=30.0, batch_size=512, lr_milestones=(60, 80)
+    ),
     # 28 px images probed at 32 px (eval: resize 37, centre crop 32), as the demo pretrains.
     # 28 px images: crops of 8% of the area are 8 px wide, far from what evaluation sees.
-    "fashion-mnist": dict(dataset="fashion-mnist", image_size=32, epochs=20, lr=10.0, batch_size=256, crop_min_scale=0.5,
-                          lr_milestones=(12, 16)),
+    "fashion-mnist": dict(
+        dataset="fashion-mnist",
+        image_size=32,
+        epochs=20,
+        lr=10.0,
+        batch_size=256,
+        crop_min_scale=0.5,
+        lr_milestones=(12, 16),
+    ),
 }
 
 
-def resolve_probe_config(*, source: str | None = None, preset: str | None = None,
-                         config_file: str | Path | None = None, **options: Any) -> ProbeConfig:
+def resolve_probe_config(
+    *, source: str | None = None, preset: str | None = None, config_file: str | Path | None = None, **options: Any
+) -> ProbeConfig:
     """As resolve_config, with what SOURCE was trained on as the base: its dataset and input size (read from
     its run.json / config.json, mochi_hub.sources.source_defaults) unless given. Without --preset, the
     dataset (given or the SOURCE's) selects the preset of the same name."""
-    given = {**(load_config_file(config_file) if config_file is not None else {}),
-             **{k: v for k, v in options.items() if v is not None}}
+    given = {
+        **(load_config_file(config_file) if config_file is not None else {}),
+        **{k: v for k, v in options.items() if v is not None},
+    }
     base: dict[str, Any] = {}
     if source is not None and ("dataset" not in given or "image_size" not in given):
         from .sources import source_defaults
@@ -394,8 +477,10 @@ def complete_probe_config(config: ProbeConfig, source: str) -> ProbeConfig:
     values = {k: v for k, v in found.items() if getattr(config, k) is None}
     config = dataclasses.replace(config, **values)
     if config.dataset is None:
-        raise ValueError(f"--dataset: SOURCE {source} does not record a dataset it was trained on that can be "
-                         "read here; pass --dataset")
+        raise ValueError(
+            f"--dataset: SOURCE {source} does not record a dataset it was trained on that can be "
+            "read here; pass --dataset"
+        )
     if config.image_size is None:
         raise ValueError(f"--image-size: SOURCE {source} records no input size; pass --image-size")
     return config

@@ -42,8 +42,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 def progress_bar(enabled: bool = True, *, fields: str = "") -> Progress:
     """A progress display on stderr: description, bar, done/total, elapsed, remaining, then `fields`
     (a format string over the task's fields, e.g. "{task.fields[loss]}")."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     if fields:
         columns.append(TextColumn(fields))
     return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False)

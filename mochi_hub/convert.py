@@ -33,20 +33,27 @@ def torchvision_state_dict(backbone: nn.Module, architecture: str) -> dict[str, 
     import torchvision
 
     if not architecture.startswith(RESNET_FAMILY):
-        raise ConversionError(f"--format torchvision/detectron2 needs a ResNet-family backbone "
-                          f"(resnet18/34/50/101/152, resnext, wide_resnet), got {architecture!r}")
+        raise ConversionError(
+            f"--format torchvision/detectron2 needs a ResNet-family backbone "
+            f"(resnet18/34/50/101/152, resnext, wide_resnet), got {architecture!r}"
+        )
     if architecture not in torchvision.models.list_models(module=torchvision.models):
-        raise ConversionError(f"torchvision has no architecture named {architecture!r}: timm's variant has no "
-                          "torchvision counterpart (e.g. resnet50d's deep stem); use --format timm")
+        raise ConversionError(
+            f"torchvision has no architecture named {architecture!r}: timm's variant has no "
+            "torchvision counterpart (e.g. resnet50d's deep stem); use --format timm"
+        )
     with torch.device("meta"):  # shapes only, no memory
         reference = torchvision.models.get_model(architecture, weights=None)
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     ours = {k: v for k, v in backbone.state_dict().items()}
     mismatched = sorted(set(expected) ^ set(ours)) + sorted(
-        k for k in set(expected) & set(ours) if expected[k] != tuple(ours[k].shape))
+        k for k in set(expected) & set(ours) if expected[k] != tuple(ours[k].shape)
+    )
     if mismatched:
-        raise ConversionError(f"timm's {architecture} does not match torchvision's layout "
-                          f"({len(mismatched)} keys differ, e.g. {mismatched[:3]}); use --format timm")
+        raise ConversionError(
+            f"timm's {architecture} does not match torchvision's layout "
+            f"({len(mismatched)} keys differ, e.g. {mismatched[:3]}); use --format timm"
+        )
     return {k: v.detach().cpu().contiguous() for k, v in ours.items()}
 
 
@@ -120,6 +127,7 @@ def write_detectron2(state: dict[str, torch.Tensor], architecture: str, output: 
 
     atomic_write(target, write_pickle)
     depth = "".join(ch for ch in architecture.split("_")[0] if ch.isdigit()) or "50"
-    atomic_write(output / "README.md", lambda p: p.write_text(DETECTRON2_NOTES.format(name=name, file=target.name,
-                                                                                         depth=depth)))
+    atomic_write(
+        output / "README.md", lambda p: p.write_text(DETECTRON2_NOTES.format(name=name, file=target.name, depth=depth))
+    )
     return target

@@ -22,8 +22,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # Named sources: what `--dataset NAME` means. Hub copies are used when no local copy exists.
 HUB_SOURCES = {
     "imagenet-100": "clane9/imagenet-100",  # the CMC 100-class subset (Tian et al., arXiv:1906.05849)
@@ -32,7 +42,108 @@ HUB_SOURCES = {
 }
 # ImageNet-100 as CMC defined it (Tian et al., arXiv:1906.05849; HobbitLong/CMC imagenet100.txt), in CMC's
 # order, which is also the label order of the Hub copy clane9/imagenet-100.
-IMAGENET100_CMC_CLASSES = ["n02869837", "n01749939", "n02488291", "n02107142", "n13037406", "n02091831", "n04517823", "n04589890", "n03062245", "n01773797", "n01735189", "n07831146", "n07753275", "n03085013", "n04485082", "n02105505", "n01983481", "n02788148", "n03530642", "n04435653", "n02086910", "n02859443", "n13040303", "n03594734", "n02085620", "n02099849", "n01558993", "n04493381", "n02109047", "n04111531", "n02877765", "n04429376", "n02009229", "n01978455", "n02106550", "n01820546", "n01692333", "n07714571", "n02974003", "n02114855", "n03785016", "n03764736", "n03775546", "n02087046", "n07836838", "n04099969", "n04592741", "n03891251", "n02701002", "n03379051", "n02259212", "n07715103", "n03947888", "n04026417", "n02326432", "n03637318", "n01980166", "n02113799", "n02086240", "n03903868", "n02483362", "n04127249", "n02089973", "n03017168", "n02093428", "n02804414", "n02396427", "n04418357", "n02172182", "n01729322", "n02113978", "n03787032", "n02089867", "n02119022", "n03777754", "n04238763", "n02231487", "n03032252", "n02138441", "n02104029", "n03837869", "n03494278", "n04136333", "n03794056", "n03492542", "n02018207", "n04067472", "n03930630", "n03584829", "n02123045", "n04229816", "n02100583", "n03642806", "n04336792", "n03259280", "n02116738", "n02108089", "n03424325", "n01855672", "n02090622"]
+IMAGENET100_CMC_CLASSES = [
+    "n02869837",
+    "n01749939",
+    "n02488291",
+    "n02107142",
+    "n13037406",
+    "n02091831",
+    "n04517823",
+    "n04589890",
+    "n03062245",
+    "n01773797",
+    "n01735189",
+    "n07831146",
+    "n07753275",
+    "n03085013",
+    "n04485082",
+    "n02105505",
+    "n01983481",
+    "n02788148",
+    "n03530642",
+    "n04435653",
+    "n02086910",
+    "n02859443",
+    "n13040303",
+    "n03594734",
+    "n02085620",
+    "n02099849",
+    "n01558993",
+    "n04493381",
+    "n02109047",
+    "n04111531",
+    "n02877765",
+    "n04429376",
+    "n02009229",
+    "n01978455",
+    "n02106550",
+    "n01820546",
+    "n01692333",
+    "n07714571",
+    "n02974003",
+    "n02114855",
+    "n03785016",
+    "n03764736",
+    "n03775546",
+    "n02087046",
+    "n07836838",
+    "n04099969",
+    "n04592741",
+    "n03891251",
+    "n02701002",
+    "n03379051",
+    "n02259212",
+    "n07715103",
+    "n03947888",
+    "n04026417",
+    "n02326432",
+    "n03637318",
+    "n01980166",
+    "n02113799",
+    "n02086240",
+    "n03903868",
+    "n02483362",
+    "n04127249",
+    "n02089973",
+    "n03017168",
+    "n02093428",
+    "n02804414",
+    "n02396427",
+    "n04418357",
+    "n02172182",
+    "n01729322",
+    "n02113978",
+    "n03787032",
+    "n02089867",
+    "n02119022",
+    "n03777754",
+    "n04238763",
+    "n02231487",
+    "n03032252",
+    "n02138441",
+    "n02104029",
+    "n03837869",
+    "n03494278",
+    "n04136333",
+    "n03794056",
+    "n03492542",
+    "n02018207",
+    "n04067472",
+    "n03930630",
+    "n03584829",
+    "n02123045",
+    "n04229816",
+    "n02100583",
+    "n03642806",
+    "n04336792",
+    "n03259280",
+    "n02116738",
+    "n02108089",
+    "n03424325",
+    "n01855672",
+    "n02090622",
+]
 SPLITS = ("train", "val")
 HUB_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "test")}
 
@@ -87,8 +198,10 @@ class ImageFolder(Dataset):
         if not found:
             loose = [p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith(".")]
             what = f"{len(loose)} files but no class sub-folders" if loose else "no class sub-folders"
-            raise ValueError(f"--dataset {self.root}: {what}; expected {self.root}/<class>/<image> "
-                             "(one sub-folder per class; for unlabelled images, one folder such as unlabelled/)")
+            raise ValueError(
+                f"--dataset {self.root}: {what}; expected {self.root}/<class>/<image> "
+                "(one sub-folder per class; for unlabelled images, one folder such as unlabelled/)"
+            )
         self.classes = classes if classes is not None else found
         missing = sorted(set(found) - set(self.classes))
         if missing:
@@ -98,8 +211,9 @@ class ImageFolder(Dataset):
         for name in found:
             for dirpath, dirnames, filenames in os.walk(self.root / name):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                self.files += [(os.path.join(dirpath, f), index[name]) for f in sorted(filenames)
-                               if not f.startswith(".")]
+                self.files += [
+                    (os.path.join(dirpath, f), index[name]) for f in sorted(filenames) if not f.startswith(".")
+                ]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -152,8 +266,10 @@ def load_hub_dataset(name: str, split: str) -> HubImages:
         except ValueError as error:  # unknown split: try the next name
             errors.append(str(error))
         except Exception as error:
-            raise ValueError(f"--dataset {name}: could not load split {hub_split!r} from the Hub "
-                             f"or the HF cache ({type(error).__name__}: {error})") from error
+            raise ValueError(
+                f"--dataset {name}: could not load split {hub_split!r} from the Hub "
+                f"or the HF cache ({type(error).__name__}: {error})"
+            ) from error
     raise ValueError(f"--dataset {name}: no split among {HUB_SPLIT_NAMES[split]}: {errors[-1]}")
 
 
@@ -170,13 +286,17 @@ def check_dataset_spec(spec: str) -> None:
     if path.is_dir() or spec in HUB_SOURCES:
         return
     if path.exists():
-        raise ValueError(f"--dataset {spec}: is a file; expected a folder of class sub-folders "
-                         "(root/<class>/<image>, or root/train/<class>/...), a Hub dataset id (org/name), or one of "
-                         f"{', '.join(HUB_SOURCES)}")
+        raise ValueError(
+            f"--dataset {spec}: is a file; expected a folder of class sub-folders "
+            "(root/<class>/<image>, or root/train/<class>/...), a Hub dataset id (org/name), or one of "
+            f"{', '.join(HUB_SOURCES)}"
+        )
     if "/" in spec and not spec.startswith((".", "/", "~")):
         return  # a Hub id: whether it exists is known only when it is loaded
-    raise ValueError(f"--dataset {spec!r}: not a folder, not a Hub dataset id (org/name), and not one of the "
-                     f"named sources {', '.join(HUB_SOURCES)}")
+    raise ValueError(
+        f"--dataset {spec!r}: not a folder, not a Hub dataset id (org/name), and not one of the "
+        f"named sources {', '.join(HUB_SOURCES)}"
+    )
 
 
 def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | None = None) -> ImageSource:
@@ -217,8 +337,10 @@ def missing_classes_note(source: ImageSource, count: int) -> str | None:
     seen = len(set(labels))
     if seen >= len(source.classes):
         return None
-    return (f"--max-train-images {count} takes the first {count} images, which cover {seen} of the "
-            f"{len(source.classes)} classes (the source lists its images class by class)")
+    return (
+        f"--max-train-images {count} takes the first {count} images, which cover {seen} of the "
+        f"{len(source.classes)} classes (the source lists its images class by class)"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -240,8 +362,9 @@ class Sample:
 class DecodedImages(Dataset):
     """source -> transform(RGB image), replacing each undecodable image by the next good one."""
 
-    def __init__(self, source: ImageSource, transform: Callable, *, strict: bool = False,
-                 indices: list[int] | None = None):
+    def __init__(
+        self, source: ImageSource, transform: Callable, *, strict: bool = False, indices: list[int] | None = None
+    ):
         self.source = source
         self.transform = transform
         self.strict = strict
@@ -272,5 +395,8 @@ def collate_samples(samples: list[Sample]) -> dict[str, Any]:
         images = tuple(torch.stack([s.image[v] for s in samples]) for v in range(len(first)))
     else:
         images = torch.stack([s.image for s in samples])
-    return {"images": images, "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
-            "skipped": [reason for s in samples for reason in s.skipped]}
+    return {
+        "images": images,
+        "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
+        "skipped": [reason for s in samples for reason in s.skipped],
+    }

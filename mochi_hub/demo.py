@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     from .probe import run_probe
 
     for protocol in ("knn", "fast"):  # results land in RUN/probes/, so the export's card reports them
-        run_probe(str(run_dir), resolve_probe_config(dataset="fashion-mnist", protocol=protocol, max_images=4096,
-                                                     workers=2))
+        run_probe(
+            str(run_dir), resolve_probe_config(dataset="fashion-mnist", protocol=protocol, max_images=4096, workers=2)
+        )
 
     print("== 3/3 export again (the card now reports the probes), then load it with timm")
     export = export_run(Path(run_dir))
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         pooled = backbone(image)
         maps = detector_trunk(image)
     print(f"timm.create_model('local-dir:{export}', pretrained=True): features {tuple(pooled.shape)}")
-    print(f"  features_only=True: {[tuple(m.shape) for m in maps]} "
-          f"(strides {detector_trunk.feature_info.reduction()})")
+    print(f"  features_only=True: {[tuple(m.shape) for m in maps]} (strides {detector_trunk.feature_info.reduction()})")
 
 
 if __name__ == "__main__":

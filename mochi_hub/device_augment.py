@@ -65,7 +65,7 @@ def pad_collate(images: list[Tensor]) -> tuple[Tensor, Tensor]:
     height, width = (int(v) for v in sizes.max(0).values)
     canvas = images[0].new_zeros((len(images), images[0].shape[0], height, width))  # [B, C, Hmax, Wmax]
     for slot, image in zip(canvas, images):
-        slot[:, :image.shape[1], :image.shape[2]] = image
+        slot[:, : image.shape[1], : image.shape[2]] = image
     return canvas, sizes
 
 
@@ -78,6 +78,7 @@ def decode_to_uint8(image: Image.Image, max_side: int | None = None) -> Tensor:
     only lowers the source resolution: keep max_side >= image_size / sqrt(min scale) (~2.24 x image_size for
     scale 0.2) if the smallest crops should not be upscaled.
     """
+
     def shrunk(size: tuple[int, int]) -> tuple[int, int]:  # (w, h) with the shorter side max_side
         return tuple(max(1, round(side * max_side / min(size))) for side in size)
 
@@ -90,11 +91,19 @@ def decode_to_uint8(image: Image.Image, max_side: int | None = None) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, h, w]
 
 
-def sample_view_params(sizes: Tensor, *, generator: torch.Generator, scale: tuple[float, float] = (0.2, 1.0),
-                       ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                       jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
-                       gray_p: float = 0.2, blur_sigma: tuple[float, float] = (0.1, 2.0), blur_p: float = 0.5,
-                       flip_p: float = 0.5) -> ViewParams:
+def sample_view_params(
+    sizes: Tensor,
+    *,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+    jitter_p: float = 0.8,
+    gray_p: float = 0.2,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    blur_p: float = 0.5,
+    flip_p: float = 0.5,
+) -> ViewParams:
     """Draw one view's parameters for images of sizes [B, 2] (h, w), all from `generator`, on its device.
 
     The crop is torchvision's RandomResizedCrop.get_params, vectorised: all 10 attempts (area share ~ U(scale),
@@ -129,10 +138,19 @@ def sample_view_params(sizes: Tensor, *, generator: torch.Generator, scale: tupl
     in_ratio = width / height  # [B]
     fall_h = torch.where(in_ratio < min(ratio), torch.round(width / min(ratio)), height)  # [B]
     fall_w = torch.where(in_ratio > max(ratio), torch.round(height * max(ratio)), width)  # [B]
-    fall_top, fall_left = torch.div(height - fall_h, 2, rounding_mode="floor"), torch.div(width - fall_w, 2,
-                                                                                           rounding_mode="floor")
-    crop = torch.stack([torch.where(found, top, fall_top), torch.where(found, left, fall_left),
-                        torch.where(found, h, fall_h), torch.where(found, w, fall_w)], 1).long()  # [B, 4]
+    fall_top, fall_left = (
+        torch.div(height - fall_h, 2, rounding_mode="floor"),
+        torch.div(width - fall_w, 2, rounding_mode="floor"),
+    )
+    crop = torch.stack(
+        [
+            torch.where(found, top, fall_top),
+            torch.where(found, left, fall_left),
+            torch.where(found, h, fall_h),
+            torch.where(found, w, fall_w),
+        ],
+        1,
+    ).long()  # [B, 4]
 
     # ColorJitter: an op with strength 0 gets its neutral factor (torchvision skips it; see _jitter for hue).
     low = torch.tensor([max(0.0, 1 - x) for x in jitter[:3]] + [-jitter[3]], device=device)  # [4]
@@ -143,13 +161,29 @@ def sample_view_params(sizes: Tensor, *, generator: torch.Generator, scale: tupl
     def coin(p: float) -> Tensor:
         return uniform(count) < p  # [B] bool
 
-    return ViewParams(crop=crop, jitter=coin(jitter_p), factors=factors, order=order, gray=coin(gray_p),
-                      blur=coin(blur_p), sigma=uniform(count, low=blur_sigma[0], high=blur_sigma[1]),
-                      flip=coin(flip_p), blur_half_max=math.ceil(BLUR_TRUNCATE * blur_sigma[1]))
+    return ViewParams(
+        crop=crop,
+        jitter=coin(jitter_p),
+        factors=factors,
+        order=order,
+        gray=coin(gray_p),
+        blur=coin(blur_p),
+        sigma=uniform(count, low=blur_sigma[0], high=blur_sigma[1]),
+        flip=coin(flip_p),
+        blur_half_max=math.ceil(BLUR_TRUNCATE * blur_sigma[1]),
+    )
 
 
-def apply_view(images: Tensor, sizes: Tensor, params: ViewParams, *, output_size: int,
-               mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD, antialias: bool = True) -> Tensor:
+def apply_view(
+    images: Tensor,
+    sizes: Tensor,
+    params: ViewParams,
+    *,
+    output_size: int,
+    mean: tuple[float, ...] = MEAN,
+    std: tuple[float, ...] = STD,
+    antialias: bool = True,
+) -> Tensor:
     """uint8 [B, 3, H, W] canvas (image b in its top-left sizes[b] = (h, w)) -> normalised float32 [B, 3, S, S].
 
     Crop + resize is `torchvision.ops.roi_align` with aligned=True (pixel centres at +0.5, the convention of
@@ -164,22 +198,47 @@ def apply_view(images: Tensor, sizes: Tensor, params: ViewParams, *, output_size
     The padding next to each image is set to its edge pixels first, so the canvas padding never leaks in.
     Then colour jitter (per image, in its own op order), grayscale, Gaussian blur, flip, normalisation.
     """
-    return _render(_fill_padding(images, sizes.to(images.device)), params.to(images.device),
-                   output_size=output_size, mean=mean, std=std, antialias=antialias)
+    return _render(
+        _fill_padding(images, sizes.to(images.device)),
+        params.to(images.device),
+        output_size=output_size,
+        mean=mean,
+        std=std,
+        antialias=antialias,
+    )
 
 
 class DeviceViews:
     """MoCo-v2's two views (query, key) of a uint8 batch, drawn on the batch's device with independent parameters
     per image and per view. Defaults are MoCo-v2's (those of `mochi_hub.augment.moco_v2_transform`)."""
 
-    def __init__(self, image_size: int, *, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD,
-                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8,
-                 gray_p: float = 0.2, blur_sigma: tuple[float, float] = (0.1, 2.0), blur_p: float = 0.5,
-                 flip_p: float = 0.5, antialias: bool = True):
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        mean: tuple[float, ...] = MEAN,
+        std: tuple[float, ...] = STD,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        jitter_p: float = 0.8,
+        gray_p: float = 0.2,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_p: float = 0.5,
+        flip_p: float = 0.5,
+        antialias: bool = True,
+    ):
         self.image_size, self.mean, self.std, self.antialias = image_size, mean, std, antialias
-        self.sampling = {"scale": scale, "ratio": ratio, "jitter": jitter, "jitter_p": jitter_p, "gray_p": gray_p,
-                         "blur_sigma": blur_sigma, "blur_p": blur_p, "flip_p": flip_p}
+        self.sampling = {
+            "scale": scale,
+            "ratio": ratio,
+            "jitter": jitter,
+            "jitter_p": jitter_p,
+            "gray_p": gray_p,
+            "blur_sigma": blur_sigma,
+            "blur_p": blur_p,
+            "flip_p": flip_p,
+        }
 
     def sample(self, sizes: Tensor, generator: torch.Generator) -> ViewParams:
         return sample_view_params(sizes, generator=generator, **self.sampling)
@@ -188,8 +247,17 @@ class DeviceViews:
         """uint8 [B, 3, H, W], sizes [B, 2] -> (query, key), each float32 [B, 3, S, S]."""
         sizes = sizes.to(images.device)
         filled = _fill_padding(images, sizes)  # shared by both views
-        query, key = (_render(filled, self.sample(sizes, generator).to(images.device), output_size=self.image_size,
-                              mean=self.mean, std=self.std, antialias=self.antialias) for _ in range(2))
+        query, key = (
+            _render(
+                filled,
+                self.sample(sizes, generator).to(images.device),
+                output_size=self.image_size,
+                mean=self.mean,
+                std=self.std,
+                antialias=self.antialias,
+            )
+            for _ in range(2)
+        )
         return query, key
 
     def __repr__(self) -> str:
@@ -214,14 +282,25 @@ def _fill_padding(images: Tensor, sizes: Tensor) -> Tensor:
     return images  # [B, C, H, W]
 
 
-def _render(images: Tensor, params: ViewParams, *, output_size: int, mean: tuple[float, ...],
-            std: tuple[float, ...], antialias: bool) -> Tensor:
+def _render(
+    images: Tensor,
+    params: ViewParams,
+    *,
+    output_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    antialias: bool,
+) -> Tensor:
     """apply_view on a canvas whose padding is already filled, with params on the canvas's device."""
     top, left, h, w = params.crop.to(torch.float32).unbind(1)  # [B] each
     index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32)  # [B]
     boxes = torch.stack([index, left, top, left + w, top + h], 1)  # [B, 5]: batch index, x1, y1, x2, y2
-    x = roi_align(images.float(), boxes, output_size, spatial_scale=1.0, sampling_ratio=0 if antialias else 1,
-                  aligned=True) / 255  # [B, 3, S, S] in [0, 1]
+    x = (
+        roi_align(
+            images.float(), boxes, output_size, spatial_scale=1.0, sampling_ratio=0 if antialias else 1, aligned=True
+        )
+        / 255
+    )  # [B, 3, S, S] in [0, 1]
     x = _jitter(x, params.jitter, params.factors, params.order)
     x = torch.where(params.gray[:, None, None, None], _grayscale(x).expand_as(x), x)
     x = torch.where(params.blur[:, None, None, None], _blur(x, params.sigma, params.blur_half_max), x)
@@ -267,8 +346,9 @@ def _hue(x: Tensor, factor: Tensor) -> Tensor:
     maxc = torch.maximum(torch.maximum(r, g), b)
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)
     divisor = torch.where(chroma == 0, 1.0, chroma)  # gray pixels: any hue, chroma 0 cancels it (no NaN)
-    hue6 = torch.where(maxc == r, (g - b) / divisor,
-                       torch.where(maxc == g, 2.0 + (b - r) / divisor, 4.0 + (r - g) / divisor))  # 6 H (mod 6)
+    hue6 = torch.where(
+        maxc == r, (g - b) / divisor, torch.where(maxc == g, 2.0 + (b - r) / divisor, 4.0 + (r - g) / divisor)
+    )  # 6 H (mod 6)
     hue6 = hue6 + 6 * factor.view(-1, 1, 1)  # [B, H, W]
 
     def channel(n: float) -> Tensor:
@@ -289,8 +369,11 @@ def _jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor) -> Tensor:
     for slot in range(4):
         op = order[:, slot]  # [B]
         gray = _grayscale(x)  # [B, 1, H, W]
-        other = torch.where((op == CONTRAST).view(-1, 1, 1, 1), gray.mean((1, 2, 3), keepdim=True),
-                            torch.where((op == SATURATION).view(-1, 1, 1, 1), gray, torch.zeros_like(gray)))
+        other = torch.where(
+            (op == CONTRAST).view(-1, 1, 1, 1),
+            gray.mean((1, 2, 3), keepdim=True),
+            torch.where((op == SATURATION).view(-1, 1, 1, 1), gray, torch.zeros_like(gray)),
+        )
         blend_factor = factors.gather(1, op.clamp(max=SATURATION)[:, None])[:, 0]  # [B]
         blended = _blend(x, other, blend_factor)  # [B, 3, H, W]
         use_blend = (apply & (op != HUE)).view(-1, 1, 1, 1)
@@ -318,8 +401,10 @@ def _blur(x: Tensor, sigma: Tensor, half_max: int) -> Tensor:
     kernel = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2) * (offsets.abs() <= half[:, None])  # [B, K]
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # [B C, K]
     y = x.reshape(1, count * channels, height, width)  # one group per image channel: its own kernel
-    y = F.conv2d(F.pad(y, (half_max, half_max, 0, 0), mode="reflect"), kernel[:, None, None, :],
-                 groups=count * channels)  # horizontal pass
-    y = F.conv2d(F.pad(y, (0, 0, half_max, half_max), mode="reflect"), kernel[:, None, :, None],
-                 groups=count * channels)  # vertical pass
+    y = F.conv2d(
+        F.pad(y, (half_max, half_max, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=count * channels
+    )  # horizontal pass
+    y = F.conv2d(
+        F.pad(y, (0, 0, half_max, half_max), mode="reflect"), kernel[:, None, :, None], groups=count * channels
+    )  # vertical pass
     return y.view(count, channels, height, width)

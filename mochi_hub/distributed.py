@@ -21,11 +21,15 @@ def launched_accelerator(global_batch: int, *, accelerator: Accelerator | None =
     if accelerator is None:
         accelerator = Accelerator(cpu=world > 1 and not torch.cuda.is_available(), **kwargs)
     if accelerator.num_processes != world:
-        raise RuntimeError(f"{world} processes were launched but Accelerate formed a group of "
-                           f"{accelerator.num_processes}: refusing to run independent copies of the job")
+        raise RuntimeError(
+            f"{world} processes were launched but Accelerate formed a group of "
+            f"{accelerator.num_processes}: refusing to run independent copies of the job"
+        )
     if global_batch % accelerator.num_processes:
-        raise ValueError(f"--batch-size ({global_batch}) is the global batch and must divide evenly "
-                         f"over {accelerator.num_processes} processes")
+        raise ValueError(
+            f"--batch-size ({global_batch}) is the global batch and must divide evenly "
+            f"over {accelerator.num_processes} processes"
+        )
     return accelerator
 
 
@@ -42,8 +46,9 @@ def local_bn_splits(bn_splits: int, world: int, global_batch: int) -> int:
 
 
 @torch.no_grad()
-def shuffled_keys(key_encoder: nn.Module, images: Tensor, accelerator: Accelerator, generator: torch.Generator, *,
-                  splits: int) -> tuple[Tensor, Tensor]:
+def shuffled_keys(
+    key_encoder: nn.Module, images: Tensor, accelerator: Accelerator, generator: torch.Generator, *, splits: int
+) -> tuple[Tensor, Tensor]:
     """Key embeddings with shuffle-BN. Returns (this process's keys [L, D], every process's keys [G, D]
     in global batch order, for the queue).
 

@@ -63,8 +63,9 @@ def _global_pool(model: nn.Module) -> str | None:
     return getattr(pool, "pool_type", None)
 
 
-def clean_pretrained_cfg(backbone: nn.Module, image_size: int, *, license: str = DEFAULT_LICENSE,
-                         description: str | None = None) -> dict[str, Any]:
+def clean_pretrained_cfg(
+    backbone: nn.Module, image_size: int, *, license: str = DEFAULT_LICENSE, description: str | None = None
+) -> dict[str, Any]:
     """Our pretrained_cfg: only the architecture's structural keys survive from timm's default cfg.
 
     A fresh `timm.create_model("resnet50")` carries the cfg of timm's supervised `a1_in1k` weights (tag,
@@ -101,15 +102,23 @@ def clean_pretrained_cfg(backbone: nn.Module, image_size: int, *, license: str =
     return cfg
 
 
-def timm_config(backbone: nn.Module, config: TrainConfig, *, probe_results: Iterable[Mapping[str, Any]] = (),
-                extra: Mapping[str, Any] | None = None, license: str = DEFAULT_LICENSE,
-                model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def timm_config(
+    backbone: nn.Module,
+    config: TrainConfig,
+    *,
+    probe_results: Iterable[Mapping[str, Any]] = (),
+    extra: Mapping[str, Any] | None = None,
+    license: str = DEFAULT_LICENSE,
+    model_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """config.json: timm's keys first, then ours (method, MoCHi (N, s, s'), training config, probes).
     `model_args`: what timm must pass the constructor to rebuild this backbone (a ViT's img_size)."""
     method = method_name(config.mochi)
     dataset = redact_local_paths(config.dataset)
-    description = (f"{method} (N, s, s') = {tuple(config.mochi)} self-supervised pretraining on {dataset}, "
-                   f"{config.epochs} epochs; backbone only")
+    description = (
+        f"{method} (N, s, s') = {tuple(config.mochi)} self-supervised pretraining on {dataset}, "
+        f"{config.epochs} epochs; backbone only"
+    )
     out: dict[str, Any] = {
         "architecture": config.model,
         "num_classes": 0,
@@ -118,24 +127,29 @@ def timm_config(backbone: nn.Module, config: TrainConfig, *, probe_results: Iter
     pool = _global_pool(backbone)
     if pool:
         out["global_pool"] = pool
-    out["pretrained_cfg"] = clean_pretrained_cfg(backbone, config.image_size, license=license,
-                                                 description=description)
+    out["pretrained_cfg"] = clean_pretrained_cfg(backbone, config.image_size, license=license, description=description)
     if model_args:
         out["model_args"] = dict(model_args)
     info = getattr(backbone, "feature_info", None)
-    out.update({
-        "method": method,
-        "mochi": list(config.mochi),
-        "epochs": config.epochs,
-        "dataset": dataset,
-        "pooled_features": pooled_width(backbone),  # what backbone(images) returns: after a conv head, if any
-        "num_params": sum(p.numel() for p in backbone.parameters()),
-        "feature_info": {"channels": [int(f["num_chs"]) for f in info],
-                         "reduction": [int(f["reduction"]) for f in info]} if info else None,
-        "training_config": redact_local_paths(config.to_dict()),
-        "probe_results": [redact_local_paths(dict(p)) for p in probe_results],
-        "mochi_hub_version": __version__,
-    })
+    out.update(
+        {
+            "method": method,
+            "mochi": list(config.mochi),
+            "epochs": config.epochs,
+            "dataset": dataset,
+            "pooled_features": pooled_width(backbone),  # what backbone(images) returns: after a conv head, if any
+            "num_params": sum(p.numel() for p in backbone.parameters()),
+            "feature_info": {
+                "channels": [int(f["num_chs"]) for f in info],
+                "reduction": [int(f["reduction"]) for f in info],
+            }
+            if info
+            else None,
+            "training_config": redact_local_paths(config.to_dict()),
+            "probe_results": [redact_local_paths(dict(p)) for p in probe_results],
+            "mochi_hub_version": __version__,
+        }
+    )
     for key, value in (extra or {}).items():
         if key in out:
             raise ExportError(f"extra metadata key {key!r} would overwrite config.json's own {key!r}")
@@ -143,10 +157,17 @@ def timm_config(backbone: nn.Module, config: TrainConfig, *, probe_results: Iter
     return out
 
 
-def save_timm_folder(backbone: nn.Module, config: TrainConfig, output: Path, *,
-                     probe_results: Iterable[Mapping[str, Any]] = (), metrics_file: Path | None = None,
-                     extra: Mapping[str, Any] | None = None, license: str = DEFAULT_LICENSE,
-                     model_args: Mapping[str, Any] | None = None) -> Path:
+def save_timm_folder(
+    backbone: nn.Module,
+    config: TrainConfig,
+    output: Path,
+    *,
+    probe_results: Iterable[Mapping[str, Any]] = (),
+    metrics_file: Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+    license: str = DEFAULT_LICENSE,
+    model_args: Mapping[str, Any] | None = None,
+) -> Path:
     """Write model.safetensors + config.json + README.md (+ training_curves.png) into `output`."""
     output = ensure_writable_dir(output, "--output")
     probes = [dict(p) for p in probe_results]
@@ -187,16 +208,26 @@ def export_run(run_dir: Path, output: Path | None = None, format: str = "timm") 
         backbone, config, run, checkpoint = load_run_backbone(run_dir)
         output = ensure_writable_dir(output if output is not None else default_export(run_dir, format), "--output")
         if format == "timm":
-            extra = {"run": {"checkpoint_step": checkpoint_step(checkpoint),
-                             "num_processes": run.get("num_processes"),
-                             "global_batch_size": run.get("global_batch_size"),
-                             "mochi_hub_version": run.get("mochi_hub_version"),
-                             "backbone": run.get("backbone"),
-                             "summary": run.get("summary")},
-                     "detection_results": [redact_local_paths(r) for r in read_results(run_dir, DETECTION)]}
-            return save_timm_folder(backbone, config, output, probe_results=read_results(run_dir, PROBES),
-                                    metrics_file=run_dir / METRICS, extra=extra,
-                                    model_args=run_backbone_args(config, run))
+            extra = {
+                "run": {
+                    "checkpoint_step": checkpoint_step(checkpoint),
+                    "num_processes": run.get("num_processes"),
+                    "global_batch_size": run.get("global_batch_size"),
+                    "mochi_hub_version": run.get("mochi_hub_version"),
+                    "backbone": run.get("backbone"),
+                    "summary": run.get("summary"),
+                },
+                "detection_results": [redact_local_paths(r) for r in read_results(run_dir, DETECTION)],
+            }
+            return save_timm_folder(
+                backbone,
+                config,
+                output,
+                probe_results=read_results(run_dir, PROBES),
+                metrics_file=run_dir / METRICS,
+                extra=extra,
+                model_args=run_backbone_args(config, run),
+            )
         state = torchvision_state_dict(backbone, config.model)
         name = f"{config.model} {method_name(config.mochi)} {tuple(config.mochi)}"
         write = write_torchvision if format == "torchvision" else write_detectron2

@@ -27,7 +27,10 @@ CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("MOCHI_HUB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mochi-hub"
+    root = (
+        os.environ.get("MOCHI_HUB_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mochi-hub"
+    )
     return Path(root)
 
 
@@ -45,7 +48,9 @@ def dataset_fingerprint(source: ImageSource, spec: str) -> dict[str, Any]:
 
 
 def cache_key(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(
+        json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:32]
 
 
 def load_cached(cache_dir: Path, key: str) -> tuple[Tensor, Tensor] | None:
@@ -96,8 +101,15 @@ def image_batch(samples: list) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def extract(backbone: nn.Module, images: DecodedImages, *, accelerator, batch_size: int, workers: int,
-            on_batch: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor, list[str]]:
+def extract(
+    backbone: nn.Module,
+    images: DecodedImages,
+    *,
+    accelerator,
+    batch_size: int,
+    workers: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[Tensor, Tensor, list[str]]:
     """Features of every image, in dataset order, on every process (each process runs its shard, then
     gather_for_metrics reassembles and drops the padding). Returns (features [N, D] float32 CPU,
     labels [N], skipped-image reports)."""

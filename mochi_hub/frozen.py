@@ -38,6 +38,8 @@ def check_frozen(before: dict[str, Tensor], module: nn.Module) -> None:
             detail.append(f"{len(changed)} tensor(s) changed, e.g. {', '.join(changed[:5])}")
         if training:
             detail.append(f"{len(training)} module(s) left in train mode, e.g. {', '.join(training[:3])}")
-        raise FrozenBackboneError("the backbone was not frozen during the probe: " + "; ".join(detail) + ". "
-                                  "Only the linear classifier may change (BatchNorm in eval mode, no optimizer "
-                                  "over backbone weights); this result is not a frozen-backbone evaluation.")
+        raise FrozenBackboneError(
+            "the backbone was not frozen during the probe: " + "; ".join(detail) + ". "
+            "Only the linear classifier may change (BatchNorm in eval mode, no optimizer "
+            "over backbone weights); this result is not a frozen-backbone evaluation."
+        )

@@ -68,6 +68,7 @@ class PushResult:
 
 # ------------------------------------------------------------------------------------------- source
 
+
 def resolve_source(source: str | Path) -> tuple[Path, bool]:
     """SOURCE -> (export folder, whether it was exported now). Exports a run whose export is missing/stale."""
     source = Path(source)
@@ -80,15 +81,19 @@ def resolve_source(source: str | Path) -> tuple[Path, bool]:
         export = default_export(source)
         latest = latest_checkpoint(source)
         if latest is None and not (export / WEIGHTS).is_file():
-            raise PushError(f"{source} is a run without weights: no complete checkpoint and no export "
-                            f"({export.name}/{WEIGHTS}); nothing to push")
+            raise PushError(
+                f"{source} is a run without weights: no complete checkpoint and no export "
+                f"({export.name}/{WEIGHTS}); nothing to push"
+            )
         if latest is not None and _exported_step(export) != checkpoint_step(latest):
             export_run(source)  # offline; may raise ExportError (a ValueError) with its own message
             return export, True
         return export, False
     if not (source / WEIGHTS).is_file():
-        raise PushError(f"{source} holds no weights ({WEIGHTS}): it is neither an export folder nor a run "
-                        "directory (run.json, checkpoints/)")
+        raise PushError(
+            f"{source} holds no weights ({WEIGHTS}): it is neither an export folder nor a run "
+            "directory (run.json, checkpoints/)"
+        )
     if not (source / CONFIG).is_file():
         raise PushError(f"{source} has {WEIGHTS} but no {CONFIG}: not a timm export (run `mochi export`)")
     return source, False
@@ -110,8 +115,9 @@ def plan_upload(folder: Path, repo_id: str, *, allow_extra: bool = False) -> lis
     except (OSError, json.JSONDecodeError) as error:
         raise PushError(f"cannot read {folder / CONFIG}: {error}") from None
     if not isinstance(config, dict) or "architecture" not in config or "pretrained_cfg" not in config:
-        raise PushError(f"{folder / CONFIG} is not in timm's shape (architecture, pretrained_cfg): "
-                        "re-export with `mochi export`")
+        raise PushError(
+            f"{folder / CONFIG} is not in timm's shape (architecture, pretrained_cfg): re-export with `mochi export`"
+        )
     files: list[UploadFile] = []
     extra: list[str] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -126,9 +132,11 @@ def plan_upload(folder: Path, repo_id: str, *, allow_extra: bool = False) -> lis
         files.append(UploadFile(name, path, path.stat().st_size))
     if extra and not allow_extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise PushError(f"{folder} holds files that are not part of an export: {shown}. Training state "
-                        "(optimizer, checkpoints) is never published by accident: move them out, or pass "
-                        "--allow-extra to upload them too")
+        raise PushError(
+            f"{folder} holds files that are not part of an export: {shown}. Training state "
+            "(optimizer, checkpoints) is never published by accident: move them out, or pass "
+            "--allow-extra to upload them too"
+        )
     card = next((f for f in files if f.path_in_repo == CARD), None)
     if card is not None and GENERATED_MARK in Path(card.content).read_text(encoding="utf-8", errors="replace"):
         text = str(model_card_from_export(config, repo_id=repo_id, has_curves=(folder / CURVES).is_file()))
@@ -143,11 +151,13 @@ def _check_repo_id(repo_id: str) -> None:
     except HFValidationError as error:
         raise PushError(f"invalid --repo-id {repo_id!r}: {error}") from None
     if repo_id.count("/") != 1:
-        raise PushError(f"invalid --repo-id {repo_id!r}: expected 'namespace/name' (a user or organisation, "
-                        "then the model's name)")
+        raise PushError(
+            f"invalid --repo-id {repo_id!r}: expected 'namespace/name' (a user or organisation, then the model's name)"
+        )
 
 
 # --------------------------------------------------------------------------------------------- push
+
 
 def _is_connection_error(error: BaseException) -> bool:
     """A transport failure (connection refused or dropped, timeout), whatever HTTP library the client uses."""
@@ -163,10 +173,21 @@ def _http_message(error: HfHubHTTPError) -> str:
     return f"{status} {server}".strip() if status else str(error).splitlines()[0]
 
 
-def push(source: str | Path, repo_id: str, *, private: bool = False, create_pr: bool = False,
-         revision: str | None = None, tag: str | None = None, commit_message: str | None = None,
-         dry_run: bool = False, allow_extra: bool = False, endpoint: str | None = None,
-         token: str | None = None, log: Callable[[str], None] = lambda message: None) -> PushResult:
+def push(
+    source: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    create_pr: bool = False,
+    revision: str | None = None,
+    tag: str | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    allow_extra: bool = False,
+    endpoint: str | None = None,
+    token: str | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> PushResult:
     """Upload an export (or a run's export) to `repo_id` in one commit, then verify the remote files."""
     _check_repo_id(repo_id)
     if tag and create_pr:
@@ -180,8 +201,16 @@ def push(source: str | Path, repo_id: str, *, private: bool = False, create_pr: 
     if not any(f.path_in_repo == WEIGHTS for f in files):
         raise PushError(f"{folder} holds no {WEIGHTS}: nothing to push")
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    result = PushResult(repo_id=repo_id, folder=folder, files=files, exported=exported, dry_run=dry_run,
-                        endpoint=endpoint, revision=revision, tag=tag)
+    result = PushResult(
+        repo_id=repo_id,
+        folder=folder,
+        files=files,
+        exported=exported,
+        dry_run=dry_run,
+        endpoint=endpoint,
+        revision=revision,
+        tag=tag,
+    )
     if dry_run:
         return result
 
@@ -189,20 +218,25 @@ def push(source: str | Path, repo_id: str, *, private: bool = False, create_pr: 
         raise PushError("HF_HUB_OFFLINE is set: nothing can be pushed (unset it, or use --dry-run)")
     token = token or get_token()
     if not token:
-        raise PushError("no Hugging Face token: set HF_TOKEN, or run `hf auth login`, with a token that may "
-                        f"write to {repo_id.split('/')[0]}")
+        raise PushError(
+            "no Hugging Face token: set HF_TOKEN, or run `hf auth login`, with a token that may "
+            f"write to {repo_id.split('/')[0]}"
+        )
     api = HfApi(endpoint=endpoint, token=token, library_name="mochi-hub", library_version=__version__)
     config = json.loads((folder / CONFIG).read_text())
-    message = commit_message or (f"Upload {config.get('architecture')} {method_name(config.get('mochi', (0, 0, 0)))} "
-                                 f"backbone (mochi-hub {__version__})")
+    message = commit_message or (
+        f"Upload {config.get('architecture')} {method_name(config.get('mochi', (0, 0, 0)))} "
+        f"backbone (mochi-hub {__version__})"
+    )
     stage = "checking the token"
     try:
         try:
             user = api.whoami().get("name", "?")
         except HfHubHTTPError as error:
             if getattr(error.response, "status_code", None) == 401:
-                raise PushError(f"{endpoint} rejected the token (401 Unauthorized): check HF_TOKEN or "
-                                "`hf auth login`") from None
+                raise PushError(
+                    f"{endpoint} rejected the token (401 Unauthorized): check HF_TOKEN or `hf auth login`"
+                ) from None
             raise
         stage = "creating the repository"
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -212,14 +246,21 @@ def push(source: str | Path, repo_id: str, *, private: bool = False, create_pr: 
         stage = "uploading"
         log(f"uploading {len(files)} files to {repo_id} as {user}")
         commit = api.create_commit(
-            repo_id, [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=f.content) for f in files],
-            commit_message=message, revision=revision, create_pr=create_pr)
+            repo_id,
+            [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=f.content) for f in files],
+            commit_message=message,
+            revision=revision,
+            create_pr=create_pr,
+        )
         if tag:
             stage = f"tagging the commit {tag}"
             api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=message)
         stage = "verifying the upload"
-        remote = {f.path: f.size for f in api.list_repo_tree(repo_id, recursive=True, revision=commit.oid)
-                  if isinstance(f, RepoFile)}
+        remote = {
+            f.path: f.size
+            for f in api.list_repo_tree(repo_id, recursive=True, revision=commit.oid)
+            if isinstance(f, RepoFile)
+        }
     except PushError:
         raise
     except HfHubHTTPError as error:
@@ -241,12 +282,17 @@ def push(source: str | Path, repo_id: str, *, private: bool = False, create_pr: 
         elif stage != "uploading":
             after = "nothing was committed; run the same command again"
         else:
-            after = (f"a commit is atomic, so {repo_id} holds all of this export's files or none of them; run the "
-                     "same command again (unchanged files are skipped)")
+            after = (
+                f"a commit is atomic, so {repo_id} holds all of this export's files or none of them; run the "
+                "same command again (unchanged files are skipped)"
+            )
         raise PushError(f"lost the connection to {endpoint} while {stage} ({detail}): {after}") from None
 
-    wrong = [f"{f.path_in_repo} (local {f.size} B, remote {remote.get(f.path_in_repo, 'missing')})"
-             for f in files if remote.get(f.path_in_repo) != f.size]
+    wrong = [
+        f"{f.path_in_repo} (local {f.size} B, remote {remote.get(f.path_in_repo, 'missing')})"
+        for f in files
+        if remote.get(f.path_in_repo) != f.size
+    ]
     if wrong:
         raise PushError(f"verification failed, the remote files differ from the export: {', '.join(wrong)}")
     result.commit_oid = commit.oid

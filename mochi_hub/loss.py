@@ -13,8 +13,16 @@ from torch import Tensor
 from .mixing import MixingPlan, _synthetic_logits, hardest_negatives, require_finite
 
 
-def contrastive_logits(q: Tensor, k: Tensor, queue: Tensor, *, temperature: float, n_hard: int = 0,
-                       plan: MixingPlan | None = None, check_finite: bool = True) -> tuple[Tensor, Tensor]:
+def contrastive_logits(
+    q: Tensor,
+    k: Tensor,
+    queue: Tensor,
+    *,
+    temperature: float,
+    n_hard: int = 0,
+    plan: MixingPlan | None = None,
+    check_finite: bool = True,
+) -> tuple[Tensor, Tensor]:
     """Logits [B, 1 + K + s + s'] (positive, queue, synthetic) divided by the temperature, and labels [B].
 
     q: [B, D] unit-norm queries; k: [B, D] unit-norm keys (no gradient); queue: [K, D].

@@ -58,8 +58,9 @@ class MixingPlan:
         return self.query_j.shape[1]
 
     def to(self, device: torch.device | str) -> MixingPlan:
-        return MixingPlan(*(t.to(device, non_blocking=True) for t in
-                            (self.pair_i, self.pair_j, self.alpha, self.query_j, self.beta)))
+        return MixingPlan(
+            *(t.to(device, non_blocking=True) for t in (self.pair_i, self.pair_j, self.alpha, self.query_j, self.beta))
+        )
 
 
 def hardest_negatives(l_neg: Tensor, n: int) -> Tensor:
@@ -72,8 +73,9 @@ def hardest_negatives(l_neg: Tensor, n: int) -> Tensor:
     return l_neg.detach().topk(n, dim=1, sorted=False).indices  # [B, n]
 
 
-def sample_plan(batch: int, n_hard: int, s: int, s_prime: int, *, beta_max: float = 0.5,
-                generator: torch.Generator | None = None) -> MixingPlan:
+def sample_plan(
+    batch: int, n_hard: int, s: int, s_prime: int, *, beta_max: float = 0.5, generator: torch.Generator | None = None
+) -> MixingPlan:
     """Draw the mixing plan for a batch: all randomness comes from `generator` (on its device)."""
     check_mochi_settings(n_hard, s, s_prime, beta_max=beta_max)
     device = generator.device if generator is not None else torch.device("cpu")
@@ -155,8 +157,8 @@ def _synthetic_logits(q: Tensor, l_neg: Tensor, queue: Tensor, hard: Tensor, pla
     # and l_neg itself is not kept for backward.
     rows = hard.gather(1, torch.cat([plan.pair_i, plan.pair_j, plan.query_j], dim=1))  # [B, 2s + s'] queue rows
     dots = _GatherColumns.apply(l_neg, rows)  # [B, 2s + s'] q.n, with q's gradient
-    rows_i, rows_j = rows[:, :s], rows[:, s:2 * s]  # [B, s] each
-    q_dot_i, q_dot_j, q_dot_n = dots[:, :s], dots[:, s:2 * s], dots[:, 2 * s:]
+    rows_i, rows_j = rows[:, :s], rows[:, s : 2 * s]  # [B, s] each
+    q_dot_i, q_dot_j, q_dot_n = dots[:, :s], dots[:, s : 2 * s], dots[:, 2 * s :]
 
     # Pair mixes: h = normalize(alpha n_i + (1 - alpha) n_j).
     alpha = plan.alpha.to(dtype)  # [B, s]

@@ -72,6 +72,7 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
 
 # --- optimizer, scaler and RNG states as tensors + JSON -------------------------------------------------
 
+
 def split_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """An optimizer's state_dict -> (tensors named "<param>.<name>", the rest as JSON-able values)."""
     tensors, values = {}, {}
@@ -100,8 +101,10 @@ def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    values = {"python": [version, list(internal), gauss],
-              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    values = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     return tensors, values
 
 
@@ -117,6 +120,7 @@ def set_rng_state(tensors: dict[str, Tensor], values: dict[str, Any]) -> None:
 
 
 # --- state folders ---------------------------------------------------------------------------------------
+
 
 def staging(final: Path) -> Path:
     """The `.tmp` sibling a state folder is written into (created if needed; a stale attempt is overwritten)."""
@@ -139,9 +143,12 @@ def complete_folders(root: str | Path, prefix: str) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    done = [p for p in root.glob(f"{prefix}-*") if p.is_dir() and not p.name.endswith(".tmp")
-            and p.name[len(prefix) + 1:].isdigit() and (p / STATE).is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(prefix) + 1:]))
+    done = [
+        p
+        for p in root.glob(f"{prefix}-*")
+        if p.is_dir() and not p.name.endswith(".tmp") and p.name[len(prefix) + 1 :].isdigit() and (p / STATE).is_file()
+    ]
+    return sorted(done, key=lambda p: int(p.name[len(prefix) + 1 :]))
 
 
 def prune(root: str | Path, prefix: str, keep: int) -> None:
@@ -154,6 +161,7 @@ def prune(root: str | Path, prefix: str, keep: int) -> None:
 
 
 # --- output paths, checked before any work -------------------------------------------------------------
+
 
 def ensure_writable_dir(path: str | Path, option: str) -> Path:
     """Create `path` if needed and prove it can be written, or raise ValueError naming the option."""

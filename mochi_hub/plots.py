@@ -8,9 +8,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-CURVE_KEYS = (("loss", "InfoNCE loss"), ("proxy_top1", "proxy top-1 (positive ranked first)"),
-              ("lr", "learning rate"), ("alignment", "alignment"), ("uniformity", "uniformity"),
-              ("false_negative_rate", "false-negative rate"))
+CURVE_KEYS = (
+    ("loss", "InfoNCE loss"),
+    ("proxy_top1", "proxy top-1 (positive ranked first)"),
+    ("lr", "learning rate"),
+    ("alignment", "alignment"),
+    ("uniformity", "uniformity"),
+    ("false_negative_rate", "false-negative rate"),
+)
 
 
 def available() -> bool:
@@ -50,7 +55,7 @@ def training_curves(rows: list[dict[str, Any]], path: str | Path) -> Path | None
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(series):]:
+    for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
@@ -58,8 +63,9 @@ def training_curves(rows: list[dict[str, Any]], path: str | Path) -> Path | None
     return Path(path)
 
 
-def comparison(series: dict[str, list[list[float]]], title: str, path: str | Path, *, ylabel: str = "",
-               vline: float | None = None) -> Path:
+def comparison(
+    series: dict[str, list[list[float]]], title: str, path: str | Path, *, ylabel: str = "", vline: float | None = None
+) -> Path:
     """One line per named series of [x, y] points (the study: a setting's mean over seeds)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))

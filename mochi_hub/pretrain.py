@@ -46,8 +46,12 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def train(config: TrainConfig, *, accelerator: Accelerator | None = None,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    *,
+    accelerator: Accelerator | None = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> Path:
     """Pretrain, checkpoint, export. Returns the run directory. `accelerator`: an existing one (a library user
     running train and probe in one process); `on_step(step, info)` is for tests."""
     run = _Run.start(config, accelerator)
@@ -59,17 +63,37 @@ def train(config: TrainConfig, *, accelerator: Accelerator | None = None,
                 mixing = config.uses_mixing and epoch >= config.mixing_warmup_epochs
                 run.query.train()
                 run.key.train()
-                for batch in epoch_loader(run.views, config, epoch, rank=run.rank, world=run.world, start=first_batch,
-                                          pin_memory=run.device.type == "cuda"):
+                for batch in epoch_loader(
+                    run.views,
+                    config,
+                    epoch,
+                    rank=run.rank,
+                    world=run.world,
+                    start=first_batch,
+                    pin_memory=run.device.type == "cuda",
+                ):
                     lr = run.set_lr()
                     images_q, images_k = run.batch_views.of(batch, run.step, run.rank)
                     labels = batch["labels"].to(run.device, non_blocking=True)
                     run.report_bad_files(batch["skipped"])
                     logging_step = run.is_log_step()
-                    queue_labels = run.queue.labels.clone() if logging_step else None  # hard sets index the queue before the enqueue
-                    out = training_step(run.query, run.key, run.queue, run.optimizer, run.accelerator, images_q,
-                                        images_k, labels, config=config, step=run.step, mixing=mixing,
-                                        bn_splits=run.bn_splits)
+                    queue_labels = (
+                        run.queue.labels.clone() if logging_step else None
+                    )  # hard sets index the queue before the enqueue
+                    out = training_step(
+                        run.query,
+                        run.key,
+                        run.queue,
+                        run.optimizer,
+                        run.accelerator,
+                        images_q,
+                        images_k,
+                        labels,
+                        config=config,
+                        step=run.step,
+                        mixing=mixing,
+                        bn_splits=run.bn_splits,
+                    )
                     run.note_finite(out, epoch)
                     run.step += 1
                     run.summary.images_seen += config.batch_size
@@ -78,8 +102,17 @@ def train(config: TrainConfig, *, accelerator: Accelerator | None = None,
                         progress.update(task, status=status)
                     progress.update(task, completed=run.step, description=run.phase(epoch, mixing))
                     if on_step is not None:
-                        on_step(run.step, {"query": run.modules["query"], "key": run.key, "queue": run.queue,
-                                           "keys": out.k, "finite": bool(out.finite), "applied": out.applied})
+                        on_step(
+                            run.step,
+                            {
+                                "query": run.modules["query"],
+                                "key": run.key,
+                                "queue": run.queue,
+                                "keys": out.k,
+                                "finite": bool(out.finite),
+                                "applied": out.applied,
+                            },
+                        )
                     if run.checkpoint_due():
                         run.checkpoint(epoch)
                     if run.step >= run.last_step:
@@ -142,9 +175,13 @@ class _Run:
     def start(cls, config: TrainConfig, accelerator: Accelerator | None) -> _Run:
         run_dir = ensure_writable_dir(config.output, "--output")
         trackers = _trackers(config.report_to)
-        accelerator = launched_accelerator(config.batch_size, accelerator=accelerator,
-                                           mixed_precision=config.mixed_precision, log_with=trackers or None,
-                                           project_dir=str(run_dir))
+        accelerator = launched_accelerator(
+            config.batch_size,
+            accelerator=accelerator,
+            mixed_precision=config.mixed_precision,
+            log_with=trackers or None,
+            project_dir=str(run_dir),
+        )
         world = accelerator.num_processes
         bn_splits = local_bn_splits(config.batchnorm_groups, world, config.batch_size)
         resume_from = _resume_point(config, run_dir, world)
@@ -154,8 +191,10 @@ class _Run:
         augment_on = resolve_augment_on(config, accelerator.device)
         views = pretraining_views(source, config, augment_on)
         if len(views) < config.batch_size:
-            raise ValueError(f"--dataset {config.dataset}: {len(views)} images, fewer than one global batch "
-                             f"(--batch-size {config.batch_size})")
+            raise ValueError(
+                f"--dataset {config.dataset}: {len(views)} images, fewer than one global batch "
+                f"(--batch-size {config.batch_size})"
+            )
         if accelerator.is_main_process and (note := missing_classes_note(source, len(views))):
             log.warning(note)
         steps_per_epoch = len(views) // config.batch_size
@@ -175,25 +214,53 @@ class _Run:
         query.to(memory_format=memory_format)
         key.to(accelerator.device, memory_format=memory_format)
         queue.to(accelerator.device)
-        optimizer = torch.optim.SGD(query.parameters(), lr=config.base_lr, momentum=config.sgd_momentum,
-                                    weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(
+            query.parameters(), lr=config.base_lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
+        )
         query, optimizer = accelerator.prepare(query, optimizer)
         modules = {"query": accelerator.unwrap_model(query), "key": key, "queue": queue}
 
-        info = {"config": config.to_dict(), "num_processes": world, "global_batch_size": config.batch_size,
-                "per_process_batch_size": config.batch_size // world, "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "mochi_hub_version": __version__,
-                "backbone": {"architecture": config.model, "init": config.init,
-                             "model_args": structural_args(build), "create_args": build},
-                "shuffle_bn": (f"keys shuffled across {world} processes" if world > 1 else "keys shuffled within the batch")
-                              + f"; BatchNorm in {bn_splits} group(s) of {config.batch_size // world // bn_splits} per process, "
-                                "both encoders",
-                "dataset_images": len(views), "augment_on": augment_on, "batchnorm_groups": config.batchnorm_groups}
-        run = cls(config=config, run_dir=run_dir, accelerator=accelerator, views=views, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps, last_step=last_step, query=query, key=key, queue=queue, optimizer=optimizer,
-                  modules=modules, bn_splits=bn_splits, memory_format=memory_format,
-                  batch_views=BatchViews(config, augment_on, accelerator.device, memory_format), metrics=MetricsLog(run_dir),
-                  info=info, first_bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device))
+        info = {
+            "config": config.to_dict(),
+            "num_processes": world,
+            "global_batch_size": config.batch_size,
+            "per_process_batch_size": config.batch_size // world,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "mochi_hub_version": __version__,
+            "backbone": {
+                "architecture": config.model,
+                "init": config.init,
+                "model_args": structural_args(build),
+                "create_args": build,
+            },
+            "shuffle_bn": (f"keys shuffled across {world} processes" if world > 1 else "keys shuffled within the batch")
+            + f"; BatchNorm in {bn_splits} group(s) of {config.batch_size // world // bn_splits} per process, "
+            "both encoders",
+            "dataset_images": len(views),
+            "augment_on": augment_on,
+            "batchnorm_groups": config.batchnorm_groups,
+        }
+        run = cls(
+            config=config,
+            run_dir=run_dir,
+            accelerator=accelerator,
+            views=views,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            last_step=last_step,
+            query=query,
+            key=key,
+            queue=queue,
+            optimizer=optimizer,
+            modules=modules,
+            bn_splits=bn_splits,
+            memory_format=memory_format,
+            batch_views=BatchViews(config, augment_on, accelerator.device, memory_format),
+            metrics=MetricsLog(run_dir),
+            info=info,
+            first_bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device),
+        )
         run.resume_or_reset(resume_from)
         if run.is_main:
             write_run_info(run_dir, info)
@@ -209,8 +276,13 @@ class _Run:
                 self.metrics.reset()
             return
         try:
-            state = load_checkpoint(resume_from, modules=self.modules, optimizer=self.optimizer, rank=self.rank,
-                                    scaler=self.accelerator.scaler)
+            state = load_checkpoint(
+                resume_from,
+                modules=self.modules,
+                optimizer=self.optimizer,
+                rank=self.rank,
+                scaler=self.accelerator.scaler,
+            )
         except StateFileError as error:
             raise ValueError(f"--resume: {error}") from None
         self.step = state["step"]
@@ -222,16 +294,42 @@ class _Run:
 
     def print_summary(self) -> None:
         c = self.config
-        mixing_from = (f"mixing MoCHi {tuple(c.mochi)} from epoch {c.mixing_warmup_epochs + 1} "
-                       f"(step {c.mixing_warmup_epochs * self.steps_per_epoch})" if c.uses_mixing else "plain MoCo-v2")
-        log.info("mochi train: %s (%s init) on %s, %d images at %d px -> %s", c.model, c.init, c.dataset,
-                 self.info["dataset_images"], c.image_size, self.run_dir)
-        log.info("  %s, %d process(es), global batch %d, %d steps/epoch, %d epochs = %d steps%s", self.device,
-                 self.world, c.batch_size, self.steps_per_epoch, c.epochs, self.total_steps,
-                 f" (stopping at {self.last_step})" if self.last_step < self.total_steps else "")
-        log.info("  lr %.4g (cosine%s), K %d, T %g, m %g; %s; %s; views drawn in the %s", c.base_lr,
-                 f", {c.lr_warmup_epochs} warm-up epochs" if c.lr_warmup_epochs else "", c.queue_size, c.temperature,
-                 c.key_momentum, mixing_from, self.info["shuffle_bn"], self.info["augment_on"])
+        mixing_from = (
+            f"mixing MoCHi {tuple(c.mochi)} from epoch {c.mixing_warmup_epochs + 1} "
+            f"(step {c.mixing_warmup_epochs * self.steps_per_epoch})"
+            if c.uses_mixing
+            else "plain MoCo-v2"
+        )
+        log.info(
+            "mochi train: %s (%s init) on %s, %d images at %d px -> %s",
+            c.model,
+            c.init,
+            c.dataset,
+            self.info["dataset_images"],
+            c.image_size,
+            self.run_dir,
+        )
+        log.info(
+            "  %s, %d process(es), global batch %d, %d steps/epoch, %d epochs = %d steps%s",
+            self.device,
+            self.world,
+            c.batch_size,
+            self.steps_per_epoch,
+            c.epochs,
+            self.total_steps,
+            f" (stopping at {self.last_step})" if self.last_step < self.total_steps else "",
+        )
+        log.info(
+            "  lr %.4g (cosine%s), K %d, T %g, m %g; %s; %s; views drawn in the %s",
+            c.base_lr,
+            f", {c.lr_warmup_epochs} warm-up epochs" if c.lr_warmup_epochs else "",
+            c.queue_size,
+            c.temperature,
+            c.key_momentum,
+            mixing_from,
+            self.info["shuffle_bn"],
+            self.info["augment_on"],
+        )
 
     # --- per step ----------------------------------------------------------------------------------------
 
@@ -240,7 +338,9 @@ class _Run:
         return f"epoch {epoch + 1}/{self.config.epochs} {what}"
 
     def set_lr(self) -> float:
-        lr = cosine_lr(self.step, self.total_steps, self.config.base_lr, self.config.lr_warmup_epochs * self.steps_per_epoch)
+        lr = cosine_lr(
+            self.step, self.total_steps, self.config.base_lr, self.config.lr_warmup_epochs * self.steps_per_epoch
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -258,7 +358,9 @@ class _Run:
         if not out.applied:  # on_nonfinite skip: the step updated nothing
             self.summary.nonfinite_steps += 1
             if self.is_main:
-                log.warning("step %d: non-finite loss, step skipped (%d so far)", self.step, self.summary.nonfinite_steps)
+                log.warning(
+                    "step %d: non-finite loss, step skipped (%d so far)", self.step, self.summary.nonfinite_steps
+                )
         elif self.config.on_nonfinite == "stop":  # remembered on the device, read when logging or saving
             bad = ~out.finite & (self.first_bad_step < 0)
             self.first_bad_step = torch.where(bad, self.step, self.first_bad_step)
@@ -271,21 +373,33 @@ class _Run:
         self.summary.nonfinite_steps += 1
         raise NonFiniteLossError(
             f"non-finite loss at step {bad} (epoch {bad // self.steps_per_epoch}); the last good checkpoint is kept "
-            f"in {self.run_dir / 'checkpoints'}. Lower --lr, or pass --on-nonfinite skip to skip such steps")
+            f"in {self.run_dir / 'checkpoints'}. Lower --lr, or pass --on-nonfinite skip to skip such steps"
+        )
 
-    def log_step(self, out: StepOutput, epoch: int, lr: float, mixing: bool, queue_labels: Tensor,
-                 labels: Tensor) -> str:
+    def log_step(
+        self, out: StepOutput, epoch: int, lr: float, mixing: bool, queue_labels: Tensor, labels: Tensor
+    ) -> str:
         self.require_finite()
         first, since = self.window
         images_per_sec = (self.step - first) * self.config.batch_size / (time.perf_counter() - since)
         analysis_n = self.config.mochi[0] or min(1024, self.config.queue_size)  # hard-set size of the FN analysis
         with torch.no_grad():
-            fnr = false_negative_rate(hardest_negatives(out.logits[:, 1:1 + self.config.queue_size], analysis_n),
-                                      queue_labels, labels)
-            record = {"kind": "step", "step": self.step, "epoch": epoch, "loss": out.loss.item(), "lr": lr,
-                      "mixing": mixing, "proxy_top1": proxy_top1(out.logits), "alignment": alignment(out.q, out.k),
-                      "uniformity": uniformity(out.q), "false_negative_rate": fnr,
-                      "images_per_sec": images_per_sec}
+            fnr = false_negative_rate(
+                hardest_negatives(out.logits[:, 1 : 1 + self.config.queue_size], analysis_n), queue_labels, labels
+            )
+            record = {
+                "kind": "step",
+                "step": self.step,
+                "epoch": epoch,
+                "loss": out.loss.item(),
+                "lr": lr,
+                "mixing": mixing,
+                "proxy_top1": proxy_top1(out.logits),
+                "alignment": alignment(out.q, out.k),
+                "uniformity": uniformity(out.q),
+                "false_negative_rate": fnr,
+                "images_per_sec": images_per_sec,
+            }
         self.window = (self.step, time.perf_counter())
         if self.is_main:
             self.metrics.append(record)
@@ -297,7 +411,11 @@ class _Run:
 
     def checkpoint_due(self) -> bool:
         every = self.config.save_every_steps
-        return self.step % self.steps_per_epoch == 0 or self.step == self.last_step or bool(every and self.step % every == 0)
+        return (
+            self.step % self.steps_per_epoch == 0
+            or self.step == self.last_step
+            or bool(every and self.step % every == 0)
+        )
 
     def checkpoint(self, epoch: int) -> None:
         self.require_finite()  # a checkpoint is only ever written from finite weights
@@ -307,10 +425,23 @@ class _Run:
             self.metrics.append({"kind": "epoch", "step": self.step, "epoch": epoch, **self.summary.to_dict()})
         if self.world > 1:
             broadcast_buffers(self.modules["query"], self.key)
-        state = {"step": self.step, "epoch": epoch + 1 if end_of_epoch else epoch, "config": self.config.to_dict(),
-                 "summary": self.summary.to_dict(), "num_processes": self.world}
-        final = save_checkpoint(self.run_dir, self.step, modules=self.modules, optimizer=self.optimizer, state=state,
-                                is_main=self.is_main, rank=self.rank, scaler=self.accelerator.scaler)
+        state = {
+            "step": self.step,
+            "epoch": epoch + 1 if end_of_epoch else epoch,
+            "config": self.config.to_dict(),
+            "summary": self.summary.to_dict(),
+            "num_processes": self.world,
+        }
+        final = save_checkpoint(
+            self.run_dir,
+            self.step,
+            modules=self.modules,
+            optimizer=self.optimizer,
+            state=state,
+            is_main=self.is_main,
+            rank=self.rank,
+            scaler=self.accelerator.scaler,
+        )
         self.accelerator.wait_for_everyone()  # every rank's RNG file is in before the folder is published
         if self.is_main:
             finish_checkpoint(final, self.config.keep_checkpoints)
@@ -333,9 +464,15 @@ class _Run:
 
             out = export_run(self.run_dir)
             log.info("exported the backbone to %s (timm.create_model('local-dir:%s', pretrained=True))", out, out)
-            log.info("done: %d images in %.0f s (%.1f images/s), %d skipped, %d non-finite steps, %d resume(s)",
-                     self.summary.images_seen, self.summary.wall_time_s, self.summary.to_dict()["images_per_sec"],
-                     len(self.summary.bad_files), self.summary.nonfinite_steps, self.summary.resumes)
+            log.info(
+                "done: %d images in %.0f s (%.1f images/s), %d skipped, %d non-finite steps, %d resume(s)",
+                self.summary.images_seen,
+                self.summary.wall_time_s,
+                self.summary.to_dict()["images_per_sec"],
+                len(self.summary.bad_files),
+                self.summary.nonfinite_steps,
+                self.summary.resumes,
+            )
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.run_dir
@@ -352,8 +489,10 @@ def _trackers(report_to: str) -> list[str]:
             return []
         return ["tensorboard"]
     if importlib.util.find_spec(module[report_to]) is None:
-        raise ValueError(f"--report-to {report_to}: the {module[report_to]} package is not installed "
-                         f"(pip install {module[report_to]}, or --report-to none)")
+        raise ValueError(
+            f"--report-to {report_to}: the {module[report_to]} package is not installed "
+            f"(pip install {module[report_to]}, or --report-to none)"
+        )
     return [report_to]
 
 
@@ -361,8 +500,10 @@ def _resume_point(config: TrainConfig, run_dir: Path, world: int) -> Path | None
     """The checkpoint to continue from, after checking it continues *this* config; refuses to overwrite a run."""
     if config.resume is None:
         if latest_checkpoint(run_dir) is not None:
-            raise ValueError(f"--output {run_dir} already holds checkpoints: pass --resume auto to continue that run, "
-                             "or choose another --output (nothing was overwritten)")
+            raise ValueError(
+                f"--output {run_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                "or choose another --output (nothing was overwritten)"
+            )
         return None
     path = latest_checkpoint(run_dir) if config.resume == "auto" else Path(config.resume)
     if path is None:
@@ -377,6 +518,10 @@ def _resume_point(config: TrainConfig, run_dir: Path, world: int) -> Path | None
     if different := resume_differences(saved, config):
         raise ValueError(f"--resume {path}: incompatible config ({'; '.join(different)})")
     if state.get("num_processes", world) != world:
-        log.warning("resuming a run saved by %s process(es) on %d: the data order and the queue continue exactly, "
-                    "BatchNorm groups and RNG streams follow the new layout", state.get("num_processes"), world)
+        log.warning(
+            "resuming a run saved by %s process(es) on %d: the data order and the queue continue exactly, "
+            "BatchNorm groups and RNG streams follow the new layout",
+            state.get("num_processes"),
+            world,
+        )
     return path

@@ -62,19 +62,38 @@ from .sources import load_backbone
 
 log = logging.getLogger(__name__)
 
-FAST_NOTE = ("fast: a linear classifier on cached features of un-augmented centre crops; "
-             "NOT the paper's linear protocol (use --protocol linear for that)")
+FAST_NOTE = (
+    "fast: a linear classifier on cached features of un-augmented centre crops; "
+    "NOT the paper's linear protocol (use --protocol linear for that)"
+)
 KNN_NOTE = "knn: weighted k-nearest-neighbour vote on L2-normalised features; not the paper's linear protocol"
 # Settings a resumed classifier must share with the state it continues.
-RESUME_MUST_MATCH = ("protocol", "dataset", "epochs", "batch_size", "lr", "lr_milestones", "lr_gamma", "sgd_momentum",
-                     "weight_decay", "augment", "crop_min_scale", "image_size", "seed", "max_images", "mixed_precision")
+RESUME_MUST_MATCH = (
+    "protocol",
+    "dataset",
+    "epochs",
+    "batch_size",
+    "lr",
+    "lr_milestones",
+    "lr_gamma",
+    "sgd_momentum",
+    "weight_decay",
+    "augment",
+    "crop_min_scale",
+    "image_size",
+    "seed",
+    "max_images",
+    "mixed_precision",
+)
 STATE_PREFIX = "epoch"
 
 
 # --- resumable classifier state (mochi_hub.persist) ------------------------------------------------------
 
-def save_state(root: Path, epoch: int, classifier: nn.Module, optimizer: torch.optim.Optimizer,
-               meta: dict[str, Any]) -> Path:
+
+def save_state(
+    root: Path, epoch: int, classifier: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
+) -> Path:
     """After `epoch` epochs: classifier and optimizer (safetensors + JSON) in a state folder, older ones
     removed. Main process only."""
     final = root / f"{STATE_PREFIX}-{epoch:04d}"
@@ -91,7 +110,9 @@ def save_state(root: Path, epoch: int, classifier: nn.Module, optimizer: torch.o
 def load_state(path: Path, classifier: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     meta = persist.read_json(path / persist.STATE)
     classifier.load_state_dict(persist.load_tensors(path / "classifier.safetensors"))
-    optimizer.load_state_dict(persist.join_state(persist.load_tensors(path / "optimizer.safetensors"), meta["optimizer"]))
+    optimizer.load_state_dict(
+        persist.join_state(persist.load_tensors(path / "optimizer.safetensors"), meta["optimizer"])
+    )
     return meta
 
 
@@ -100,27 +121,43 @@ def _resume_from(root: Path, meta: dict[str, Any]) -> Path | None:
     if not states:
         return None
     saved = persist.read_json(states[-1] / persist.STATE)
-    different = [f"{name}: saved {saved.get(name)!r}, now {meta[name]!r}" for name in meta if saved.get(name) != meta[name]]
+    different = [
+        f"{name}: saved {saved.get(name)!r}, now {meta[name]!r}" for name in meta if saved.get(name) != meta[name]
+    ]
     if different:
-        raise ValueError(f"--resume {states[-1]}: the saved classifier was trained differently ({'; '.join(different)}); "
-                         "run without --resume to start over")
+        raise ValueError(
+            f"--resume {states[-1]}: the saved classifier was trained differently ({'; '.join(different)}); "
+            "run without --resume to start over"
+        )
     return states[-1]
 
 
 # --- training and evaluation loops -----------------------------------------------------------------------
+
 
 def _local_batch(config: ProbeConfig, accelerator: Accelerator) -> int:
     """--batch-size is global: split over the processes, whether or not the Accelerator splits batches itself."""
     return config.batch_size if accelerator.split_batches else config.batch_size // accelerator.num_processes
 
 
-def fit_classifier(classifier: nn.Module, make_dataset: Callable[[int], Dataset], *, encode: Callable[[Tensor], Tensor],
-                   collate: Callable, config: ProbeConfig, accelerator: Accelerator, state_root: Path,
-                   state_meta: dict[str, Any], workers: int, progress: Any) -> dict[str, Any]:
+def fit_classifier(
+    classifier: nn.Module,
+    make_dataset: Callable[[int], Dataset],
+    *,
+    encode: Callable[[Tensor], Tensor],
+    collate: Callable,
+    config: ProbeConfig,
+    accelerator: Accelerator,
+    state_root: Path,
+    state_meta: dict[str, Any],
+    workers: int,
+    progress: Any,
+) -> dict[str, Any]:
     """SGD on the classifier alone, one seeded shuffle per epoch, lr by `lr_at`; a state saved after each epoch.
     `make_dataset(epoch)` gives that epoch's dataset; `encode` maps its inputs to features (no grad)."""
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=config.lr, momentum=config.sgd_momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
+    )
     classifier, optimizer = accelerator.prepare(classifier, optimizer)
     start, resumed = 0, None
     if config.resume:
@@ -140,9 +177,15 @@ def fit_classifier(classifier: nn.Module, make_dataset: Callable[[int], Dataset]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, config)
         dataset = make_dataset(epoch)
-        loader = accelerator.prepare_data_loader(DataLoader(
-            dataset, batch_size=_local_batch(config, accelerator), sampler=EpochShuffle(len(dataset), config.seed, epoch),
-            num_workers=workers, collate_fn=collate))
+        loader = accelerator.prepare_data_loader(
+            DataLoader(
+                dataset,
+                batch_size=_local_batch(config, accelerator),
+                sampler=EpochShuffle(len(dataset), config.seed, epoch),
+                num_workers=workers,
+                collate_fn=collate,
+            )
+        )
         batches = progress.add_task(f"epoch {epoch + 1}", total=len(loader))
         classifier.train()
         total, count = torch.zeros((), device=accelerator.device), 0
@@ -158,8 +201,10 @@ def fit_classifier(classifier: nn.Module, make_dataset: Callable[[int], Dataset]
             skipped.update(batch["skipped"])
             progress.advance(batches)
         progress.remove_task(batches)
-        losses.append(float(accelerator.reduce(total, "sum")) / max(1, int(accelerator.reduce(
-            torch.tensor(count, device=accelerator.device), "sum"))))
+        losses.append(
+            float(accelerator.reduce(total, "sum"))
+            / max(1, int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum")))
+        )
         if accelerator.is_main_process:
             save_state(state_root, epoch + 1, accelerator.unwrap_model(classifier), optimizer, state_meta)
         accelerator.wait_for_everyone()
@@ -168,12 +213,27 @@ def fit_classifier(classifier: nn.Module, make_dataset: Callable[[int], Dataset]
 
 
 @torch.no_grad()
-def evaluate_classifier(classifier: nn.Module, dataset: Dataset, *, encode: Callable[[Tensor], Tensor], collate: Callable,
-                        config: ProbeConfig, accelerator: Accelerator, workers: int,
-                        progress: Any) -> tuple[Tensor, list[str]]:
+def evaluate_classifier(
+    classifier: nn.Module,
+    dataset: Dataset,
+    *,
+    encode: Callable[[Tensor], Tensor],
+    collate: Callable,
+    config: ProbeConfig,
+    accelerator: Accelerator,
+    workers: int,
+    progress: Any,
+) -> tuple[Tensor, list[str]]:
     """Top-1 and top-5 hits summed over the dataset, [2], every image counted once on every process."""
-    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=_local_batch(config, accelerator),
-                                                        shuffle=False, num_workers=workers, collate_fn=collate))
+    loader = accelerator.prepare_data_loader(
+        DataLoader(
+            dataset,
+            batch_size=_local_batch(config, accelerator),
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate,
+        )
+    )
     task = progress.add_task("evaluate", total=len(loader))
     classifier.eval()
     hits, skipped = torch.zeros(2, device=accelerator.device), []
@@ -187,6 +247,7 @@ def evaluate_classifier(classifier: nn.Module, dataset: Dataset, *, encode: Call
 
 
 # --- names, data, the table ------------------------------------------------------------------------------
+
 
 def dataset_slug(spec: str) -> str:
     path = Path(spec).expanduser()
@@ -233,10 +294,19 @@ def print_table(result: dict[str, Any]) -> None:
 
     table = Table(title=f"mochi probe: {result['source']}")
     for column in ("protocol", "dataset", "split", "top-1 %", "top-5 %", "train", "eval", "seconds"):
-        table.add_column(column, justify="left" if column in ("protocol", "dataset", "split") else "right",
-                         overflow="fold")
-    table.add_row(result["protocol"], result["dataset"], result["split"], f"{result['top1']:.2f}", f"{result['top5']:.2f}",
-                  str(result["train_images"]), str(result["eval_images"]), f"{result['time']['seconds']:.1f}")
+        table.add_column(
+            column, justify="left" if column in ("protocol", "dataset", "split") else "right", overflow="fold"
+        )
+    table.add_row(
+        result["protocol"],
+        result["dataset"],
+        result["split"],
+        f"{result['top1']:.2f}",
+        f"{result['top5']:.2f}",
+        str(result["train_images"]),
+        str(result["eval_images"]),
+        f"{result['time']['seconds']:.1f}",
+    )
     console = Console()
     console.print(table)
     if result.get("note"):
@@ -244,6 +314,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 # --- putting it together ---------------------------------------------------------------------------------
+
 
 @dataclass
 class _Probe:
@@ -273,26 +344,44 @@ class _Probe:
     @property
     def train_tf(self):
         c = self.config
-        return probe_train_transform(c.image_size, c.crop_min_scale) if c.augment and c.protocol == "linear" else self.eval_tf
+        return (
+            probe_train_transform(c.image_size, c.crop_min_scale)
+            if c.augment and c.protocol == "linear"
+            else self.eval_tf
+        )
 
     def images(self, source: ImageSource, indices: list[int], transform) -> DecodedImages:
         return DecodedImages(source, transform, strict=self.config.strict_data, indices=indices)
 
     def features(self, source: ImageSource, indices: list[int], split: str, progress: Any) -> tuple[Tensor, Tensor]:
         """Cached features of un-augmented centre crops, extracted on a miss."""
-        parts = {"weights_sha256": self.info["weights_sha256"], "data": dataset_fingerprint(source, self.config.dataset),
-                 "split": split, "indices": indices if len(indices) != len(source) else "all",
-                 "transform": repr(self.eval_tf), "mixed_precision": self.config.mixed_precision}
+        parts = {
+            "weights_sha256": self.info["weights_sha256"],
+            "data": dataset_fingerprint(source, self.config.dataset),
+            "split": split,
+            "indices": indices if len(indices) != len(source) else "all",
+            "transform": repr(self.eval_tf),
+            "mixed_precision": self.config.mixed_precision,
+        }
         key = cache_key(parts)
         hit = load_cached(self.cache_dir, key)
-        self.extra.setdefault("feature_cache", {})[split] = {"key": key, "hit": hit is not None, "dir": str(self.cache_dir)}
+        self.extra.setdefault("feature_cache", {})[split] = {
+            "key": key,
+            "hit": hit is not None,
+            "dir": str(self.cache_dir),
+        }
         if hit is not None:
             return hit
         self.decoded += len(indices)
         task = progress.add_task(f"features {split}", total=len(indices))
-        features, labels, bad = extract(self.module, self.images(source, indices, self.eval_tf),
-                                        accelerator=self.accelerator, batch_size=_local_batch(self.config, self.accelerator),
-                                        workers=self.config.workers, on_batch=lambda n: progress.advance(task, n))
+        features, labels, bad = extract(
+            self.module,
+            self.images(source, indices, self.eval_tf),
+            accelerator=self.accelerator,
+            batch_size=_local_batch(self.config, self.accelerator),
+            workers=self.config.workers,
+            on_batch=lambda n: progress.advance(task, n),
+        )
         self.skipped.extend(bad)
         if self.accelerator.is_main_process:
             save_cached(self.cache_dir, key, features, labels, parts)
@@ -300,23 +389,39 @@ class _Probe:
         return features, labels
 
 
-def _prepare(source: str, config: ProbeConfig, accelerator: Accelerator | None,
-             backbone: tuple[nn.Module, dict[str, Any]] | None,
-             sources: tuple[ImageSource, ImageSource] | None) -> _Probe:
+def _prepare(
+    source: str,
+    config: ProbeConfig,
+    accelerator: Accelerator | None,
+    backbone: tuple[nn.Module, dict[str, Any]] | None,
+    sources: tuple[ImageSource, ImageSource] | None,
+) -> _Probe:
     if config.output:
         persist.ensure_writable_file(config.output, "--output")
-    accelerator = launched_accelerator(config.batch_size, accelerator=accelerator, mixed_precision=config.mixed_precision,
-                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = launched_accelerator(
+        config.batch_size,
+        accelerator=accelerator,
+        mixed_precision=config.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
     module, info = backbone if backbone is not None else load_backbone(source)
     module = freeze(module).to(accelerator.device)
-    if accelerator.is_main_process and (info.get("declared_mean", list(MEAN)) != list(MEAN)
-                                        or info.get("declared_std", list(STD)) != list(STD)):
-        log.info("note: the weights declare mean %s / std %s; the probe normalises with ImageNet's %s / %s, "
-                 "as pretraining did", info["declared_mean"], info["declared_std"], list(MEAN), list(STD))
+    if accelerator.is_main_process and (
+        info.get("declared_mean", list(MEAN)) != list(MEAN) or info.get("declared_std", list(STD)) != list(STD)
+    ):
+        log.info(
+            "note: the weights declare mean %s / std %s; the probe normalises with ImageNet's %s / %s, "
+            "as pretraining did",
+            info["declared_mean"],
+            info["declared_std"],
+            list(MEAN),
+            list(STD),
+        )
     train_source, eval_source = sources if sources is not None else _resolve_sources(config)
     train_indices = subset(len(train_source), config.max_images, config.seed, 0)
-    eval_indices = (train_indices if eval_source is train_source
-                    else subset(len(eval_source), config.max_images, config.seed, 1))
+    eval_indices = (
+        train_indices if eval_source is train_source else subset(len(eval_source), config.max_images, config.seed, 1)
+    )
     name = result_name(config)
     run_dir = Path(info["run_dir"]) if "run_dir" in info else None
     if run_dir is not None:
@@ -325,11 +430,27 @@ def _prepare(source: str, config: ProbeConfig, accelerator: Accelerator | None,
         state_root = Path(config.output).parent / f"{Path(config.output).stem}.state"
     else:
         state_root = default_cache_dir() / "probe-state" / f"{name}-{info['weights_sha256'][:12]}"
-    state_meta = {**{k: config.to_dict()[k] for k in RESUME_MUST_MATCH}, "weights_sha256": info["weights_sha256"],
-                  "train_data": dataset_fingerprint(train_source, config.dataset)}
+    state_meta = {
+        **{k: config.to_dict()[k] for k in RESUME_MUST_MATCH},
+        "weights_sha256": info["weights_sha256"],
+        "train_data": dataset_fingerprint(train_source, config.dataset),
+    }
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir() / "features"
-    return _Probe(source, config, accelerator, module, info, train_source, eval_source, train_indices, eval_indices,
-                  _num_classes(train_source), state_root, state_meta, cache_dir)
+    return _Probe(
+        source,
+        config,
+        accelerator,
+        module,
+        info,
+        train_source,
+        eval_source,
+        train_indices,
+        eval_indices,
+        _num_classes(train_source),
+        state_root,
+        state_meta,
+        cache_dir,
+    )
 
 
 def _linear(p: _Probe, progress: Any, timings: dict[str, float]) -> Tensor:
@@ -337,19 +458,36 @@ def _linear(p: _Probe, progress: Any, timings: dict[str, float]) -> Tensor:
     c, t = p.config, time.perf_counter()
     fit = fit_classifier(
         make_classifier(int(p.info["num_features"]), p.num_classes, c.seed),
-        lambda epoch: SeededItems(p.images(p.train_source, p.train_indices, p.train_tf), c.seed, "probe_augment", epoch),
-        encode=p.module, collate=image_batch, config=c, accelerator=p.accelerator, state_root=p.state_root,
-        state_meta=p.state_meta, workers=c.workers, progress=progress)
+        lambda epoch: SeededItems(
+            p.images(p.train_source, p.train_indices, p.train_tf), c.seed, "probe_augment", epoch
+        ),
+        encode=p.module,
+        collate=image_batch,
+        config=c,
+        accelerator=p.accelerator,
+        state_root=p.state_root,
+        state_meta=p.state_meta,
+        workers=c.workers,
+        progress=progress,
+    )
     timings["train_s"] = time.perf_counter() - t
     p.skipped += fit["skipped"]
     t = time.perf_counter()
-    hits, bad = evaluate_classifier(fit["classifier"], p.images(p.eval_source, p.eval_indices, p.eval_tf), encode=p.module,
-                                    collate=image_batch, config=c, accelerator=p.accelerator, workers=c.workers,
-                                    progress=progress)
+    hits, bad = evaluate_classifier(
+        fit["classifier"],
+        p.images(p.eval_source, p.eval_indices, p.eval_tf),
+        encode=p.module,
+        collate=image_batch,
+        config=c,
+        accelerator=p.accelerator,
+        workers=c.workers,
+        progress=progress,
+    )
     p.skipped += bad
     timings["eval_s"] = time.perf_counter() - t
-    p.extra.update(epoch_losses=fit["epoch_losses"], resumed_from_epoch=fit["resumed_from_epoch"],
-                   state_dir=str(p.state_root))
+    p.extra.update(
+        epoch_losses=fit["epoch_losses"], resumed_from_epoch=fit["resumed_from_epoch"], state_dir=str(p.state_root)
+    )
     p.decoded += (c.epochs - (fit["resumed_from_epoch"] or 0)) * len(p.train_indices) + len(p.eval_indices)
     return hits
 
@@ -358,35 +496,66 @@ def _on_cached_features(p: _Probe, progress: Any, timings: dict[str, float]) -> 
     """knn and fast: features extracted once (and cached), then the vote or the classifier on them."""
     c, t = p.config, time.perf_counter()
     train_features, train_labels = p.features(p.train_source, p.train_indices, "train", progress)
-    eval_features, eval_labels = ((train_features, train_labels) if p.eval_source is p.train_source
-                                  else p.features(p.eval_source, p.eval_indices, c.split, progress))
+    eval_features, eval_labels = (
+        (train_features, train_labels)
+        if p.eval_source is p.train_source
+        else p.features(p.eval_source, p.eval_indices, c.split, progress)
+    )
     timings["features_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if c.protocol == "knn":
         device = p.accelerator.device
-        scores = knn_scores(train_features.to(device), train_labels.to(device), eval_features.to(device),
-                            p.num_classes, k=c.knn_k, temperature=c.knn_temperature)
+        scores = knn_scores(
+            train_features.to(device),
+            train_labels.to(device),
+            eval_features.to(device),
+            p.num_classes,
+            k=c.knn_k,
+            temperature=c.knn_temperature,
+        )
         p.extra["knn"] = {"k": min(c.knn_k, len(train_labels)), "temperature": c.knn_temperature}
         timings["knn_s"] = time.perf_counter() - t
         return topk_hits(scores, eval_labels.to(device)).sum(0).cpu()
-    fit = fit_classifier(make_classifier(train_features.shape[1], p.num_classes, c.seed),
-                         lambda epoch: FeatureTensors(train_features, train_labels), encode=lambda x: x,
-                         collate=feature_batch, config=c, accelerator=p.accelerator, state_root=p.state_root,
-                         state_meta=p.state_meta, workers=0, progress=progress)
+    fit = fit_classifier(
+        make_classifier(train_features.shape[1], p.num_classes, c.seed),
+        lambda epoch: FeatureTensors(train_features, train_labels),
+        encode=lambda x: x,
+        collate=feature_batch,
+        config=c,
+        accelerator=p.accelerator,
+        state_root=p.state_root,
+        state_meta=p.state_meta,
+        workers=0,
+        progress=progress,
+    )
     timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    hits, _ = evaluate_classifier(fit["classifier"], FeatureTensors(eval_features, eval_labels), encode=lambda x: x,
-                                  collate=feature_batch, config=c, accelerator=p.accelerator, workers=0,
-                                  progress=progress)
+    hits, _ = evaluate_classifier(
+        fit["classifier"],
+        FeatureTensors(eval_features, eval_labels),
+        encode=lambda x: x,
+        collate=feature_batch,
+        config=c,
+        accelerator=p.accelerator,
+        workers=0,
+        progress=progress,
+    )
     timings["eval_s"] = time.perf_counter() - t
-    p.extra.update(epoch_losses=fit["epoch_losses"], resumed_from_epoch=fit["resumed_from_epoch"],
-                   state_dir=str(p.state_root))
+    p.extra.update(
+        epoch_losses=fit["epoch_losses"], resumed_from_epoch=fit["resumed_from_epoch"], state_dir=str(p.state_root)
+    )
     return hits
 
 
-def run_probe(source: str, config: ProbeConfig, *, accelerator: Accelerator | None = None,
-              backbone: tuple[nn.Module, dict[str, Any]] | None = None,
-              sources: tuple[ImageSource, ImageSource] | None = None, show: bool = True) -> dict[str, Any]:
+def run_probe(
+    source: str,
+    config: ProbeConfig,
+    *,
+    accelerator: Accelerator | None = None,
+    backbone: tuple[nn.Module, dict[str, Any]] | None = None,
+    sources: tuple[ImageSource, ImageSource] | None = None,
+    show: bool = True,
+) -> dict[str, Any]:
     """Evaluate SOURCE's backbone with config.protocol. Returns the result written to --output (and, for a
     run directory, to RUN/probes/<name>.json). `accelerator`: an existing one (batches stay global either
     way); `backbone` (module, info) and `sources` (train, eval images) replace what SOURCE and --dataset would
@@ -397,7 +566,9 @@ def run_probe(source: str, config: ProbeConfig, *, accelerator: Accelerator | No
     before = snapshot(p.module)
     timings: dict[str, float] = {}
     with progress_bar(p.accelerator.is_main_process and show) as progress:
-        hits = _linear(p, progress, timings) if config.protocol == "linear" else _on_cached_features(p, progress, timings)
+        hits = (
+            _linear(p, progress, timings) if config.protocol == "linear" else _on_cached_features(p, progress, timings)
+        )
     check_frozen(before, p.module)  # raises if anything but the classifier changed
     result = _result(p, hits, started_at, clock, timings)
     if p.accelerator.is_main_process:
@@ -416,8 +587,13 @@ def run_probe(source: str, config: ProbeConfig, *, accelerator: Accelerator | No
 def is_paper_protocol(config: ProbeConfig) -> bool:
     """The paper's linear protocol: augmented linear probe, every image, the ImageNet preset's schedule."""
     preset = PROBE_PRESETS.get(config.dataset or "") if config.dataset in PAPER_PROTOCOL_DATASETS else None
-    return bool(config.protocol == "linear" and config.augment and config.max_images is None and preset
-                and all(getattr(config, k) == (tuple(v) if isinstance(v, list) else v) for k, v in preset.items()))
+    return bool(
+        config.protocol == "linear"
+        and config.augment
+        and config.max_images is None
+        and preset
+        and all(getattr(config, k) == (tuple(v) if isinstance(v, list) else v) for k, v in preset.items())
+    )
 
 
 def _result(p: _Probe, hits: Tensor, started_at: datetime, clock: float, timings: dict[str, float]) -> dict[str, Any]:
@@ -425,24 +601,44 @@ def _result(p: _Probe, hits: Tensor, started_at: datetime, clock: float, timings
     top1, top5 = (100.0 * hits / n_eval).tolist()
     elapsed = time.perf_counter() - clock
     return {
-        "top1": round(top1, 4), "top5": round(top5, 4), "top5_k": min(5, p.num_classes),
-        "protocol": c.protocol, "paper_protocol": is_paper_protocol(c),
+        "top1": round(top1, 4),
+        "top5": round(top5, 4),
+        "top5_k": min(5, p.num_classes),
+        "protocol": c.protocol,
+        "paper_protocol": is_paper_protocol(c),
         "note": {"linear": "", "knn": KNN_NOTE, "fast": FAST_NOTE}[c.protocol],
-        "source": p.source, "source_info": p.info, "dataset": c.dataset, "split": c.split,
-        "split_name": getattr(p.eval_source, "split_name", c.split), "epochs": c.epochs if c.protocol != "knn" else None,
-        "num_classes": p.num_classes, "class_order": _class_order(p.train_source),
-        "train_images": len(p.train_indices), "eval_images": n_eval,
-        "skipped_images": len(p.skipped), "skipped_examples": p.skipped[:10],
-        "hyperparameters": c.to_dict(), "seed": c.seed,
-        "train_transform": repr(p.train_tf), "eval_transform": repr(p.eval_tf),
+        "source": p.source,
+        "source_info": p.info,
+        "dataset": c.dataset,
+        "split": c.split,
+        "split_name": getattr(p.eval_source, "split_name", c.split),
+        "epochs": c.epochs if c.protocol != "knn" else None,
+        "num_classes": p.num_classes,
+        "class_order": _class_order(p.train_source),
+        "train_images": len(p.train_indices),
+        "eval_images": n_eval,
+        "skipped_images": len(p.skipped),
+        "skipped_examples": p.skipped[:10],
+        "hyperparameters": c.to_dict(),
+        "seed": c.seed,
+        "train_transform": repr(p.train_tf),
+        "eval_transform": repr(p.eval_tf),
         "frozen_backbone_check": "passed: no backbone weight or BatchNorm statistic changed",
-        "num_processes": p.accelerator.num_processes, "device": str(p.accelerator.device),
+        "num_processes": p.accelerator.num_processes,
+        "device": str(p.accelerator.device),
         "versions": {"mochi_hub": __version__, "torch": torch.__version__, "timm": __import__("timm").__version__},
         **p.extra,
-        "summary": {"images_seen": p.decoded, "images_skipped": len(p.skipped),
-                    "resumes": int(p.extra.get("resumed_from_epoch") is not None),
-                    "wall_time_s": round(elapsed, 2), "images_per_sec": round(p.decoded / elapsed, 2)},
-        "time": {"started": started_at.isoformat(timespec="seconds"),
-                 "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "seconds": round(elapsed, 3), **{k: round(v, 3) for k, v in timings.items()}},
+        "summary": {
+            "images_seen": p.decoded,
+            "images_skipped": len(p.skipped),
+            "resumes": int(p.extra.get("resumed_from_epoch") is not None),
+            "wall_time_s": round(elapsed, 2),
+            "images_per_sec": round(p.decoded / elapsed, 2),
+        },
+        "time": {
+            "started": started_at.isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(elapsed, 3),
+            **{k: round(v, 3) for k, v in timings.items()},
+        },
     }

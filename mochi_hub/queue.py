@@ -34,8 +34,9 @@ class NegativeQueue(nn.Module):
         """Write keys [n, D] (already gathered from all processes) over the oldest rows, wrapping around."""
         n = keys.shape[0]
         if n > self.size:
-            raise ValueError(f"cannot enqueue {n} keys into a queue of K = {self.size}: "
-                             "K must be at least the global batch size")
+            raise ValueError(
+                f"cannot enqueue {n} keys into a queue of K = {self.size}: K must be at least the global batch size"
+            )
         rows = (self.ptr + torch.arange(n, device=self.keys.device)) % self.size  # [n]
         self.keys[rows] = keys.detach().to(self.keys.dtype)
         self.labels[rows] = -1 if labels is None else labels.to(self.labels.device, torch.long)

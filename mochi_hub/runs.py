@@ -1,11 +1,11 @@
 """A run directory, as `mochi train` writes it and export, probe, push and detect read it.
 
-    RUN/run.json          the resolved config, processes, batch sizes, the backbone's build; at the end a summary
-    RUN/metrics.jsonl     one record per logged step ("kind": "step") and per epoch ("kind": "epoch")
-    RUN/checkpoints/      mochi_hub.checkpoint
-    RUN/probes/*.json     results of `mochi probe` on this run (the model card reports them)
-    RUN/detection/*.json  results of `mochi detect` on this run
-    RUN/export/           the timm folder
+RUN/run.json          the resolved config, processes, batch sizes, the backbone's build; at the end a summary
+RUN/metrics.jsonl     one record per logged step ("kind": "step") and per epoch ("kind": "epoch")
+RUN/checkpoints/      mochi_hub.checkpoint
+RUN/probes/*.json     results of `mochi probe` on this run (the model card reports them)
+RUN/detection/*.json  results of `mochi detect` on this run
+RUN/export/           the timm folder
 """
 
 from __future__ import annotations
@@ -52,12 +52,19 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         throughput = self.images_seen / self.wall_time_s if self.wall_time_s else 0.0
-        return {"images_seen": self.images_seen, "images_skipped": len(self.bad_files), "resumes": self.resumes,
-                "nonfinite_steps": self.nonfinite_steps, "wall_time_s": round(self.wall_time_s, 2),
-                "images_per_sec": round(throughput, 2), "bad_files": self.bad_files}
+        return {
+            "images_seen": self.images_seen,
+            "images_skipped": len(self.bad_files),
+            "resumes": self.resumes,
+            "nonfinite_steps": self.nonfinite_steps,
+            "wall_time_s": round(self.wall_time_s, 2),
+            "images_per_sec": round(throughput, 2),
+            "bad_files": self.bad_files,
+        }
 
 
 # --- writing -------------------------------------------------------------------------------------------
+
 
 def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
     write_json(Path(run_dir) / RUN_JSON, info)
@@ -83,6 +90,7 @@ class MetricsLog:
 
 
 # --- reading -------------------------------------------------------------------------------------------
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """metrics.jsonl -> its records with a step (kind "step" or "epoch"); a torn last line is skipped."""

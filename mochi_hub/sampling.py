@@ -28,7 +28,7 @@ class GlobalBatches(Sampler[list[int]]):
         order = torch.randperm(self.size, generator=generator(self.seed, "data_order", self.epoch)).tolist()
         for b in range(self.start, self.size // self.global_batch):
             first = b * self.global_batch + self.rank * self.local
-            yield order[first:first + self.local]
+            yield order[first : first + self.local]
 
 
 class EpochShuffle(Sampler[int]):

@@ -14,8 +14,20 @@ import numpy as np
 import torch
 
 # One stream per use; adding a stream never changes the draws of the others.
-STREAMS = ("data_order", "augment", "shuffle_bn", "mochi_plan", "queue_init", "model_init",
-           "probe_subset", "probe_order", "probe_augment", "classifier_init", "detect_order", "detect_init")
+STREAMS = (
+    "data_order",
+    "augment",
+    "shuffle_bn",
+    "mochi_plan",
+    "queue_init",
+    "model_init",
+    "probe_subset",
+    "probe_order",
+    "probe_augment",
+    "classifier_init",
+    "detect_order",
+    "detect_init",
+)
 
 
 def _stream_id(stream: str) -> int:

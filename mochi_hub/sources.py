@@ -47,14 +47,19 @@ def _run_directory(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if (export / "config.json").is_file():
         return _timm_folder(export), {"kind": "run-export", "run_dir": str(path), "path": str(export)}
     if latest_checkpoint(path) is None:
-        raise ValueError(f"SOURCE {path}: a run directory with neither export/ nor a complete checkpoint "
-                         f"under checkpoints/")
+        raise ValueError(
+            f"SOURCE {path}: a run directory with neither export/ nor a complete checkpoint under checkpoints/"
+        )
     try:
         backbone, _, _, checkpoint = load_run_backbone(path)
     except RunError as error:
         raise ValueError(f"SOURCE {path}: {error}") from None
-    return backbone, {"kind": "run-checkpoint", "run_dir": str(path), "checkpoint": str(checkpoint),
-                      "step": int(checkpoint.name.split("-")[1])}
+    return backbone, {
+        "kind": "run-checkpoint",
+        "run_dir": str(path),
+        "checkpoint": str(checkpoint),
+        "step": int(checkpoint.name.split("-")[1]),
+    }
 
 
 def source_defaults(source: str) -> dict[str, Any]:
@@ -77,15 +82,19 @@ def source_defaults(source: str) -> dict[str, Any]:
         if source.startswith(HF_HUB):
             from huggingface_hub import hf_hub_download
 
-            repo_id, _, revision = source[len(HF_HUB):].partition("@")
+            repo_id, _, revision = source[len(HF_HUB) :].partition("@")
             data = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision or None)).read_text())
-            return from_training(data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size"))
+            return from_training(
+                data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size")
+            )
         path = Path(source.removeprefix(LOCAL_DIR)).expanduser()
         if (path / RUN_JSON).is_file():
             return from_training(json.loads((path / RUN_JSON).read_text()).get("config") or {})
         if (path / "config.json").is_file():
             data = json.loads((path / "config.json").read_text())
-            return from_training(data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size"))
+            return from_training(
+                data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size")
+            )
     except Exception:
         return {}
     return {}
@@ -95,18 +104,21 @@ def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
     """SOURCE -> (backbone in eval mode, info). info: kind, source, architecture, num_features,
     weights_sha256, where it came from, and the mean/std the weights declare."""
     if source.startswith(HF_HUB):
-        repo_id, _, revision = source[len(HF_HUB):].partition("@")
+        repo_id, _, revision = source[len(HF_HUB) :].partition("@")
         try:
             backbone = timm.create_model(source, pretrained=True, num_classes=0)
         except Exception as error:
-            raise ValueError(f"SOURCE {source}: could not load from the Hub or the HF cache "
-                             f"({type(error).__name__}: {error})") from error
+            raise ValueError(
+                f"SOURCE {source}: could not load from the Hub or the HF cache ({type(error).__name__}: {error})"
+            ) from error
         info: dict[str, Any] = {"kind": "hf-hub", "repo_id": repo_id, "revision": revision or "main"}
     else:
         path = Path(source.removeprefix(LOCAL_DIR)).expanduser()
         if not path.is_dir():
-            raise ValueError(f"SOURCE {source}: not a folder and not hf-hub:org/name "
-                             "(expected a run directory, an exported timm folder, or hf-hub:org/name[@revision])")
+            raise ValueError(
+                f"SOURCE {source}: not a folder and not hf-hub:org/name "
+                "(expected a run directory, an exported timm folder, or hf-hub:org/name[@revision])"
+            )
         path = path.resolve()
         if (path / RUN_JSON).is_file():
             backbone, info = _run_directory(path)
@@ -116,7 +128,12 @@ def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
             raise ValueError(f"SOURCE {source}: neither a run directory (run.json) nor a timm folder (config.json)")
     backbone.eval()
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    info.update(source=source, architecture=cfg.get("architecture") or type(backbone).__name__,
-                num_features=pooled_width(backbone), weights_sha256=weights_sha256(backbone),
-                declared_mean=list(cfg.get("mean", MEAN)), declared_std=list(cfg.get("std", STD)))
+    info.update(
+        source=source,
+        architecture=cfg.get("architecture") or type(backbone).__name__,
+        num_features=pooled_width(backbone),
+        weights_sha256=weights_sha256(backbone),
+        declared_mean=list(cfg.get("mean", MEAN)),
+        declared_std=list(cfg.get("std", STD)),
+    )
     return backbone, info

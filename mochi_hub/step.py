@@ -35,21 +35,45 @@ class StepOutput:
     applied: bool  # False only when on_nonfinite="skip" skipped the step: then nothing was updated
 
 
-def training_step(query: nn.Module, key: Encoder, queue: NegativeQueue, optimizer: torch.optim.Optimizer,
-                  accelerator: Accelerator, images_q: Tensor, images_k: Tensor, labels: Tensor, *,
-                  config: TrainConfig, step: int, mixing: bool, bn_splits: int = 1) -> StepOutput:
+def training_step(
+    query: nn.Module,
+    key: Encoder,
+    queue: NegativeQueue,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    images_q: Tensor,
+    images_k: Tensor,
+    labels: Tensor,
+    *,
+    config: TrainConfig,
+    step: int,
+    mixing: bool,
+    bn_splits: int = 1,
+) -> StepOutput:
     n_hard, s, s_prime = config.mochi
     skip_mode = config.on_nonfinite == "skip"
-    saved_buffers = [b.clone() for b in _buffers(query, key)] if skip_mode else None  # BatchNorm statistics move in the forward
+    saved_buffers = (
+        [b.clone() for b in _buffers(query, key)] if skip_mode else None
+    )  # BatchNorm statistics move in the forward
     with accelerator.autocast():
         q = query(images_q, splits=bn_splits)  # [L, D]
         shuffle = generator(config.seed, "shuffle_bn", step, device=q.device)
         k, keys_all = shuffled_keys(key, images_k, accelerator, shuffle, splits=bn_splits)  # [L, D], [G, D]
-    plan = sample_plan(q.shape[0], n_hard, s, s_prime, beta_max=config.beta_max,
-                       generator=generator(config.seed, "mochi_plan", step, accelerator.process_index,
-                                           device=q.device)) if mixing else None
-    logits, targets = contrastive_logits(q, k, queue.keys, temperature=config.temperature, n_hard=n_hard, plan=plan,
-                                         check_finite=False)  # [L, 1 + K + s + s']
+    plan = (
+        sample_plan(
+            q.shape[0],
+            n_hard,
+            s,
+            s_prime,
+            beta_max=config.beta_max,
+            generator=generator(config.seed, "mochi_plan", step, accelerator.process_index, device=q.device),
+        )
+        if mixing
+        else None
+    )
+    logits, targets = contrastive_logits(
+        q, k, queue.keys, temperature=config.temperature, n_hard=n_hard, plan=plan, check_finite=False
+    )  # [L, 1 + K + s + s']
     loss = info_nce(logits, targets)
     finite = torch.isfinite(loss.detach())  # [] bool
     # Every process must take the same branch, or the gradient all-reduce waits forever.

@@ -44,29 +44,50 @@ def pretraining_views(source: ImageSource, config: TrainConfig, augment_on: str 
     if augment_on == "device":
         # Pre-shrink only what no crop needs: the smallest crop (scale 0.2) of the shorter side still >= image_size.
         max_side = math.ceil(config.image_size / math.sqrt(MIN_CROP_SCALE))
-        return DecodedImages(source, partial(decode_to_uint8, max_side=max_side), strict=config.strict_data,
-                             indices=list(range(count)))
-    images = DecodedImages(source, TwoViews(moco_v2_transform(config.image_size)), strict=config.strict_data,
-                           indices=list(range(count)))
+        return DecodedImages(
+            source, partial(decode_to_uint8, max_side=max_side), strict=config.strict_data, indices=list(range(count))
+        )
+    images = DecodedImages(
+        source, TwoViews(moco_v2_transform(config.image_size)), strict=config.strict_data, indices=list(range(count))
+    )
     return SeededItems(images, config.seed, "augment")
 
 
 def collate_canvas(samples: list[Sample]) -> dict[str, Any]:
     """uint8 images of any sizes -> one padded canvas with each image's size (the device path's batches)."""
     canvas, sizes = pad_collate([s.image for s in samples])
-    return {"images": canvas, "sizes": sizes, "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
-            "skipped": [reason for s in samples for reason in s.skipped]}
+    return {
+        "images": canvas,
+        "sizes": sizes,
+        "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
+        "skipped": [reason for s in samples for reason in s.skipped],
+    }
 
 
-def epoch_loader(views: Dataset, config: TrainConfig, epoch: int, *, rank: int = 0, world: int = 1,
-                 start: int = 0, pin_memory: bool = False) -> DataLoader:
+def epoch_loader(
+    views: Dataset,
+    config: TrainConfig,
+    epoch: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    start: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """This process's batches of one epoch, in the seeded order of GlobalBatches, from batch `start` on."""
     if isinstance(views, SeededItems):
         views.epoch = epoch
     collate = collate_samples if isinstance(views, SeededItems) else collate_canvas
-    return DataLoader(views, batch_sampler=GlobalBatches(len(views), config.batch_size, seed=config.seed, epoch=epoch,
-                                                         rank=rank, world=world, start=start),
-                      num_workers=config.workers, collate_fn=collate, pin_memory=pin_memory, persistent_workers=False)
+    return DataLoader(
+        views,
+        batch_sampler=GlobalBatches(
+            len(views), config.batch_size, seed=config.seed, epoch=epoch, rank=rank, world=world, start=start
+        ),
+        num_workers=config.workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
 
 
 class BatchViews:
@@ -78,8 +99,11 @@ class BatchViews:
 
     def of(self, batch: dict[str, Any], step: int, rank: int) -> tuple[Tensor, Tensor]:
         if self.device_views is None:
-            return tuple(v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in batch["images"])
+            return tuple(
+                v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in batch["images"]
+            )
         canvas = batch["images"].to(self.device, non_blocking=True)  # [L, 3, H, W] uint8
         draws = generator(self.config.seed, "augment", step, rank, device=self.device)
-        return tuple(v.contiguous(memory_format=self.memory_format)
-                     for v in self.device_views(canvas, batch["sizes"], draws))  # [L, 3, S, S] each
+        return tuple(
+            v.contiguous(memory_format=self.memory_format) for v in self.device_views(canvas, batch["sizes"], draws)
+        )  # [L, 3, S, S] each

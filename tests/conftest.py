@@ -26,8 +26,12 @@ sys.path.insert(0, str(TESTS / "helpers"))  # runs.py, images.py, hub_server.py:
 from images import TRAIN_PER_CLASS, VAL_PER_CLASS, fmnist_subset, folder_name, tiny_backbone  # noqa: E402
 
 TIERS = ("unit", "integration", "e2e")
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                       "t10k-labels-idx1-ubyte.gz")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -41,8 +45,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     missing = [name for name in FASHION_MNIST_FILES if not (DEBIAN_FASHION_MNIST / name).is_file()]
     if needs_images and missing:
-        pytest.exit(f"Debian's dataset-fashion-mnist is missing ({DEBIAN_FASHION_MNIST}/{missing[0]}): "
-                    "`make fashion-mnist` or `apt-get install dataset-fashion-mnist` installs it", returncode=3)
+        pytest.exit(
+            f"Debian's dataset-fashion-mnist is missing ({DEBIAN_FASHION_MNIST}/{missing[0]}): "
+            "`make fashion-mnist` or `apt-get install dataset-fashion-mnist` installs it",
+            returncode=3,
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,6 +62,7 @@ def one_thread():
 
 
 # --- real images and a tiny backbone, shared by the probe tests -------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def fmnist_folder(tmp_path_factory) -> Path:
@@ -79,8 +87,10 @@ def fmnist_arrow(tmp_path_factory) -> tuple[HubImages, HubImages]:
         rows = fmnist_subset(split, per_class)
         # In the imagefolder's order (sorted by class folder, then file), so indices line up.
         rows = sorted(enumerate(rows), key=lambda r: (r[1][1], r[0]))
-        ds = datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for _, (p, _) in rows],
-                                         "label": [label for _, (_, label) in rows]}, features=features)
+        ds = datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(p, mode="L") for _, (p, _) in rows], "label": [label for _, (_, label) in rows]},
+            features=features,
+        )
         path = tmp_path_factory.mktemp("arrow") / split
         ds.save_to_disk(str(path))
         loaded.append(HubImages(datasets.load_from_disk(str(path)), "fmnist-arrow"))

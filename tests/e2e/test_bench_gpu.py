@@ -17,9 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.ci
 def test_gpu_bench_smoke_runs_every_part(tmp_path):
     out = tmp_path / "gpu.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     for part in ("step", "data", "train", "smoke"):
@@ -27,7 +32,8 @@ def test_gpu_bench_smoke_runs_every_part(tmp_path):
     steps = {(r["variant"], r["K"]) for r in result["step"]["rows"]}
     assert steps == {("MoCo-v2", 64), ("MoCHi", 64)}
     assert {(r["augment_on"], r["workers"]) for r in result["data"]["rows"]} == {
-        (a, w) for a in ("workers", "device") for w in (0, 2)}
+        (a, w) for a in ("workers", "device") for w in (0, 2)
+    }
     assert all(r["images_per_sec"] > 0 for r in result["train"]["rows"])
     assert "model.safetensors" in result["smoke"]["export_files"] and 0 <= result["smoke"]["knn_top1"] <= 100
     assert set(result["targets"]) == {"mochi_step_over_moco", "device_over_tensors_only", "device_over_workers"}

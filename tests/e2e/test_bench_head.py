@@ -10,8 +10,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_head_benchmark_quick_run_writes_three_variants(tmp_path):
     out = tmp_path / "head.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "head.py"), "--quick", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "head.py"), "--quick", "--threads", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["rows"]}

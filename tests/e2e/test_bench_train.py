@@ -18,8 +18,10 @@ LIGHTLY = importlib.util.find_spec("lightly") is not None
 def run_bench(*args: str, hide_lightly: bool = False) -> subprocess.CompletedProcess:
     """Run the bench in a fresh interpreter; with hide_lightly, as if lightly were not installed."""
     if hide_lightly:
-        code = ("import runpy, sys; sys.modules['lightly'] = None; "
-                f"sys.argv = [{str(BENCH)!r}, *{list(args)!r}]; runpy.run_path({str(BENCH)!r}, run_name='__main__')")
+        code = (
+            "import runpy, sys; sys.modules['lightly'] = None; "
+            f"sys.argv = [{str(BENCH)!r}, *{list(args)!r}]; runpy.run_path({str(BENCH)!r}, run_name='__main__')"
+        )
         cmd = [sys.executable, "-c", code]
     else:
         cmd = [sys.executable, str(BENCH), *args]
@@ -51,8 +53,14 @@ def test_quick_step_is_the_loops_step(tmp_path):
     assert positive_numbers(times["moco"]) and positive_numbers(times["mochi"])
     assert all(positive_numbers(step["raw"]["cpu_times_ms"][v]) for v in ("moco", "mochi"))
     summary = step["summary"]
-    assert positive_numbers([summary["moco_median_ms"], summary["mochi_median_ms"], summary["ratio_of_medians"],
-                             summary["median_paired_ratio"]])
+    assert positive_numbers(
+        [
+            summary["moco_median_ms"],
+            summary["mochi_median_ms"],
+            summary["ratio_of_medians"],
+            summary["median_paired_ratio"],
+        ]
+    )
     assert summary["ratio_of_medians"] == pytest.approx(summary["mochi_median_ms"] / summary["moco_median_ms"])
     assert isinstance(summary["met"], bool)
     assert step["raw"]["batchnorm_groups"] == 2  # --quick runs the loop's BatchNorm groups too
@@ -94,14 +102,24 @@ def test_quick_data_and_throughput_write_every_measurement(tmp_path):
             assert rows[impl]["median_images_per_sec"] > 0
         if LIGHTLY:
             assert rows["ours_over_lightly"] > 0 and isinstance(rows["met"], bool)
-            assert rows["ours_over_lightly"] == pytest.approx(rows["ours_moco"]["median_images_per_sec"]
-                                                              / rows["lightly_moco"]["median_images_per_sec"])
+            assert rows["ours_over_lightly"] == pytest.approx(
+                rows["ours_moco"]["median_images_per_sec"] / rows["lightly_moco"]["median_images_per_sec"]
+            )
 
 
 def test_quick_run_without_lightly_skips_the_comparison(tmp_path):
     out = tmp_path / "train.json"
-    done = run_bench("--quick", "--parts", "throughput", "--precisions", "fp32", "--no-mochi-info",
-                     "--out", str(out), hide_lightly=True)
+    done = run_bench(
+        "--quick",
+        "--parts",
+        "throughput",
+        "--precisions",
+        "fp32",
+        "--no-mochi-info",
+        "--out",
+        str(out),
+        hide_lightly=True,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "lightly not installed" in done.stdout
     throughput = json.loads(out.read_text())["throughput"]

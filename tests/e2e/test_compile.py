@@ -17,8 +17,16 @@ from runs import tiny_config
 def test_compiled_encoders_train_like_eager_ones(tmp_path):
     losses = {}
     for compiled in (False, True):
-        run_dir = train(tiny_config(tmp_path / str(compiled), max_steps=3, epochs=1, mochi=(0, 0, 0),
-                                    mixing_warmup_epochs=0, compile=compiled))
+        run_dir = train(
+            tiny_config(
+                tmp_path / str(compiled),
+                max_steps=3,
+                epochs=1,
+                mochi=(0, 0, 0),
+                mixing_warmup_epochs=0,
+                compile=compiled,
+            )
+        )
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[compiled] = [r["loss"] for r in rows if r["kind"] == "step"]
         names = set(load_file(latest_checkpoint(run_dir) / "model.safetensors"))

@@ -26,15 +26,22 @@ DIST_CHILD = textwrap.dedent("""
 """)
 
 
-
 def test_two_processes_train_the_classifier_one_process_trains(tmp_path, tiny_export):
     """torchrun, 2 CPU processes (gloo): each global batch is split over the ranks and DDP averages the
     gradients, and each image's augmentation depends on (seed, epoch, index) only, so the classifier and
     the accuracy equal a single process's."""
     import socket
 
-    options = dict(dataset="fashion-mnist", max_images=64, epochs=2, lr_milestones="1", batch_size=16, lr=0.5,
-                   workers=0, cache_dir=str(tmp_path / "cache"))
+    options = dict(
+        dataset="fashion-mnist",
+        max_images=64,
+        epochs=2,
+        lr_milestones="1",
+        batch_size=16,
+        lr=0.5,
+        workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
     single = run_probe(str(tiny_export), resolve_probe_config(**options, output=str(tmp_path / "one.json")), show=False)
     script = tmp_path / "dist_probe.py"
     script.write_text(DIST_CHILD)
@@ -42,9 +49,20 @@ def test_two_processes_train_the_classifier_one_process_trains(tmp_path, tiny_ex
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
-    done = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", f"--master_port={port}",
-                           str(script), str(tiny_export), json.dumps({**options, "output": str(tmp_path / "two.json")})],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            str(script),
+            str(tiny_export),
+            json.dumps({**options, "output": str(tmp_path / "two.json")}),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["num_processes"] == 2 and (double["train_images"], double["eval_images"]) == (64, 64)
@@ -60,19 +78,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
 @pytest.mark.ci
 def test_two_processes_share_one_queue_and_one_model(tmp_path):
     """torchrun, 2 CPU processes (gloo): the ranks end identical, and the queue holds the gathered keys in order."""
     out = tmp_path / "dist"
     torchrun = Path(sys.executable).with_name("torchrun")
-    options = [f"{k}={v}" for k, v in dict(
-        dataset="fashion-mnist", model="test_resnet", image_size=32, epochs=2, batch_size=16, queue_size=40,
-        mochi="8,8,4", mixing_warmup_epochs=1, max_train_images=64, workers=0, output=out, report_to="none", bn_splits=2).items()]
+    options = [
+        f"{k}={v}"
+        for k, v in dict(
+            dataset="fashion-mnist",
+            model="test_resnet",
+            image_size=32,
+            epochs=2,
+            batch_size=16,
+            queue_size=40,
+            mochi="8,8,4",
+            mixing_warmup_epochs=1,
+            max_train_images=64,
+            workers=0,
+            output=out,
+            report_to="none",
+            bn_splits=2,
+        ).items()
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
-    subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}",
-                    str(Path(__file__).parents[1] / "helpers" / "dist_train.py"), *options],
-                   check=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(Path(__file__).parents[1] / "helpers" / "dist_train.py"),
+            *options,
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     rank0, rank1 = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
     for name in rank0:
         if not name.startswith("keys."):

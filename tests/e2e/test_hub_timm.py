@@ -66,7 +66,6 @@ print("RESULT " + json.dumps(out))
 """
 
 
-
 @pytest.mark.ci
 def test_mochi_push_then_timm_loads_from_hub_and_offline_cache(tmp_path):
     """The installed `mochi` pushes through HF_ENDPOINT; timm's hf-hub loader, in a fresh process and a fresh
@@ -76,8 +75,10 @@ def test_mochi_push_then_timm_loads_from_hub_and_offline_cache(tmp_path):
     hub = FakeHub(TOKENS).start()
     try:
         push_home = tmp_path / "hf-home-push"
-        result = run([*mochi_command(), "push", str(run_dir), "--repo-id", "mochi-org/test-resnet-mochi",
-                      "--tag", "v1"], clean_env(HF_ENDPOINT=hub.url, HF_TOKEN=ALICE, HF_HOME=str(push_home)))
+        result = run(
+            [*mochi_command(), "push", str(run_dir), "--repo-id", "mochi-org/test-resnet-mochi", "--tag", "v1"],
+            clean_env(HF_ENDPOINT=hub.url, HF_TOKEN=ALICE, HF_HOME=str(push_home)),
+        )
         assert result.returncode == 0, result.stderr
         assert "exported the newest checkpoint" in result.stderr  # a run directory: exported first
         assert 'timm.create_model("hf-hub:mochi-org/test-resnet-mochi", pretrained=True)' in result.stdout

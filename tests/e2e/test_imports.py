@@ -22,16 +22,20 @@ def loaded_after(code: str) -> list[str]:
 def test_package_config_and_help_load_nothing_heavy():
     assert loaded_after("import mochi_hub") == []
     assert loaded_after("import mochi_hub.config; mochi_hub.config.TrainConfig(); mochi_hub.config.ProbeConfig()") == []
-    help_text = ("from typer.testing import CliRunner\nfrom mochi_hub.cli.app import app\n"
-                 "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0 and 'train' in r.output\n"
-                 "r = CliRunner().invoke(app, ['train', '--help']); assert r.exit_code == 0 and '--queue-size' in r.output")
+    help_text = (
+        "from typer.testing import CliRunner\nfrom mochi_hub.cli.app import app\n"
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0 and 'train' in r.output\n"
+        "r = CliRunner().invoke(app, ['train', '--help']); assert r.exit_code == 0 and '--queue-size' in r.output"
+    )
     assert loaded_after(help_text) == []
 
 
 def test_public_names_are_the_functions():
-    code = ("from mochi_hub import TrainConfig, ProbeConfig, train, run_probe, export_run, push\n"
-            "import inspect, mochi_hub.pretrain\n"
-            "assert inspect.isfunction(train) and train is mochi_hub.pretrain.train\n"
-            "assert all(inspect.isfunction(f) for f in (run_probe, export_run, push))\n"
-            "assert TrainConfig().model == 'resnet50' and ProbeConfig().protocol == 'linear'\n")
+    code = (
+        "from mochi_hub import TrainConfig, ProbeConfig, train, run_probe, export_run, push\n"
+        "import inspect, mochi_hub.pretrain\n"
+        "assert inspect.isfunction(train) and train is mochi_hub.pretrain.train\n"
+        "assert all(inspect.isfunction(f) for f in (run_probe, export_run, push))\n"
+        "assert TrainConfig().model == 'resnet50' and ProbeConfig().protocol == 'linear'\n"
+    )
     assert "torch" in loaded_after(code)

@@ -29,20 +29,47 @@ def test_a_linear_probe_killed_twice_resumes_to_the_uninterrupted_classifier(tmp
     import time
 
     def command(output: Path) -> list[str]:
-        return [sys.executable, "-m", "mochi_hub.cli", "probe", str(tiny_export), "--dataset", str(fmnist_folder),
-                "--protocol", "linear", "--image-size", "32", "--epochs", "6", "--batch-size", "16", "--lr", "0.5",
-                "--lr-milestones", "4", "--workers", "0", "--output", str(output), "--resume",
-                "--cache-dir", str(tmp_path / "cache")]
+        return [
+            sys.executable,
+            "-m",
+            "mochi_hub.cli",
+            "probe",
+            str(tiny_export),
+            "--dataset",
+            str(fmnist_folder),
+            "--protocol",
+            "linear",
+            "--image-size",
+            "32",
+            "--epochs",
+            "6",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.5",
+            "--lr-milestones",
+            "4",
+            "--workers",
+            "0",
+            "--output",
+            str(output),
+            "--resume",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
 
     subprocess.run(command(tmp_path / "full.json"), check=True, capture_output=True, timeout=300)
     expected = load_file(tmp_path / "full.state" / "epoch-0006" / "classifier.safetensors")
 
     states = tmp_path / "part.state"
-    kill_when = [lambda: (states / "epoch-0002").is_dir(),
-                 lambda: states.is_dir() and any(p.name.endswith(".tmp") for p in os.scandir(states))]
+    kill_when = [
+        lambda: (states / "epoch-0002").is_dir(),
+        lambda: states.is_dir() and any(p.name.endswith(".tmp") for p in os.scandir(states)),
+    ]
     for when in kill_when:
-        process = subprocess.Popen(command(tmp_path / "part.json"), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command(tmp_path / "part.json"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 300
         while process.poll() is None and not when() and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -70,7 +97,9 @@ def cli_args(config: TrainConfig) -> list[str]:
         if value is None or isinstance(value, bool) and not value:
             continue
         flag = f"--{name.replace('_', '-')}"
-        args += [flag] if value is True else [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        args += (
+            [flag] if value is True else [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        )
     return args
 
 
@@ -104,7 +133,6 @@ def run_and_kill(args: list[str], run_dir: Path, when) -> bool:
     return False
 
 
-
 @pytest.mark.ci
 def test_kill_9_at_five_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     """Tolerance: none. Every random draw is seeded by (seed, epoch or step, index) and the CPU kernels
@@ -113,8 +141,13 @@ def test_kill_9_at_five_moments_then_resume_equals_an_uninterrupted_run(tmp_path
     reference = train(dataclasses.replace(config, output=str(tmp_path / "straight")))
 
     args = cli_args(config) + ["--resume", "auto"]
-    kill_points = [lambda d: logged_step(d) >= 3, lambda d: logged_step(d) >= 7, saving,
-                   lambda d: logged_step(d) >= 13, lambda d: logged_step(d) >= 16]
+    kill_points = [
+        lambda d: logged_step(d) >= 3,
+        lambda d: logged_step(d) >= 7,
+        saving,
+        lambda d: logged_step(d) >= 13,
+        lambda d: logged_step(d) >= 16,
+    ]
     kills = 0
     for when in kill_points:
         killed = run_and_kill(args, tmp_path / "killed", when)
@@ -140,8 +173,9 @@ def test_kill_9_at_five_moments_then_resume_equals_an_uninterrupted_run(tmp_path
 def test_ctrl_c_says_where_the_newest_checkpoint_is_and_exits_130(tmp_path):
     config = tiny_config(tmp_path / "run", epochs=50, save_every_steps=2, max_train_images=64)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(cli_args(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env,
-                               text=True)
+    process = subprocess.Popen(
+        cli_args(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env, text=True
+    )
     deadline = time.monotonic() + 300
     while latest_checkpoint(tmp_path / "run") is None and time.monotonic() < deadline:
         time.sleep(0.05)

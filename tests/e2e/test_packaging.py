@@ -20,8 +20,9 @@ print(mochi_hub.__file__)
 
 
 def run_python(code: str, cwd: Path, **env: str) -> str:
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -30,15 +31,24 @@ def test_editable_install_exposes_only_mochi_hub(tmp_path):
     # From another folder, so the checkout's own cli/ is not on sys.path.
     location = run_python(CHECK, cwd=tmp_path).strip()
     assert Path(location).parent == REPO / "mochi_hub"
-    help_text = subprocess.run([str(Path(sys.executable).with_name("mochi")), "--help"], capture_output=True,
-                               text=True, cwd=tmp_path, timeout=60).stdout
+    help_text = subprocess.run(
+        [str(Path(sys.executable).with_name("mochi")), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    ).stdout
     for command in ("train", "probe", "export", "push"):
         assert command in help_text
 
 
 def test_built_wheel_installs_cli_and_templates_inside_mochi_hub(tmp_path):
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("mochi_hub-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mochi_hub/cli/app.py" in names and "mochi_hub/model_cards/mochi_timm.md" in names
@@ -47,8 +57,12 @@ def test_built_wheel_installs_cli_and_templates_inside_mochi_hub(tmp_path):
     assert "mochi = mochi_hub.cli.app:main" in entry_points
 
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     # The wheel's copy comes first on sys.path (the editable finder only answers what sys.path does not).
     location = run_python(CHECK, cwd=tmp_path, PYTHONPATH=str(target)).strip()
     assert Path(location).parent == target / "mochi_hub"

@@ -33,9 +33,18 @@ def make_run_dir(root: Path, backbone: nn.Module) -> Path:
     query = Encoder(backbone)
     modules = {"query": query, "key": make_key_encoder(query), "queue": NegativeQueue(64, 128)}
     optimizer = torch.optim.SGD(query.parameters(), lr=0.1, momentum=0.9)
-    config = TrainConfig(model="test_resnet", image_size=32, batch_size=8, queue_size=64, mochi=(0, 0, 0), mixing_warmup_epochs=0)
-    final = save_checkpoint(root, 8, modules=modules, optimizer=optimizer,
-                            state={"step": 8, "epoch": 1, "config": config.to_dict()}, is_main=True, rank=0)
+    config = TrainConfig(
+        model="test_resnet", image_size=32, batch_size=8, queue_size=64, mochi=(0, 0, 0), mixing_warmup_epochs=0
+    )
+    final = save_checkpoint(
+        root,
+        8,
+        modules=modules,
+        optimizer=optimizer,
+        state={"step": 8, "epoch": 1, "config": config.to_dict()},
+        is_main=True,
+        rank=0,
+    )
     finish_checkpoint(final, keep=2)
     (root / "run.json").write_text(json.dumps({"config": config.to_dict(), "num_processes": 1, "global_batch_size": 8}))
     return root
@@ -67,7 +76,6 @@ HUB_CHILD = textwrap.dedent("""
 """)
 
 
-
 @pytest.mark.ci
 def test_all_three_source_forms_give_identical_features(tmp_path):
     backbone = tiny_backbone(seed=3)
@@ -91,11 +99,21 @@ def test_all_three_source_forms_give_identical_features(tmp_path):
     assert infos[str(run_dir)]["kind"] == "run-checkpoint" and infos[str(export)]["kind"] == "timm-folder"
 
     save_file({"images": batch}, str(tmp_path / "batch.safetensors"))
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # as this process
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }  # as this process
     env.pop("HF_HUB_CACHE", None)
     hub_sources = ["hf-hub:mochi-test/tiny", f"hf-hub:mochi-test/tiny@{commit}"]
-    child = subprocess.run([sys.executable, "-c", HUB_CHILD, str(tmp_path / "batch.safetensors"), *hub_sources],
-                           env=env, capture_output=True, text=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", HUB_CHILD, str(tmp_path / "batch.safetensors"), *hub_sources],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     hub_infos = json.loads(child.stdout.strip().splitlines()[-1])
     for i, source in enumerate(hub_sources):
@@ -112,8 +130,14 @@ def test_all_three_source_forms_give_identical_features(tmp_path):
     (run_dir / "export").mkdir()
     for name in ("config.json", "model.safetensors"):
         (run_dir / "export" / name).write_bytes((export / name).read_bytes())
-    config = resolve_probe_config(dataset="fashion-mnist", protocol="knn", max_images=40, workers=0, batch_size=20,
-                                  cache_dir=str(tmp_path / "cache"))
+    config = resolve_probe_config(
+        dataset="fashion-mnist",
+        protocol="knn",
+        max_images=40,
+        workers=0,
+        batch_size=20,
+        cache_dir=str(tmp_path / "cache"),
+    )
     result = run_probe(str(run_dir), config, show=False)
     assert result["source_info"]["kind"] == "run-export"
     saved = json.loads((run_dir / "probes" / "knn-fashion-mnist-val-max40.json").read_text())

@@ -21,12 +21,11 @@ def _table(text: str, header_start: str) -> list[list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
     assert re.fullmatch(r"(\|---)+\|", lines[start + 1]), lines[start + 1]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
     return rows
-
 
 
 def test_quick_study_writes_a_parsable_report(tmp_path):
@@ -68,8 +67,13 @@ def test_quick_study_writes_a_parsable_report(tmp_path):
     # --compare-with: the same runs read again reproduce themselves exactly, and the option is not part of the
     # study's command (it only shapes the report).
     shutil.copy(out / "study.json", tmp_path / "before.json")
-    compared = subprocess.run(command + ["--report-only", "--compare-with", str(tmp_path / "before.json")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+    compared = subprocess.run(
+        command + ["--report-only", "--compare-with", str(tmp_path / "before.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert compared.returncode == 0, compared.stderr[-3000:]
     rep = json.loads((out / "study.json").read_text())["reproducibility"]
     assert [(r["setting"], r["seed"]) for r in rep["same_runs"]] == [("MoCo-v2", 0), ("MoCHi (128, 64, 32)", 0)]
@@ -90,8 +94,13 @@ def test_reproducibility_compares_seed_means_against_the_spread_and_same_runs_ex
     columns = [key for key, _, _ in study.TABLE_COLUMNS]
 
     def record(setting, seed, knn, fast):
-        return {"setting": setting, "seed": seed, "knn_top1": knn, "fast_top1": fast,
-                **{k: 0.5 for k in columns if k not in ("knn_top1", "fast_top1")}}
+        return {
+            "setting": setting,
+            "seed": seed,
+            "knn_top1": knn,
+            "fast_top1": fast,
+            **{k: 0.5 for k in columns if k not in ("knn_top1", "fast_top1")},
+        }
 
     settings = {"MoCo-v2": (0, 0, 0)}
     before = [record("MoCo-v2", 0, 60.0, 70.0), record("MoCo-v2", 1, 62.0, 72.0)]  # knn std sqrt(2)
@@ -100,18 +109,23 @@ def test_reproducibility_compares_seed_means_against_the_spread_and_same_runs_ex
         r["curves"] = {key: [] for key, _ in study.CURVES}
         for key, _, _ in study.EXTRA_COLUMNS:
             r[key] = 1.0
-    previous = {"aggregate": study.aggregate(before, settings), "runs": before, "git_commit": "abc",
-                "started": "then"}
+    previous = {"aggregate": study.aggregate(before, settings), "runs": before, "git_commit": "abc", "started": "then"}
     rep = study.reproducibility(study.aggregate(now, settings), now, previous)
 
     knn = rep["settings"]["MoCo-v2"]["knn_top1"]
     assert knn["diff"] == pytest.approx(62.5 - 61.0)
-    assert knn["spread"] == pytest.approx(12.5 ** 0.5)
+    assert knn["spread"] == pytest.approx(12.5**0.5)
     assert knn["within_spread"]  # 1.5 <= 3.54
     fast = rep["settings"]["MoCo-v2"]["fast_top1"]
-    assert fast["diff"] == pytest.approx(74.0 - 71.0) and fast["spread"] == pytest.approx(32 ** 0.5)
-    assert rep["settings"]["MoCo-v2"]["final_uniformity"] == {"now": 0.5, "before": 0.5, "diff": 0.0, "spread": 0.0,
-                                                             "n": [2, 2], "within_spread": True}
+    assert fast["diff"] == pytest.approx(74.0 - 71.0) and fast["spread"] == pytest.approx(32**0.5)
+    assert rep["settings"]["MoCo-v2"]["final_uniformity"] == {
+        "now": 0.5,
+        "before": 0.5,
+        "diff": 0.0,
+        "spread": 0.0,
+        "n": [2, 2],
+        "within_spread": True,
+    }
     # Only seed 0 ran in both: compared value by value.
     assert [(r["setting"], r["seed"]) for r in rep["same_runs"]] == [("MoCo-v2", 0)]
     assert rep["same_runs"][0]["max_abs_diff"]["knn_top1"] == 0.0
@@ -123,7 +137,6 @@ def test_reproducibility_compares_seed_means_against_the_spread_and_same_runs_ex
     assert "**outside spread**" in "\n".join(study.reproducibility_section(rep, "before.json"))
 
 
-
 def test_dynamics_quick_run_compares_both_loops_at_the_same_steps(tmp_path):
     pytest.importorskip("lightly.loss")
     from mochi_hub.data import DEBIAN_FASHION_MNIST
@@ -131,8 +144,13 @@ def test_dynamics_quick_run_compares_both_loops_at_the_same_steps(tmp_path):
     if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     out = tmp_path / "dynamics.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "dynamics.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "dynamics.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert sorted(result["ours"]) == sorted(result["lightly"]) == ["2", "4"]

@@ -151,8 +151,14 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json",
-              headers: dict | None = None, head: bool = False) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str = "application/json",
+        headers: dict | None = None,
+        head: bool = False,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -189,8 +195,9 @@ class _Handler(BaseHTTPRequestHandler):
                 repo_id, rest = f"{segments[2]}/{segments[3]}", segments[4:]
                 return self._api_repo(method, repo_id, rest, query)
             if len(segments) >= 5 and segments[2] == "resolve" and method in ("GET", "HEAD"):
-                return self._resolve(f"{segments[0]}/{segments[1]}", segments[3], "/".join(segments[4:]),
-                                     head=method == "HEAD")
+                return self._resolve(
+                    f"{segments[0]}/{segments[1]}", segments[3], "/".join(segments[4:]), head=method == "HEAD"
+                )
             raise HubError(404, f"no route for {method} {url.path}")
         except HubError as error:
             self._error(error, head=method == "HEAD")
@@ -209,9 +216,16 @@ class _Handler(BaseHTTPRequestHandler):
         user = self.hub.user(self._token())
         if user is None:
             raise HubError(401, "Invalid credentials in Authorization header")
-        self._json(200, {"type": "user", "name": user["user"], "fullname": user["user"],
-                         "orgs": [{"name": ns} for ns in user["write"] if ns != user["user"]],
-                         "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
+        self._json(
+            200,
+            {
+                "type": "user",
+                "name": user["user"],
+                "fullname": user["user"],
+                "orgs": [{"name": ns} for ns in user["write"] if ns != user["user"]],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+            },
+        )
 
     def _create_repo(self) -> None:
         hub, token = self.hub, self._token()
@@ -227,8 +241,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
         with hub.lock:
             if repo_id in hub.repos:
-                self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
-                           headers={"X-Error-Message": "You already created this model repo"})
+                self._json(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                    headers={"X-Error-Message": "You already created this model repo"},
+                )
                 return
             private = payload.get("private") or payload.get("visibility") == "private"
             repo = Repo(repo_id, bool(private))
@@ -244,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
         errors = []
         if content.startswith("---\n") and "\n---" in content[3:]:
             try:
-                meta = yaml.safe_load(content[4:content.index("\n---", 3)])
+                meta = yaml.safe_load(content[4 : content.index("\n---", 3)])
             except yaml.YAMLError as error:
                 meta, errors = None, [{"message": f"invalid YAML: {error}"}]
             if not errors and not isinstance(meta, dict):
@@ -288,20 +305,34 @@ class _Handler(BaseHTTPRequestHandler):
             with hub.lock:
                 repo = self._repo(repo_id)
                 commit = self._commit(repo, rest[1] if len(rest) > 1 else "main")
-                return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": commit.oid,
-                                        "private": repo.private, "siblings": [{"rfilename": p} for p in
-                                                                              sorted(commit.files)],
-                                        "tags": [], "library_name": "timm",
-                                        "lastModified": "2024-01-01T00:00:00.000Z"})
+                return self._json(
+                    200,
+                    {
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "sha": commit.oid,
+                        "private": repo.private,
+                        "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+                        "tags": [],
+                        "library_name": "timm",
+                        "lastModified": "2024-01-01T00:00:00.000Z",
+                    },
+                )
         action = rest[0]
         if action == "preupload" and method == "POST":
             payload = json.loads(self._body() or b"{}")
             with hub.lock:
                 repo = self._repo(repo_id, write=True)
                 commit = self._commit(repo, rest[1])
-                files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                          "oid": git_blob_oid(commit.files[f["path"]]) if f["path"] in commit.files else None}
-                         for f in payload.get("files", [])]
+                files = [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "regular",
+                        "shouldIgnore": False,
+                        "oid": git_blob_oid(commit.files[f["path"]]) if f["path"] in commit.files else None,
+                    }
+                    for f in payload.get("files", [])
+                ]
             return self._json(200, {"files": files, "commitOid": commit.oid})
         if action == "commit" and method == "POST":
             return self._commit_route(repo_id, rest[1], query)
@@ -393,8 +424,15 @@ class _Handler(BaseHTTPRequestHandler):
                 pr_url = f"{hub.url}/{repo_id}/discussions/{number}"
             else:
                 repo.branches[revision] = oid
-        self._json(200, {"success": True, "commitOid": oid, "commitUrl": f"{hub.url}/{repo_id}/commit/{oid}",
-                         "pullRequestUrl": pr_url})
+        self._json(
+            200,
+            {
+                "success": True,
+                "commitOid": oid,
+                "commitUrl": f"{hub.url}/{repo_id}/commit/{oid}",
+                "pullRequestUrl": pr_url,
+            },
+        )
 
     def _resolve(self, repo_id: str, revision: str, path: str, head: bool) -> None:
         with self.hub.lock:
@@ -408,7 +446,7 @@ class _Handler(BaseHTTPRequestHandler):
         if range_header.startswith("bytes=") and not head:
             start, _, end = range_header[6:].partition("-")
             first, last = int(start or 0), int(end) if end else len(content) - 1
-            body = content[first:last + 1]
+            body = content[first : last + 1]
             status = 206
             headers["Content-Range"] = f"bytes {first}-{first + len(body) - 1}/{len(content)}"
         self._send(status, body, content_type="application/octet-stream", headers=headers, head=head)
@@ -420,17 +458,17 @@ def _listing(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict
     for path in sorted(files):
         if prefix and not path.startswith(prefix + "/"):
             continue
-        relative = path[len(prefix) + 1:] if prefix else path
+        relative = path[len(prefix) + 1 :] if prefix else path
         parts = relative.split("/")
         for depth in range(1, len(parts)):
             folder = "/".join(([prefix] if prefix else []) + parts[:depth])
             if (recursive or depth == 1) and folder not in folders:
                 folders.add(folder)
-                entries.append({"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
-                                "size": 0, "path": folder})
+                entries.append(
+                    {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(), "size": 0, "path": folder}
+                )
         if recursive or len(parts) == 1:
-            entries.append({"type": "file", "oid": git_blob_oid(files[path]), "size": len(files[path]),
-                            "path": path})
+            entries.append({"type": "file", "oid": git_blob_oid(files[path]), "size": len(files[path]), "path": path})
     return entries
 
 

@@ -47,6 +47,15 @@ def tiny_backbone(seed: int = 0) -> nn.Module:
 
 def small(tmp_path: Path, **overrides) -> ProbeConfig:
     """A probe config for a few real images: 2 epochs, batch 16, the cache and result under tmp_path."""
-    values = dict(dataset="fashion-mnist", image_size=32, epochs=2, batch_size=16, lr=0.5, lr_milestones=(1,),
-                  workers=0, cache_dir=str(tmp_path / "cache"), output=str(tmp_path / "out.json"))
+    values = dict(
+        dataset="fashion-mnist",
+        image_size=32,
+        epochs=2,
+        batch_size=16,
+        lr=0.5,
+        lr_milestones=(1,),
+        workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        output=str(tmp_path / "out.json"),
+    )
     return resolve_probe_config(**(values | overrides))

@@ -21,19 +21,51 @@ from mochi_hub.data import FashionMNIST
 from mochi_hub.pretrain import train
 
 PROBES = [
-    {"top1": 71.25, "top5": 97.5, "protocol": "linear", "dataset": "fashion-mnist", "split": "val",
-     "source": "/tmp/somewhere/runs/demo/checkpoints/step-0000006", "epochs": 2, "lr": 10.0, "seed": 0,
-     "time": 12.5},
-    {"top1": 64.0, "top5": 93.125, "protocol": "knn", "dataset": "fashion-mnist", "split": "val",
-     "source": "/tmp/somewhere/runs/demo/checkpoints/step-0000006", "k": 20, "seed": 0, "time": 3.0},
+    {
+        "top1": 71.25,
+        "top5": 97.5,
+        "protocol": "linear",
+        "dataset": "fashion-mnist",
+        "split": "val",
+        "source": "/tmp/somewhere/runs/demo/checkpoints/step-0000006",
+        "epochs": 2,
+        "lr": 10.0,
+        "seed": 0,
+        "time": 12.5,
+    },
+    {
+        "top1": 64.0,
+        "top5": 93.125,
+        "protocol": "knn",
+        "dataset": "fashion-mnist",
+        "split": "val",
+        "source": "/tmp/somewhere/runs/demo/checkpoints/step-0000006",
+        "k": 20,
+        "seed": 0,
+        "time": 3.0,
+    },
 ]
 
 
 def tiny_config(output: Path, **overrides) -> TrainConfig:
     """4 steps an epoch: 64 real Fashion-MNIST images, global batch 16 (2 BatchNorm groups), K = 64."""
-    values = dict(dataset="fashion-mnist", model="test_resnet", image_size=32, epochs=2, batch_size=16,
-                  queue_size=64, mochi=(8, 8, 4), mixing_warmup_epochs=1, max_train_images=64, workers=0,
-                  output=str(output), log_every_steps=1, report_to="none", bn_splits=2, keep_checkpoints=3)
+    values = dict(
+        dataset="fashion-mnist",
+        model="test_resnet",
+        image_size=32,
+        epochs=2,
+        batch_size=16,
+        queue_size=64,
+        mochi=(8, 8, 4),
+        mixing_warmup_epochs=1,
+        max_train_images=64,
+        workers=0,
+        output=str(output),
+        log_every_steps=1,
+        report_to="none",
+        bn_splits=2,
+        keep_checkpoints=3,
+    )
     return TrainConfig(**(values | overrides))
 
 
@@ -52,17 +84,40 @@ def write_image_folder(root: Path, per_class: int = 8, classes: tuple[int, ...] 
     return root
 
 
-def make_run(root: Path, model: str = "test_resnet", *, steps: int = 3, probes: list[dict] | None = None,
-             metrics: bool = True, run_json: bool = True, mochi=(16, 16, 8), dataset: str = "fashion-mnist",
-             image_size: int = 32) -> Path:
+def make_run(
+    root: Path,
+    model: str = "test_resnet",
+    *,
+    steps: int = 3,
+    probes: list[dict] | None = None,
+    metrics: bool = True,
+    run_json: bool = True,
+    mochi=(16, 16, 8),
+    dataset: str = "fashion-mnist",
+    image_size: int = 32,
+) -> Path:
     """A run directory as `mochi train` leaves it: the real train() for a few steps on real images (then
     probes/*.json, and a metrics.jsonl torn at the end as a crash leaves it)."""
     root = Path(root)
     if dataset != "fashion-mnist":
         write_image_folder(Path(dataset) / "train")
-    config = TrainConfig(model=model, dataset=dataset, image_size=image_size, epochs=2, batch_size=8,
-                         queue_size=64, mochi=mochi, mixing_warmup_epochs=1, workers=0, output=str(root),
-                         max_steps=steps, max_train_images=16, log_every_steps=1, report_to="none", bn_splits=2)
+    config = TrainConfig(
+        model=model,
+        dataset=dataset,
+        image_size=image_size,
+        epochs=2,
+        batch_size=8,
+        queue_size=64,
+        mochi=mochi,
+        mixing_warmup_epochs=1,
+        workers=0,
+        output=str(root),
+        max_steps=steps,
+        max_train_images=16,
+        log_every_steps=1,
+        report_to="none",
+        bn_splits=2,
+    )
     train(config)
     if not run_json:
         (root / "run.json").unlink()
@@ -93,8 +148,15 @@ def mochi_command() -> list[str]:
 def clean_env(**extra: str) -> dict[str, str]:
     """The current environment without any Hugging Face setting, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
-    env.update({"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "TQDM_DISABLE": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -120,4 +182,3 @@ def probes_from_card(card) -> dict[tuple, dict]:
 
 def probes_by_key(probes: list[dict]) -> dict[tuple, dict]:
     return {(p["protocol"], p["dataset"], p["split"]): {"top1": p["top1"], "top5": p["top5"]} for p in probes}
-

@@ -29,8 +29,19 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains_exports_and_reloads_with_timm(family, tmp_path):
     model = FAMILIES[family]
-    run_dir = train(tiny_config(tmp_path / family, model=model, max_steps=2, epochs=1, mochi=(4, 4, 2),
-                                mixing_warmup_epochs=0, batch_size=8, queue_size=16, max_train_images=16))
+    run_dir = train(
+        tiny_config(
+            tmp_path / family,
+            model=model,
+            max_steps=2,
+            epochs=1,
+            mochi=(4, 4, 2),
+            mixing_warmup_epochs=0,
+            batch_size=8,
+            queue_size=16,
+            max_train_images=16,
+        )
+    )
     export = run_dir / "export"
     config = json.loads((export / "config.json").read_text())
     assert config["architecture"] == model and config["pretrained_cfg"]["input_size"] == [3, 32, 32]

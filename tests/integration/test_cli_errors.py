@@ -39,8 +39,18 @@ def run_dir(tmp_path_factory) -> Path:
     """A finished run on a folder of real JPEG-free PNGs at 32 px, with its checkpoints kept."""
     root = tmp_path_factory.mktemp("cli")
     folder = write_image_folder(root / "images" / "train", per_class=16)
-    return train(tiny_config(root / "run", dataset=str(folder.parent), max_train_images=None, epochs=1,
-                             batch_size=8, queue_size=16, mochi=(0, 0, 0), mixing_warmup_epochs=0))
+    return train(
+        tiny_config(
+            root / "run",
+            dataset=str(folder.parent),
+            max_train_images=None,
+            epochs=1,
+            batch_size=8,
+            queue_size=16,
+            mochi=(0, 0, 0),
+            mixing_warmup_epochs=0,
+        )
+    )
 
 
 def test_version_help_and_choices():
@@ -86,8 +96,23 @@ def test_a_text_file_or_a_flat_folder_as_dataset(tmp_path):
     flat.mkdir()
     for png in (tmp_path / "tmp").rglob("*.png"):
         shutil.copy(png, flat / png.name)
-    result = mochi("train", "--dataset", flat, "--model", "test_resnet", "--image-size", "32",
-                   "--batch-size", "2", "--queue-size", "4", "--mochi", "0,0,0", "--output", tmp_path / "r")
+    result = mochi(
+        "train",
+        "--dataset",
+        flat,
+        "--model",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--queue-size",
+        "4",
+        "--mochi",
+        "0,0,0",
+        "--output",
+        tmp_path / "r",
+    )
     assert result.exit_code == 1 and "4 files but no class sub-folders" in one_error_line(result)
 
 
@@ -97,24 +122,66 @@ def test_an_image_size_below_the_models_stride_is_refused():
 
 
 def test_a_missing_tracker_is_refused(tmp_path):
-    result = mochi("train", "--dataset", "fashion-mnist", "--model", "test_resnet", "--image-size", "32",
-                   "--report-to", "wandb", "--output", tmp_path / "r")
+    result = mochi(
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--report-to",
+        "wandb",
+        "--output",
+        tmp_path / "r",
+    )
     assert result.exit_code == 1 and "wandb package is not installed" in one_error_line(result)
 
 
 def test_a_corrupt_checkpoint_under_resume_is_one_line(run_dir, tmp_path):
-    for broken_file, garbage, expected in (("model.safetensors", b"\x00garbage", "not a readable safetensors file"),
-                                           ("optimizer.safetensors", None, "not a readable safetensors file"),
-                                           ("state.json", b"{oops", "state.json: not readable JSON")):
+    for broken_file, garbage, expected in (
+        ("model.safetensors", b"\x00garbage", "not a readable safetensors file"),
+        ("optimizer.safetensors", None, "not a readable safetensors file"),
+        ("state.json", b"{oops", "state.json: not readable JSON"),
+    ):
         copy = tmp_path / f"copy-{broken_file}"
         shutil.copytree(run_dir, copy)
         target = latest_checkpoint(copy) / broken_file
         target.write_bytes(garbage if garbage is not None else target.read_bytes()[: target.stat().st_size // 2])
         config = json.loads((copy / "run.json").read_text())["config"]
-        result = mochi("train", "--dataset", config["dataset"], "--model", "test_resnet", "--image-size", "32",
-                       "--epochs", "1", "--batch-size", "8", "--queue-size", "16", "--mochi", "0,0,0",
-                       "--mixing-warmup-epochs", "0", "--bn-splits", "2", "--workers", "0", "--report-to", "none",
-                       "--log-every-steps", "1", "--keep-checkpoints", "3", "--output", copy, "--resume", "auto")
+        result = mochi(
+            "train",
+            "--dataset",
+            config["dataset"],
+            "--model",
+            "test_resnet",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--queue-size",
+            "16",
+            "--mochi",
+            "0,0,0",
+            "--mixing-warmup-epochs",
+            "0",
+            "--bn-splits",
+            "2",
+            "--workers",
+            "0",
+            "--report-to",
+            "none",
+            "--log-every-steps",
+            "1",
+            "--keep-checkpoints",
+            "3",
+            "--output",
+            copy,
+            "--resume",
+            "auto",
+        )
         line = one_error_line(result)
         assert result.exit_code == 1 and expected in line and broken_file in line, line
 
@@ -139,11 +206,13 @@ def test_probe_defaults_to_what_the_source_was_trained_on(run_dir, tmp_path):
     trained = json.loads((run_dir / "run.json").read_text())["config"]
     printed = yaml.safe_load(mochi("probe", run_dir, "--protocol", "knn", "--print-config").stdout)
     assert printed["dataset"] == trained["dataset"] and printed["image_size"] == trained["image_size"] == 32
-    exported = yaml.safe_load(mochi("probe", run_dir / "export", "--dataset", trained["dataset"],
-                                    "--print-config").stdout)
+    exported = yaml.safe_load(
+        mochi("probe", run_dir / "export", "--dataset", trained["dataset"], "--print-config").stdout
+    )
     assert exported["image_size"] == 32  # the export's pretrained_cfg input size
-    names = {result_name(resolve_probe_config(source=str(run_dir), protocol="knn", image_size=size))
-             for size in (32, 48)}
+    names = {
+        result_name(resolve_probe_config(source=str(run_dir), protocol="knn", image_size=size)) for size in (32, 48)
+    }
     assert len(names) == 2  # another size never overwrites a result
 
 

@@ -42,8 +42,9 @@ def photo_folder(tmp_path_factory) -> Path:
 
 def gray_share(dataset: str, count: int) -> float:
     """Share of MoCo-v2 views (2 per image, seeded) whose three channels are equal, i.e. gray."""
-    images = pretraining_views(resolve_dataset(dataset, "train"),
-                               TrainConfig(dataset=dataset, image_size=32, max_train_images=count, seed=0))
+    images = pretraining_views(
+        resolve_dataset(dataset, "train"), TrainConfig(dataset=dataset, image_size=32, max_train_images=count, seed=0)
+    )
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     gray = []
     for i in range(count):
@@ -62,17 +63,32 @@ def test_colour_augmentation_acts_on_colour_photos_and_not_on_grayscale_images(p
 
 
 def test_train_and_probe_on_a_folder_of_colour_jpegs(photo_folder, tmp_path):
-    config = TrainConfig(dataset=str(photo_folder), model="test_resnet", image_size=32, epochs=2, batch_size=16,
-                         queue_size=32, mochi=(8, 8, 4), mixing_warmup_epochs=1, workers=0, output=str(tmp_path / "run"),
-                         log_every_steps=1, report_to="none", bn_splits=2)
+    config = TrainConfig(
+        dataset=str(photo_folder),
+        model="test_resnet",
+        image_size=32,
+        epochs=2,
+        batch_size=16,
+        queue_size=32,
+        mochi=(8, 8, 4),
+        mixing_warmup_epochs=1,
+        workers=0,
+        output=str(tmp_path / "run"),
+        log_every_steps=1,
+        report_to="none",
+        bn_splits=2,
+    )
     run_dir = train(config)
     summary = json.loads((run_dir / "run.json").read_text())["summary"]
     assert summary["images_seen"] == 2 * 3 * 16 and summary["images_skipped"] == 0  # 48 images: 3 batches an epoch
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["mixing"] for r in steps if r["kind"] == "step"] == [False] * 3 + [True] * 3
 
-    result = run_probe(str(run_dir), resolve_probe_config(dataset=str(photo_folder), protocol="knn", split="val",
-                                                          image_size=32, workers=0), show=False)
+    result = run_probe(
+        str(run_dir),
+        resolve_probe_config(dataset=str(photo_folder), protocol="knn", split="val", image_size=32, workers=0),
+        show=False,
+    )
     assert (result["train_images"], result["eval_images"]) == (48, 16)
     # Crops of four different photos: even a barely trained backbone's features separate them well.
     assert result["top1"] >= 75.0
@@ -84,13 +100,29 @@ def test_a_subset_that_leaves_out_classes_of_a_sorted_folder_is_warned_about(pho
     assert "cover 2 of the 4 classes" in missing_classes_note(source, 16)  # 12 astronaut + 4 chelsea
     hub = datasets.Dataset.from_dict(
         {"image": [Image.open(next((photo_folder / "val" / "coffee").iterdir()))] * 5, "label": [0, 0, 0, 1, 2]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])}))
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])}),
+    )
     assert "cover 1 of the 3 classes" in missing_classes_note(HubImages(hub, "org/photos"), 3)
     assert missing_classes_note(HubImages(hub, "org/photos"), 5) is None
     if (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():  # shuffled: the study's subset is fine
         assert missing_classes_note(resolve_dataset("fashion-mnist", "train"), 16384) is None
 
-    train(TrainConfig(dataset=str(photo_folder), model="test_resnet", image_size=32, epochs=1, batch_size=8,
-                      queue_size=16, mochi=(0, 0, 0), mixing_warmup_epochs=0, workers=0, max_train_images=16, max_steps=1,
-                      output=str(tmp_path / "run"), report_to="none", bn_splits=2))
+    train(
+        TrainConfig(
+            dataset=str(photo_folder),
+            model="test_resnet",
+            image_size=32,
+            epochs=1,
+            batch_size=8,
+            queue_size=16,
+            mochi=(0, 0, 0),
+            mixing_warmup_epochs=0,
+            workers=0,
+            max_train_images=16,
+            max_steps=1,
+            output=str(tmp_path / "run"),
+            report_to="none",
+            bn_splits=2,
+        )
+    )
     assert "--max-train-images 16 takes the first 16 images, which cover 2 of the 4 classes" in caplog.text

@@ -25,8 +25,17 @@ from mochi_hub.runs import load_run_backbone
 from runs import PROBES, assert_close, make_run, sample_images
 
 # What timm's default cfgs for resnet18/50 and test_resnet say about *their* supervised weights.
-TIMM_SUPERVISED_METADATA = ("a1_in1k", "r160_in1k", "arXiv:2110.00476", "rsb-weights", "test_input_size",
-                            "hf_hub_id", "timm/", "bicubic", "origin_url")
+TIMM_SUPERVISED_METADATA = (
+    "a1_in1k",
+    "r160_in1k",
+    "arXiv:2110.00476",
+    "rsb-weights",
+    "test_input_size",
+    "hf_hub_id",
+    "timm/",
+    "bicubic",
+    "origin_url",
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,12 @@ def run18(tmp_path_factory):
 
 def test_timm_folder_holds_backbone_and_timm_config(run_dir, export_dir):
     assert export_dir == run_dir / "export"
-    assert sorted(p.name for p in export_dir.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                            "training_curves.png"]
+    assert sorted(p.name for p in export_dir.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "training_curves.png",
+    ]
     backbone, config, _, _ = load_run_backbone(run_dir)
     weights = load_file(export_dir / "model.safetensors")
     assert weights.keys() == backbone.state_dict().keys()
@@ -56,8 +69,12 @@ def test_timm_folder_holds_backbone_and_timm_config(run_dir, export_dir):
         assert torch.equal(weights[name], tensor), name
 
     cfg = json.loads((export_dir / "config.json").read_text())
-    assert (cfg["architecture"], cfg["num_classes"], cfg["num_features"], cfg["global_pool"]) == \
-        ("test_resnet", 0, 96, "avg")
+    assert (cfg["architecture"], cfg["num_classes"], cfg["num_features"], cfg["global_pool"]) == (
+        "test_resnet",
+        0,
+        96,
+        "avg",
+    )
     assert cfg["method"] == "MoCHi" and cfg["mochi"] == [16, 16, 8]
     assert cfg["epochs"] == 2 and cfg["dataset"] == "fashion-mnist"
     assert cfg["training_config"] == redact_local_paths(config.to_dict())
@@ -108,8 +125,9 @@ def test_local_dir_loads_with_timm(run_dir, export_dir):
     assert features.feature_info.reduction() == [2, 4, 8, 16, 32]
     with torch.no_grad():
         maps = features(images)
-    assert [tuple(m.shape) for m in maps] == [(2, c, 32 // r, 32 // r) for c, r in
-                                              zip([32, 32, 48, 192, 96], [2, 4, 8, 16, 32])]
+    assert [tuple(m.shape) for m in maps] == [
+        (2, c, 32 // r, 32 // r) for c, r in zip([32, 32, 48, 192, 96], [2, 4, 8, 16, 32])
+    ]
 
 
 def test_training_curves_png(export_dir, tmp_path):
@@ -202,7 +220,9 @@ def test_detectron2_pickle_from_a_run(run18, tmp_path):
     assert set(obj["model"]) == _detectron2_names([2, 2, 2, 2], bottleneck=False)
     backbone, *_ = load_run_backbone(run18)
     state = backbone.state_dict()
-    assert (obj["model"]["res3.0.shortcut.norm.running_var"] == state["layer2.0.downsample.1.running_var"].numpy()).all()
+    assert (
+        obj["model"]["res3.0.shortcut.norm.running_var"] == state["layer2.0.downsample.1.running_var"].numpy()
+    ).all()
     assert (obj["model"]["stem.conv1.weight"] == state["conv1.weight"].numpy()).all()
     notes = (tmp_path / "d2" / "README.md").read_text()
     assert "STRIDE_IN_1X1: False" in notes and "DEPTH: 18" in notes

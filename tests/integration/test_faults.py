@@ -62,8 +62,16 @@ def write_bad_folder(root: Path, good_per_class: int = 24) -> dict[str, Path]:
 def test_bad_files_are_reported_once_and_counted_and_training_goes_on(tmp_path, caplog):
     bad = write_bad_folder(tmp_path / "images")
     # 2 epochs over every file: each bad file is met twice, reported once.
-    config = tiny_config(tmp_path / "run", dataset=str(tmp_path / "images"), max_train_images=None, epochs=2,
-                  batch_size=8, queue_size=32, mochi=(0, 0, 0), mixing_warmup_epochs=0)
+    config = tiny_config(
+        tmp_path / "run",
+        dataset=str(tmp_path / "images"),
+        max_train_images=None,
+        epochs=2,
+        batch_size=8,
+        queue_size=32,
+        mochi=(0, 0, 0),
+        mixing_warmup_epochs=0,
+    )
     train(config)
     printed = caplog.text
     summary = json.loads((tmp_path / "run" / "run.json").read_text())["summary"]
@@ -76,8 +84,17 @@ def test_bad_files_are_reported_once_and_counted_and_training_goes_on(tmp_path, 
 
 def test_strict_data_stops_at_the_first_bad_file_with_its_path(tmp_path):
     bad = write_bad_folder(tmp_path / "images", good_per_class=4)
-    config = tiny_config(tmp_path / "run", dataset=str(tmp_path / "images"), max_train_images=None, strict_data=True,
-                  batch_size=8, queue_size=32, mochi=(0, 0, 0), mixing_warmup_epochs=0, epochs=1)
+    config = tiny_config(
+        tmp_path / "run",
+        dataset=str(tmp_path / "images"),
+        max_train_images=None,
+        strict_data=True,
+        batch_size=8,
+        queue_size=32,
+        mochi=(0, 0, 0),
+        mixing_warmup_epochs=0,
+        epochs=1,
+    )
     with pytest.raises(BadImageError, match="|".join(re.escape(str(p)) for p in bad.values())):
         train(config)
     assert latest_checkpoint(tmp_path / "run") is None
@@ -88,8 +105,16 @@ def test_a_folder_without_a_usable_image_fails_before_training(tmp_path):
     folder.mkdir(parents=True)
     for i in range(20):
         (folder / f"{i}.jpg").write_bytes(b"garbage")
-    config = tiny_config(tmp_path / "run", dataset=str(tmp_path / "images"), max_train_images=None, batch_size=8,
-                  queue_size=32, mochi=(0, 0, 0), mixing_warmup_epochs=0, epochs=1)
+    config = tiny_config(
+        tmp_path / "run",
+        dataset=str(tmp_path / "images"),
+        max_train_images=None,
+        batch_size=8,
+        queue_size=32,
+        mochi=(0, 0, 0),
+        mixing_warmup_epochs=0,
+        epochs=1,
+    )
     with pytest.raises(BadImageError, match="no usable image"):
         train(config)
     assert latest_checkpoint(tmp_path / "run") is None

@@ -98,10 +98,19 @@ def test_pull_request_branch_and_tag(hub_env, run_dir):
     repo = hub.repos["alice/reviewed"]
     assert repo.branches["main"] == main_before and list(repo.pulls) == [1]
     assert f"{hub.url}/alice/reviewed/discussions/1" in result.stdout
-    assert 'hf-hub:alice/reviewed@refs/pr/1' in result.stdout
+    assert "hf-hub:alice/reviewed@refs/pr/1" in result.stdout
 
-    result = push(str(changed), "--repo-id", "alice/reviewed", "--revision", "dev", "--tag", "v1",
-                  "--commit-message", "MoCHi demo weights")
+    result = push(
+        str(changed),
+        "--repo-id",
+        "alice/reviewed",
+        "--revision",
+        "dev",
+        "--tag",
+        "v1",
+        "--commit-message",
+        "MoCHi demo weights",
+    )
     assert result.exit_code == 0, result.output
     assert repo.tags["v1"] == repo.branches["dev"] != main_before
     assert repo.commits[repo.branches["dev"]].title == "MoCHi demo weights"

@@ -78,8 +78,10 @@ def test_knn_end_to_end_gives_the_hand_computed_accuracy(tmp_path):
     """
     red, green, yellow = (255, 0, 0), (0, 255, 0), (255, 255, 0)
     orange, cyan, purple = (255, 128, 0), (0, 255, 255), (255, 0, 255)
-    root = solid_folder(tmp_path / "colours", {"train": {"a": [red, red], "b": [green, yellow]},
-                                               "val": {"a": [red], "b": [orange, cyan, purple]}})
+    root = solid_folder(
+        tmp_path / "colours",
+        {"train": {"a": [red, red], "b": [green, yellow]}, "val": {"a": [red], "b": [orange, cyan, purple]}},
+    )
     o = np.array(orange) / np.linalg.norm(orange)
     margin = o @ (np.array(yellow) / np.linalg.norm(yellow)) - o @ np.array([1.0, 0, 0])
     assert 0.07 < margin / math.log(2) < 0.1  # the hand computation above: T* = 0.079
@@ -92,26 +94,40 @@ def test_knn_end_to_end_gives_the_hand_computed_accuracy(tmp_path):
 
 
 def test_unusable_images_are_reported_or_stop_the_probe_under_strict_data(tmp_path):
-    root = solid_folder(tmp_path / "colours", {"train": {"a": [(255, 0, 0)] * 2, "b": [(0, 255, 0)] * 2},
-                                               "val": {"a": [(250, 5, 5)], "b": [(5, 250, 5)]}})
+    root = solid_folder(
+        tmp_path / "colours",
+        {"train": {"a": [(255, 0, 0)] * 2, "b": [(0, 255, 0)] * 2}, "val": {"a": [(250, 5, 5)], "b": [(5, 250, 5)]}},
+    )
     (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     info = {"kind": "test", "num_features": 3, "weights_sha256": "colour-mean"}
     for protocol in ("knn", "linear"):
-        config = small(tmp_path, dataset=str(root), protocol=protocol, knn_k=2, image_size=8, epochs=1,
-                       lr_milestones=(), batch_size=5)
+        config = small(
+            tmp_path,
+            dataset=str(root),
+            protocol=protocol,
+            knn_k=2,
+            image_size=8,
+            epochs=1,
+            lr_milestones=(),
+            batch_size=5,
+        )
         result = run_probe("colour-mean", config, backbone=(ColourMean(), info), show=False)
         assert result["skipped_images"] == 1 and "broken.png" in result["skipped_examples"][0], protocol
         assert result["train_images"] == 5 and result["eval_images"] == 2
     with pytest.raises(BadImageError, match="broken.png"):
-        run_probe("colour-mean", dataclasses.replace(config, strict_data=True), backbone=(ColourMean(), info), show=False)
+        run_probe(
+            "colour-mean", dataclasses.replace(config, strict_data=True), backbone=(ColourMean(), info), show=False
+        )
 
 
 def test_cached_features_train_the_same_classifier_as_on_the_fly(tmp_path, fmnist_folder, tiny_export):
     common = dict(dataset=str(fmnist_folder), augment=False, epochs=3, lr_milestones=(2,), batch_size=16, lr=0.5)
-    linear = run_probe(str(tiny_export), small(tmp_path, protocol="linear", output=str(tmp_path / "linear.json"), **common),
-                       show=False)
-    fast = run_probe(str(tiny_export), small(tmp_path, protocol="fast", output=str(tmp_path / "fast.json"), **common),
-                     show=False)
+    linear = run_probe(
+        str(tiny_export), small(tmp_path, protocol="linear", output=str(tmp_path / "linear.json"), **common), show=False
+    )
+    fast = run_probe(
+        str(tiny_export), small(tmp_path, protocol="fast", output=str(tmp_path / "fast.json"), **common), show=False
+    )
     weights = [load_file(Path(r["state_dir"]) / "epoch-0003" / "classifier.safetensors") for r in (linear, fast)]
     for name in ("weight", "bias"):
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)
@@ -119,17 +135,21 @@ def test_cached_features_train_the_same_classifier_as_on_the_fly(tmp_path, fmnis
     assert (fast["top1"], fast["top5"]) == (linear["top1"], linear["top5"])
     assert linear["paper_protocol"] is False and "NOT the paper" in fast["note"]  # augmentation was off
     assert json.loads((tmp_path / "fast.json").read_text())["feature_cache"]["train"]["hit"] is False
-    again = run_probe(str(tiny_export), small(tmp_path, protocol="fast", output=str(tmp_path / "fast2.json"), **common),
-                      show=False)
+    again = run_probe(
+        str(tiny_export), small(tmp_path, protocol="fast", output=str(tmp_path / "fast2.json"), **common), show=False
+    )
     assert again["feature_cache"]["train"]["hit"] and again["feature_cache"]["val"]["hit"]
     assert again["top1"] == fast["top1"]
 
 
-def test_a_datasets_dataset_gives_the_same_features_as_the_png_folder(tmp_path, fmnist_folder, fmnist_arrow, tiny_export):
+def test_a_datasets_dataset_gives_the_same_features_as_the_png_folder(
+    tmp_path, fmnist_folder, fmnist_arrow, tiny_export
+):
     config = small(tmp_path, dataset=str(fmnist_folder), protocol="knn", knn_k=5)
     from_folder = run_probe(str(tiny_export), config, show=False)
-    from_arrow = run_probe(str(tiny_export), dataclasses.replace(config, dataset="fmnist-arrow"), sources=fmnist_arrow,
-                           show=False)
+    from_arrow = run_probe(
+        str(tiny_export), dataclasses.replace(config, dataset="fmnist-arrow"), sources=fmnist_arrow, show=False
+    )
     cache = Path(config.cache_dir)
     for split in ("train", "val"):
         keys = [r["feature_cache"][split]["key"] for r in (from_folder, from_arrow)]
@@ -141,8 +161,14 @@ def test_a_datasets_dataset_gives_the_same_features_as_the_png_folder(tmp_path, 
 
 
 def test_resume_continues_to_the_same_classifier(tmp_path, fmnist_folder, tiny_export, monkeypatch):
-    config = small(tmp_path, dataset=str(fmnist_folder), protocol="fast", epochs=3, lr_milestones=(2,),
-                   output=str(tmp_path / "full.json"))
+    config = small(
+        tmp_path,
+        dataset=str(fmnist_folder),
+        protocol="fast",
+        epochs=3,
+        lr_milestones=(2,),
+        output=str(tmp_path / "full.json"),
+    )
     full = run_probe(str(tiny_export), config, show=False)
     expected = load_file(Path(full["state_dir"]) / "epoch-0003" / "classifier.safetensors")
 
@@ -202,9 +228,29 @@ def test_bad_sources_say_what_was_expected(tmp_path):
 
 def test_cli_knn_end_to_end_writes_json_and_a_table(tmp_path, fmnist_folder, tiny_export):
     out = tmp_path / "result.json"
-    outcome = CliRunner().invoke(app, ["probe", str(tiny_export), "--dataset", str(fmnist_folder), "--protocol", "knn",
-                                       "--max-images", "50", "--image-size", "32", "--workers", "0", "--batch-size", "25",
-                                       "--cache-dir", str(tmp_path / "cache"), "--output", str(out)])
+    outcome = CliRunner().invoke(
+        app,
+        [
+            "probe",
+            str(tiny_export),
+            "--dataset",
+            str(fmnist_folder),
+            "--protocol",
+            "knn",
+            "--max-images",
+            "50",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--batch-size",
+            "25",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--output",
+            str(out),
+        ],
+    )
     assert outcome.exit_code == 0, outcome.output
     result = json.loads(out.read_text())
     assert 0.0 <= result["top1"] <= result["top5"] <= 100.0

@@ -41,7 +41,9 @@ def test_mochi_on_and_off_are_identical_through_warmup_then_differ(tmp_path):
 def test_false_negative_rate_reads_the_labels_the_hard_set_was_chosen_from(tmp_path):
     """K = B and N = K: every step overwrites the whole queue and the hard set is the whole queue, so the logged
     rate is exactly the share of (query, queue entry) pairs whose labels match, with the queue of the previous step."""
-    config = tiny_config(tmp_path / "run", mochi=(0, 0, 0), mixing_warmup_epochs=0, queue_size=16, epochs=1)  # 4 steps of 16
+    config = tiny_config(
+        tmp_path / "run", mochi=(0, 0, 0), mixing_warmup_epochs=0, queue_size=16, epochs=1
+    )  # 4 steps of 16
     queue_labels = {}  # step -> the queue's labels after that step's enqueue (in batch order: K = B)
     train(config, on_step=lambda step, info: queue_labels.__setitem__(step, info["queue"].labels.clone()))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -63,7 +65,10 @@ def test_resume_continues_exactly(tmp_path, augment_on):
     interrupted = tiny_config(tmp_path / "resumed", save_every_steps=3, max_steps=5, augment_on=augment_on)
     train(interrupted)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [
-        "step-0000003", "step-0000004", "step-0000005"]
+        "step-0000003",
+        "step-0000004",
+        "step-0000005",
+    ]
     resumed = run_recording(dataclasses.replace(interrupted, max_steps=None, resume="auto"))
     assert sorted(resumed) == [6, 7, 8]
     # Same data order, augmentations, plans, optimizer state and RNG: bit-identical on this CPU.
@@ -107,21 +112,41 @@ def test_short_real_run_learns_and_exports_for_timm(tmp_path):
     from mochi_hub.queue import NegativeQueue
     from mochi_hub.sampling import SeededItems
 
-    config = tiny_config(tmp_path / "run", epochs=8, mixing_warmup_epochs=4, max_train_images=512, batch_size=64, queue_size=256,
-                  mochi=(32, 32, 16), lr=0.3, key_momentum=0.9, log_every_steps=4, init="timm", bn_splits=1)
+    config = tiny_config(
+        tmp_path / "run",
+        epochs=8,
+        mixing_warmup_epochs=4,
+        max_train_images=512,
+        batch_size=64,
+        queue_size=256,
+        mochi=(32, 32, 16),
+        lr=0.3,
+        key_momentum=0.9,
+        log_every_steps=4,
+        init="timm",
+        bn_splits=1,
+    )
     run_dir = train(config)
 
-    views = SeededItems(DecodedImages(resolve_dataset("fashion-mnist", "val"), TwoViews(moco_v2_transform(32)),
-                                      indices=list(range(256))), seed=123, stream="augment")
+    views = SeededItems(
+        DecodedImages(
+            resolve_dataset("fashion-mnist", "val"), TwoViews(moco_v2_transform(32)), indices=list(range(256))
+        ),
+        seed=123,
+        stream="augment",
+    )
     images_q, images_k = collate_samples([views[i] for i in range(256)])["images"]
     torch.manual_seed(config.seed)  # the initial weights, as train() draws them
     build = backbone_args(config.model, init=config.init)
     initial = Encoder(create_backbone(config.model, **build), config.proj_dim)
     trained = Encoder(create_backbone(config.model, **build), config.proj_dim)
     trained_key = make_key_encoder(trained)
-    load_checkpoint(latest_checkpoint(run_dir), modules={"query": trained, "key": trained_key,
-                                                         "queue": NegativeQueue(256, config.proj_dim)},
-                    optimizer=None, rank=0)
+    load_checkpoint(
+        latest_checkpoint(run_dir),
+        modules={"query": trained, "key": trained_key, "queue": NegativeQueue(256, config.proj_dim)},
+        optimizer=None,
+        rank=0,
+    )
     exported = load_file(run_dir / "export" / "model.safetensors")
     for name, tensor in trained.backbone.state_dict().items():
         assert torch.equal(exported[name], tensor), name  # the export is the newest checkpoint's backbone
@@ -155,9 +180,19 @@ def test_device_views_train_on_photos_of_any_size(tmp_path):
             (root / name).mkdir(parents=True, exist_ok=True)
             image.resize(size).save(root / name / f"{k}.jpg", quality=90)
     steps = {}
-    run_dir = train(tiny_config(tmp_path / "run", dataset=str(root), max_train_images=None, batch_size=8,
-                                queue_size=16, mochi=(4, 4, 2), epochs=2, augment_on="device"),
-                    on_step=lambda step, info: steps.__setitem__(step, info["queue"].keys.clone()))
+    run_dir = train(
+        tiny_config(
+            tmp_path / "run",
+            dataset=str(root),
+            max_train_images=None,
+            batch_size=8,
+            queue_size=16,
+            mochi=(4, 4, 2),
+            epochs=2,
+            augment_on="device",
+        ),
+        on_step=lambda step, info: steps.__setitem__(step, info["queue"].keys.clone()),
+    )
     assert sorted(steps) == [1, 2, 3, 4] and not torch.equal(steps[1], steps[4])
     assert json.loads((run_dir / "run.json").read_text())["augment_on"] == "device"
     assert (run_dir / "export" / "model.safetensors").is_file()

@@ -15,8 +15,15 @@ def test_template_ships_inside_the_package():
 
 
 def test_card_metadata_parses_back(tmp_path):
-    config = TrainConfig(model="test_resnet", image_size=32, epochs=2, batch_size=8, queue_size=64,
-                         mochi=(16, 16, 8), mixing_warmup_epochs=1)
+    config = TrainConfig(
+        model="test_resnet",
+        image_size=32,
+        epochs=2,
+        batch_size=8,
+        queue_size=64,
+        mochi=(16, 16, 8),
+        mixing_warmup_epochs=1,
+    )
     card = generate_model_card(config.to_dict(), probe_results=PROBES, repo_id="mochi-org/demo")
     (tmp_path / "README.md").write_text(str(card))
     loaded = ModelCard.load(tmp_path / "README.md")
@@ -35,8 +42,15 @@ def test_card_metadata_parses_back(tmp_path):
 
 
 def test_card_without_probes_has_no_model_index():
-    config = TrainConfig(model="test_resnet", image_size=32, epochs=2, batch_size=8, queue_size=64,
-                         mochi=(16, 16, 8), mixing_warmup_epochs=1)
+    config = TrainConfig(
+        model="test_resnet",
+        image_size=32,
+        epochs=2,
+        batch_size=8,
+        queue_size=64,
+        mochi=(16, 16, 8),
+        mixing_warmup_epochs=1,
+    )
     card = generate_model_card(config.to_dict())
     assert "model-index" not in str(card) and "No evaluation was run" in card.text
 
@@ -58,27 +72,54 @@ def test_paper_numbers_only_for_the_same_setting():
 
 
 def test_local_dataset_path_is_redacted():
-    config = TrainConfig(model="test_resnet", image_size=32, epochs=2, batch_size=8, queue_size=64,
-                         mochi=(16, 16, 8), mixing_warmup_epochs=1)
+    config = TrainConfig(
+        model="test_resnet",
+        image_size=32,
+        epochs=2,
+        batch_size=8,
+        queue_size=64,
+        mochi=(16, 16, 8),
+        mixing_warmup_epochs=1,
+    )
     card = generate_model_card({**config.to_dict(), "dataset": "/data/private/in100", "output": "/home/me/runs/x"})
     assert "/data/private" not in str(card) and "/home/me" not in str(card)
     assert card.data.datasets is None  # a local folder is no Hub dataset
-    assert redact_local_paths({"a": ["/x/y/z", "https://h.co/a/b", "runs/r"]}) == \
-        {"a": ["<local>/z", "https://h.co/a/b", "runs/r"]}
+    assert redact_local_paths({"a": ["/x/y/z", "https://h.co/a/b", "runs/r"]}) == {
+        "a": ["<local>/z", "https://h.co/a/b", "runs/r"]
+    }
 
 
 def test_short_probes_say_what_they_were_and_splits_keep_their_names():
-    config = TrainConfig(model="test_resnet", image_size=32, epochs=2, batch_size=8, queue_size=64,
-                         mochi=(16, 16, 8), mixing_warmup_epochs=1).to_dict()
-    short = {"top1": 12.11, "top5": 50.0, "protocol": "linear", "dataset": "fashion-mnist", "split": "val",
-             "split_name": "test", "epochs": 2, "train_images": 256, "eval_images": 256, "paper_protocol": False}
+    config = TrainConfig(
+        model="test_resnet",
+        image_size=32,
+        epochs=2,
+        batch_size=8,
+        queue_size=64,
+        mochi=(16, 16, 8),
+        mixing_warmup_epochs=1,
+    ).to_dict()
+    short = {
+        "top1": 12.11,
+        "top5": 50.0,
+        "protocol": "linear",
+        "dataset": "fashion-mnist",
+        "split": "val",
+        "split_name": "test",
+        "epochs": 2,
+        "train_images": 256,
+        "eval_images": 256,
+        "paper_protocol": False,
+    }
     card = generate_model_card(config, probe_results=[short])
     assert "paper protocol" not in card.text.split("## Results")[1].split("\n\n")[1]
     assert "| linear probe | fashion-mnist | test | 2 | 256 / 256 | 12.11 |" in card.text
     assert {r.dataset_split for r in card.data.eval_results} == {"test"}  # the dataset's own split name
     paper = {**short, "dataset": "imagenet-100", "split_name": "validation", "epochs": 60, "paper_protocol": True}
-    assert "| linear probe (paper protocol) | imagenet-100 | validation | 60 |" in generate_model_card(
-        config, probe_results=[paper]).text
+    assert (
+        "| linear probe (paper protocol) | imagenet-100 | validation | 60 |"
+        in generate_model_card(config, probe_results=[paper]).text
+    )
 
 
 def test_a_smoke_run_of_a_paper_preset_is_not_this_configuration():

@@ -21,10 +21,32 @@ def test_cli_options_map_one_to_one_onto_probe_config(monkeypatch):
     assert set(params) - {"source", "config_file", "print_config"} == fields
 
     # Every option given a value that is not its default must arrive in the field of the same name.
-    values = dict(dataset="org/data", protocol="fast", split="train", epochs=7, batch_size=12, lr=0.25,
-                  lr_milestones=(3, 5), lr_gamma=0.5, sgd_momentum=0.8, weight_decay=0.001, augment=False, crop_min_scale=0.3, image_size=48,
-                  knn_k=20, knn_temperature=0.1, seed=3, workers=1, output="o.json", resume=True, cache_dir="c",
-                  max_images=99, mixed_precision="bf16", strict_data=True, preset="imagenet-1k")
+    values = dict(
+        dataset="org/data",
+        protocol="fast",
+        split="train",
+        epochs=7,
+        batch_size=12,
+        lr=0.25,
+        lr_milestones=(3, 5),
+        lr_gamma=0.5,
+        sgd_momentum=0.8,
+        weight_decay=0.001,
+        augment=False,
+        crop_min_scale=0.3,
+        image_size=48,
+        knn_k=20,
+        knn_temperature=0.1,
+        seed=3,
+        workers=1,
+        output="o.json",
+        resume=True,
+        cache_dir="c",
+        max_images=99,
+        mixed_precision="bf16",
+        strict_data=True,
+        preset="imagenet-1k",
+    )
     assert set(values) == fields
     defaults = ProbeConfig()
     assert all(values[f] != getattr(defaults, f) for f in fields)
@@ -46,19 +68,42 @@ def test_cli_options_map_one_to_one_onto_probe_config(monkeypatch):
     assert outcome.exit_code == 2 and "--protocol" in outcome.output and "'linear', 'knn', 'fast'" in outcome.output
 
 
-
-
-
-
 CLI_VALUES = {  # a non-default value for every TrainConfig field
-    "dataset": "some/dataset", "model": "resnet18", "image_size": "64", "epochs": "3", "batch_size": "32",
-    "queue_size": "512", "mochi": "16,8,4", "mixing_warmup_epochs": "1", "lr": "0.5", "temperature": "0.1",
-    "key_momentum": "0.99", "seed": "7", "workers": "1", "output": "out/dir", "max_steps": "11",
-    "save_every_steps": "5", "resume": "auto", "mixed_precision": "bf16", "preset": "demo", "proj_dim": "64",
-    "weight_decay": "0.0005", "sgd_momentum": "0.8", "beta_max": "0.4", "channels_last": None,
-    "log_every_steps": "3", "keep_checkpoints": "4", "strict_data": None, "max_train_images": "100",
-    "report_to": "none", "on_nonfinite": "skip", "init": "timm", "bn_splits": "4", "lr_warmup_epochs": "1",
-    "augment_on": "device", "compile": None,
+    "dataset": "some/dataset",
+    "model": "resnet18",
+    "image_size": "64",
+    "epochs": "3",
+    "batch_size": "32",
+    "queue_size": "512",
+    "mochi": "16,8,4",
+    "mixing_warmup_epochs": "1",
+    "lr": "0.5",
+    "temperature": "0.1",
+    "key_momentum": "0.99",
+    "seed": "7",
+    "workers": "1",
+    "output": "out/dir",
+    "max_steps": "11",
+    "save_every_steps": "5",
+    "resume": "auto",
+    "mixed_precision": "bf16",
+    "preset": "demo",
+    "proj_dim": "64",
+    "weight_decay": "0.0005",
+    "sgd_momentum": "0.8",
+    "beta_max": "0.4",
+    "channels_last": None,
+    "log_every_steps": "3",
+    "keep_checkpoints": "4",
+    "strict_data": None,
+    "max_train_images": "100",
+    "report_to": "none",
+    "on_nonfinite": "skip",
+    "init": "timm",
+    "bn_splits": "4",
+    "lr_warmup_epochs": "1",
+    "augment_on": "device",
+    "compile": None,
 }
 
 

@@ -50,8 +50,9 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     persist.save_tensors(tmp_path / "opt.safetensors", tensors)
     persist.write_json(tmp_path / "opt.json", meta)
     fresh = torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.5)
-    fresh.load_state_dict(persist.join_state(persist.load_tensors(tmp_path / "opt.safetensors"),
-                                             persist.read_json(tmp_path / "opt.json")))
+    fresh.load_state_dict(
+        persist.join_state(persist.load_tensors(tmp_path / "opt.safetensors"), persist.read_json(tmp_path / "opt.json"))
+    )
     before, after = optimizer.state_dict(), fresh.state_dict()
     assert after["param_groups"] == before["param_groups"]
     for index, state in before["state"].items():
@@ -147,8 +148,17 @@ def test_batchnorm_groups_per_process():
 
 
 def test_a_skipped_non_finite_step_updates_nothing():
-    config = TrainConfig(model="test_resnet", image_size=32, batch_size=8, queue_size=16, mochi=(4, 4, 2),
-                         mixing_warmup_epochs=0, epochs=1, on_nonfinite="skip", bn_splits=2)
+    config = TrainConfig(
+        model="test_resnet",
+        image_size=32,
+        batch_size=8,
+        queue_size=16,
+        mochi=(4, 4, 2),
+        mixing_warmup_epochs=0,
+        epochs=1,
+        on_nonfinite="skip",
+        bn_splits=2,
+    )
     torch.manual_seed(0)
     query = Encoder(create_backbone("test_resnet"), config.proj_dim)
     key = make_key_encoder(query)
@@ -157,16 +167,31 @@ def test_a_skipped_non_finite_step_updates_nothing():
     accelerator = Accelerator(cpu=True)
     images = torch.randn(8, 3, 32, 32)
     labels = torch.arange(8)
-    out = training_step(query, key, queue, optimizer, accelerator, images, images.clone(), labels, config=config,
-                        step=0, mixing=True, bn_splits=2)  # a good step first: the optimizer has state
+    out = training_step(
+        query,
+        key,
+        queue,
+        optimizer,
+        accelerator,
+        images,
+        images.clone(),
+        labels,
+        config=config,
+        step=0,
+        mixing=True,
+        bn_splits=2,
+    )  # a good step first: the optimizer has state
     assert out.applied and bool(out.finite)
-    state = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in
-             (("query", query), ("key", key), ("queue", queue))}
+    state = {
+        name: {k: v.clone() for k, v in m.state_dict().items()}
+        for name, m in (("query", query), ("key", key), ("queue", queue))
+    }
     momentum_before = [s["momentum_buffer"].clone() for s in optimizer.state.values()]
     bad = images.clone()
     bad[0, 0, 0, 0] = float("nan")
-    out = training_step(query, key, queue, optimizer, accelerator, bad, images, labels, config=config, step=1,
-                        mixing=True, bn_splits=2)
+    out = training_step(
+        query, key, queue, optimizer, accelerator, bad, images, labels, config=config, step=1, mixing=True, bn_splits=2
+    )
     assert not out.applied and not bool(out.finite)
     for name, module in (("query", query), ("key", key), ("queue", queue)):
         for k, v in module.state_dict().items():
@@ -180,12 +205,29 @@ def test_a_skipped_non_finite_step_updates_nothing():
 
 def test_resume_compares_every_field_but_the_allow_list():
     saved = TrainConfig()
-    allowed = dict(output="elsewhere", resume="auto", workers=1, max_steps=5, save_every_steps=3, keep_checkpoints=4,
-                   log_every_steps=2, report_to="none", preset="imagenet-100", compile=True)
+    allowed = dict(
+        output="elsewhere",
+        resume="auto",
+        workers=1,
+        max_steps=5,
+        save_every_steps=3,
+        keep_checkpoints=4,
+        log_every_steps=2,
+        report_to="none",
+        preset="imagenet-100",
+        compile=True,
+    )
     assert set(allowed) == set(RESUME_MAY_CHANGE)
     assert resume_differences(saved, dataclasses.replace(saved, **allowed)) == []
-    for name, value in dict(beta_max=0.4, weight_decay=5e-4, sgd_momentum=0.8, mixed_precision="bf16",
-                            temperature=0.1, init="timm", bn_splits=4).items():
+    for name, value in dict(
+        beta_max=0.4,
+        weight_decay=5e-4,
+        sgd_momentum=0.8,
+        mixed_precision="bf16",
+        temperature=0.1,
+        init="timm",
+        bn_splits=4,
+    ).items():
         (difference,) = resume_differences(saved, dataclasses.replace(saved, **{name: value}))
         assert difference.startswith(f"{name}: checkpoint ")
 

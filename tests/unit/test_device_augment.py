@@ -49,8 +49,17 @@ def photos() -> torch.Tensor:
     return torch.stack([photo(name) for name in PHOTOS])  # uint8 [3, 3, H, W]
 
 
-def params(crop, *, jitter=False, factors=(1.0, 1.0, 1.0, 0.0), order=(0, 1, 2, 3), gray=False, blur=False,
-           sigma=1.0, flip=False) -> ViewParams:
+def params(
+    crop,
+    *,
+    jitter=False,
+    factors=(1.0, 1.0, 1.0, 0.0),
+    order=(0, 1, 2, 3),
+    gray=False,
+    blur=False,
+    sigma=1.0,
+    flip=False,
+) -> ViewParams:
     """ViewParams for len(crop) images; scalars apply to all, lists give one value per image."""
     count = len(crop)
 
@@ -58,10 +67,16 @@ def params(crop, *, jitter=False, factors=(1.0, 1.0, 1.0, 0.0), order=(0, 1, 2, 
         tensor = torch.as_tensor(value, dtype=dtype)
         return tensor.expand(count, *shape).clone() if tensor.ndim == len(shape) else tensor
 
-    return ViewParams(crop=torch.as_tensor(crop, dtype=torch.long), jitter=per_image(jitter, torch.bool),
-                      factors=per_image(factors, torch.float32, (4,)), order=per_image(order, torch.long, (4,)),
-                      gray=per_image(gray, torch.bool), blur=per_image(blur, torch.bool),
-                      sigma=per_image(sigma, torch.float32), flip=per_image(flip, torch.bool))
+    return ViewParams(
+        crop=torch.as_tensor(crop, dtype=torch.long),
+        jitter=per_image(jitter, torch.bool),
+        factors=per_image(factors, torch.float32, (4,)),
+        order=per_image(order, torch.long, (4,)),
+        gray=per_image(gray, torch.bool),
+        blur=per_image(blur, torch.bool),
+        sigma=per_image(sigma, torch.float32),
+        flip=per_image(flip, torch.bool),
+    )
 
 
 def full_sizes(count: int) -> torch.Tensor:
@@ -106,8 +121,14 @@ ENLARGE_BOXES = [(30, 40, 20, 30, 48), (5, 7, 33, 45, 64), (50, 90, 46, 38, 40)]
 
 def crop_only(images: torch.Tensor, box: tuple[int, ...], antialias: bool = False) -> torch.Tensor:
     top, left, height, width, size = box
-    return apply_view(images, full_sizes(len(images)), params([(top, left, height, width)] * len(images)),
-                      output_size=size, antialias=antialias, **NO_NORM)
+    return apply_view(
+        images,
+        full_sizes(len(images)),
+        params([(top, left, height, width)] * len(images)),
+        output_size=size,
+        antialias=antialias,
+        **NO_NORM,
+    )
 
 
 @pytest.mark.parametrize("box", SHRINK_BOXES + ENLARGE_BOXES)
@@ -117,13 +138,14 @@ def test_resized_crop_matches_torchvision_bilinear(photos, box):
     columns, which blend in the pixel just outside the crop. A box one pixel off or with h and w swapped is off
     by max >= 0.46, mean >= 0.029."""
     top, left, height, width, size = box
-    reference = TF.resized_crop(photos.float() / 255, top, left, height, width, [size, size],
-                                InterpolationMode.BILINEAR, antialias=False)
+    reference = TF.resized_crop(
+        photos.float() / 255, top, left, height, width, [size, size], InterpolationMode.BILINEAR, antialias=False
+    )
     ours = crop_only(photos, box)
     error = (ours - reference).abs()
     # Output rows whose centre maps before the crop's first pixel centre: (k + 0.5) h / S - 0.5 < 0.
     margin = math.ceil(0.5 * size / min(height, width) - 0.5) if min(height, width) < size else 0
-    inner = error[..., margin:size - margin, margin:size - margin]
+    inner = error[..., margin : size - margin, margin : size - margin]
     assert inner.max() < 1e-5
     if margin == 0:
         assert error.max() < 1e-5
@@ -141,8 +163,9 @@ def test_antialiased_resize_is_close_to_torchvision_antialias(photos, box):
     """antialias=True (box prefilter) vs resized_crop(antialias=True) (triangle prefilter), shrinking.
     Measured: mean 5e-4 .. 9.4e-3, max 0.02 .. 0.15 (at sharp edges, for a 2x shrink)."""
     top, left, height, width, size = box
-    reference = TF.resized_crop(photos.float() / 255, top, left, height, width, [size, size],
-                                InterpolationMode.BILINEAR, antialias=True)
+    reference = TF.resized_crop(
+        photos.float() / 255, top, left, height, width, [size, size], InterpolationMode.BILINEAR, antialias=True
+    )
     error = (crop_only(photos, box, antialias=True) - reference).abs()
     assert error.mean() < 0.012 and error.max() < 0.2
 
@@ -152,8 +175,11 @@ def test_colour_ops_match_torchvision(photos):
     contrast 3e-8, saturation 6e-8, hue 5.4e-7, grayscale 1.2e-7."""
     x = photos.float() / 255  # [3, 3, H, W]
     factor = torch.tensor([0.6, 1.0, 1.4])
-    for ours, reference in ((_brightness, TF.adjust_brightness), (_contrast, TF.adjust_contrast),
-                            (_saturation, TF.adjust_saturation)):
+    for ours, reference in (
+        (_brightness, TF.adjust_brightness),
+        (_contrast, TF.adjust_contrast),
+        (_saturation, TF.adjust_saturation),
+    ):
         expected = torch.stack([reference(image, float(f)) for image, f in zip(x, factor)])
         assert (ours(x, factor) - expected).abs().max() < 1e-6, ours.__name__
     hue = torch.tensor([-0.1, 0.05, 0.1])
@@ -167,8 +193,9 @@ def test_blur_matches_torchvision_gaussian_blur_with_kernel_size_2_ceil_3sigma_p
     """Per-image sigma in one batch vs F.gaussian_blur(kernel 2 ceil(3 sigma) + 1, sigma). Measured max 6.6e-7."""
     x = photos.float() / 255
     sigma = torch.tensor([0.1, 0.7, 2.0])
-    expected = torch.stack([TF.gaussian_blur(image, [2 * math.ceil(3 * float(s)) + 1] * 2, [float(s)] * 2)
-                            for image, s in zip(x, sigma)])
+    expected = torch.stack(
+        [TF.gaussian_blur(image, [2 * math.ceil(3 * float(s)) + 1] * 2, [float(s)] * 2) for image, s in zip(x, sigma)]
+    )
     assert (_blur(x, sigma, 6) - expected).abs().max() < 2e-6
     full = params([(0, 0, H, W)] * 3, blur=[True, False, True], sigma=sigma.tolist())
     out = apply_view(photos, full_sizes(3), full, output_size=H, antialias=False, **NO_NORM)
@@ -179,12 +206,18 @@ def test_blur_matches_torchvision_gaussian_blur_with_kernel_size_2_ceil_3sigma_p
 
 
 def test_flip_and_grayscale_flags_match_torchvision(photos):
-    view = apply_view(photos, full_sizes(3), params([(0, 0, H, W)] * 3, flip=[True, False, True],
-                                                    gray=[False, True, True]),
-                      output_size=H, antialias=False, **NO_NORM)
+    view = apply_view(
+        photos,
+        full_sizes(3),
+        params([(0, 0, H, W)] * 3, flip=[True, False, True], gray=[False, True, True]),
+        output_size=H,
+        antialias=False,
+        **NO_NORM,
+    )
     x = TF.resize(photos.float() / 255, [H, H], antialias=False)
-    expected = torch.stack([TF.horizontal_flip(x[0]), TF.rgb_to_grayscale(x[1], 3),
-                            TF.horizontal_flip(TF.rgb_to_grayscale(x[2], 3))])
+    expected = torch.stack(
+        [TF.horizontal_flip(x[0]), TF.rgb_to_grayscale(x[1], 3), TF.horizontal_flip(TF.rgb_to_grayscale(x[2], 3))]
+    )
     assert (view - expected).abs().max() < 1e-5
 
 
@@ -194,8 +227,7 @@ def reference_view(images: torch.Tensor, p: ViewParams, size: int) -> torch.Tens
     out = []
     for b, image in enumerate(images.float() / 255):
         top, left, height, width = p.crop[b].tolist()
-        y = TF.resized_crop(image, top, left, height, width, [size, size], InterpolationMode.BILINEAR,
-                            antialias=False)
+        y = TF.resized_crop(image, top, left, height, width, [size, size], InterpolationMode.BILINEAR, antialias=False)
         if p.jitter[b]:
             for op in p.order[b].tolist():
                 y = ops[op](y, float(p.factors[b, op]))
@@ -213,10 +245,16 @@ def reference_view(images: torch.Tensor, p: ViewParams, size: int) -> torch.Tens
 def test_whole_chain_matches_torchvision_with_fixed_orders(photos):
     """Crop (shrinking) + jitter in a different op order per image + grayscale + blur + flip + normalise.
     Measured max 6.7e-6 (normalised units)."""
-    p = params([(10, 20, 60, 80), (0, 0, H, W), (36, 30, 50, 70)], jitter=[True, True, True],
-               factors=[[1.3, 0.7, 1.2, 0.08], [0.7, 1.35, 0.65, -0.1], [1.1, 1.2, 0.8, -0.03]],
-               order=[[3, 0, 2, 1], [1, 2, 3, 0], [0, 1, 2, 3]], gray=[False, False, True],
-               blur=[True, False, True], sigma=[1.3, 1.0, 0.4], flip=[True, False, False])
+    p = params(
+        [(10, 20, 60, 80), (0, 0, H, W), (36, 30, 50, 70)],
+        jitter=[True, True, True],
+        factors=[[1.3, 0.7, 1.2, 0.08], [0.7, 1.35, 0.65, -0.1], [1.1, 1.2, 0.8, -0.03]],
+        order=[[3, 0, 2, 1], [1, 2, 3, 0], [0, 1, 2, 3]],
+        gray=[False, False, True],
+        blur=[True, False, True],
+        sigma=[1.3, 1.0, 0.4],
+        flip=[True, False, False],
+    )
     ours = apply_view(photos, full_sizes(3), p, output_size=40, antialias=False)
     assert ours.dtype == torch.float32 and ours.shape == (3, 3, 40, 40)
     assert (ours - reference_view(photos, p, 40)).abs().max() < 2e-5
@@ -255,8 +293,12 @@ CROP_SIZES = [(32, 32), (375, 500), (100, 400), (50, 400)]  # (100, 400): fallba
 
 def box_statistics(crop: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
     top, left, h, w = crop.double().unbind(1)
-    return {"area share": h * w / (height * width), "log aspect": torch.log(w / h),
-            "centre y": (top + h / 2) / height, "centre x": (left + w / 2) / width}
+    return {
+        "area share": h * w / (height * width),
+        "log aspect": torch.log(w / h),
+        "centre y": (top + h / 2) / height,
+        "centre x": (left + w / 2) / width,
+    }
 
 
 def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -282,8 +324,9 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(size):
     if size == (50, 400):  # no attempt can fit: always the central crop cut to the ratio 4/3
         assert ours.unique(dim=0).tolist() == theirs.unique(dim=0).tolist() == [[0, 166, 50, 67]]
     bound = 2.23 * math.sqrt(2 / n)
-    for (name, a), b in zip(box_statistics(ours, height, width).items(),
-                            box_statistics(theirs, height, width).values()):
+    for (name, a), b in zip(
+        box_statistics(ours, height, width).items(), box_statistics(theirs, height, width).values()
+    ):
         se = math.sqrt((a.var() + b.var()) / n)
         assert abs(float(a.mean() - b.mean())) <= 5 * se + 1e-12, name
         assert ks_distance(a, b) <= bound, name
@@ -295,8 +338,12 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(size):
 def test_probabilities_and_factor_ranges_match_moco_v2():
     n = 20_000
     p = sample_view_params(torch.tensor([[375, 500]] * n), generator=torch.Generator().manual_seed(1))
-    for name, flags, prob in (("jitter", p.jitter, 0.8), ("gray", p.gray, 0.2), ("blur", p.blur, 0.5),
-                              ("flip", p.flip, 0.5)):
+    for name, flags, prob in (
+        ("jitter", p.jitter, 0.8),
+        ("gray", p.gray, 0.2),
+        ("blur", p.blur, 0.5),
+        ("flip", p.flip, 0.5),
+    ):
         assert abs(flags.float().mean().item() - prob) <= 4.5 * math.sqrt(prob * (1 - prob) / n), name
     for k, (low, high) in enumerate(((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))):
         f = p.factors[:, k]
@@ -319,8 +366,10 @@ def test_same_seed_same_params_and_views(photos):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     first = sample_view_params(full_sizes(3), generator=torch.Generator().manual_seed(7))
     again = sample_view_params(full_sizes(3), generator=torch.Generator().manual_seed(7))
-    assert all(torch.equal(getattr(first, f), getattr(again, f)) for f in ("crop", "jitter", "factors", "order",
-                                                                          "gray", "blur", "sigma", "flip"))
+    assert all(
+        torch.equal(getattr(first, f), getattr(again, f))
+        for f in ("crop", "jitter", "factors", "order", "gray", "blur", "sigma", "flip")
+    )
     other = views(photos, full_sizes(3), torch.Generator().manual_seed(8))
     assert not torch.equal(runs[0][0], other[0])
     query, key = runs[0]
@@ -338,8 +387,7 @@ def test_canvas_padding_never_reaches_the_views(antialias):
         slot[:, :, w:] = 255
     p = sample_view_params(sizes, generator=torch.Generator().manual_seed(0))
     # Crops against the bottom-right edge, enlarged and shrunk, as sampling rarely gives them exactly.
-    edge = [(h - 10, w - 10, 10, 10) if b % 2 else (h - 30, w - 38, 30, 38) for b, (h, w) in
-            enumerate(sizes.tolist())]
+    edge = [(h - 10, w - 10, 10, 10) if b % 2 else (h - 30, w - 38, 30, 38) for b, (h, w) in enumerate(sizes.tolist())]
     for view in (p, params(edge, blur=True, sigma=2.0)):
         black_out = apply_view(canvas, sizes, view, output_size=32, antialias=antialias)
         white_out = apply_view(white, sizes, view, output_size=32, antialias=antialias)

@@ -85,7 +85,7 @@ def test_closed_form_collinear_positive_orthogonal_negatives():
     D, K, tau = 8, 5, 0.5
     eye = torch.eye(D, dtype=torch.float64)
     q = eye[:1]
-    queue = eye[1:1 + K]
+    queue = eye[1 : 1 + K]
     logits, labels = contrastive_logits(q, q, queue, temperature=tau)
     loss = info_nce(logits, labels)
     assert math.isclose(loss.item(), math.log(1 + K * math.exp(-1 / tau)), rel_tol=1e-6)
@@ -96,8 +96,13 @@ def test_closed_form_synthetic_points_between_orthogonal_negatives():
     # q.h' = beta / sqrt(beta^2 + (1 - beta)^2).
     eye = torch.eye(4, dtype=torch.float64)
     q, queue = eye[:1], eye[1:3]
-    plan = MixingPlan(pair_i=torch.tensor([[0]]), pair_j=torch.tensor([[1]]), alpha=torch.tensor([[0.3]]),
-                      query_j=torch.tensor([[1]]), beta=torch.tensor([[0.25]]))
+    plan = MixingPlan(
+        pair_i=torch.tensor([[0]]),
+        pair_j=torch.tensor([[1]]),
+        alpha=torch.tensor([[0.3]]),
+        query_j=torch.tensor([[1]]),
+        beta=torch.tensor([[0.25]]),
+    )
     out = synthetic_logits(q, q @ queue.T, queue, hardest_negatives(q @ queue.T, 2), plan)
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.25 / math.sqrt(0.25**2 + 0.75**2)]], dtype=torch.float64))
 
@@ -168,17 +173,20 @@ def test_chunked_pair_dots_match_unchunked(monkeypatch):
     assert torch.equal(whole, chunked)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: hardest_negatives(torch.zeros(2, 8), 9), "N"),
-    (lambda: sample_plan(2, 0, 4, 0), "N"),
-    (lambda: sample_plan(2, 0, 0, 4), "N"),
-    (lambda: sample_plan(2, 4, 4, 4, beta_max=0.0), "beta_max"),
-    (lambda: sample_plan(2, 4, 4, 4, beta_max=1.0), "beta_max"),
-    (lambda: contrastive_logits(unit(2, 4), unit(2, 4), unit(8, 4), temperature=0.0), "temperature"),
-    (lambda: contrastive_logits(unit(2, 4), unit(2, 4), unit(8, 4), temperature=-1.0), "temperature"),
-    (lambda: contrastive_logits(torch.full((2, 4), float("nan")), unit(2, 4), unit(8, 4), temperature=0.2), "q"),
-    (lambda: contrastive_logits(unit(2, 4), torch.full((2, 4), float("inf")), unit(8, 4), temperature=0.2), "k"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: hardest_negatives(torch.zeros(2, 8), 9), "N"),
+        (lambda: sample_plan(2, 0, 4, 0), "N"),
+        (lambda: sample_plan(2, 0, 0, 4), "N"),
+        (lambda: sample_plan(2, 4, 4, 4, beta_max=0.0), "beta_max"),
+        (lambda: sample_plan(2, 4, 4, 4, beta_max=1.0), "beta_max"),
+        (lambda: contrastive_logits(unit(2, 4), unit(2, 4), unit(8, 4), temperature=0.0), "temperature"),
+        (lambda: contrastive_logits(unit(2, 4), unit(2, 4), unit(8, 4), temperature=-1.0), "temperature"),
+        (lambda: contrastive_logits(torch.full((2, 4), float("nan")), unit(2, 4), unit(8, 4), temperature=0.2), "q"),
+        (lambda: contrastive_logits(unit(2, 4), torch.full((2, 4), float("inf")), unit(8, 4), temperature=0.2), "k"),
+    ],
+)
 def test_invalid_settings_raise_value_error_naming_them(call, match):
     with pytest.raises(ValueError, match=match):
         call()

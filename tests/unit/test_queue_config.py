@@ -38,20 +38,23 @@ def test_queue_starts_with_unit_rows_and_refuses_more_keys_than_rows():
         queue.enqueue(torch.zeros(5, 8))
 
 
-@pytest.mark.parametrize("options,match", [
-    (dict(queue_size=128, batch_size=256), "--queue-size"),
-    (dict(queue_size=512, batch_size=256, mochi=(1024, 16, 16)), "exceeds the queue size"),
-    (dict(mochi="0,16,0"), "N \\(n_hard\\) = 0"),
-    (dict(mochi="16,0,8", mixing_warmup_epochs=5, epochs=5), "--mixing-warmup-epochs"),
-    (dict(mochi="1,2"), "--mochi"),
-    (dict(temperature=0.0), "--temperature"),
-    (dict(batch_size=0), "--batch-size"),
-    (dict(key_momentum=1.0), "--key-momentum"),
-    (dict(mixed_precision="fp8"), "--mixed-precision"),
-    (dict(beta_max=0.7 + 0.5), "beta_max"),
-    (dict(preset="imagenet-22k"), "--preset"),
-    (dict(color="blue"), "unknown config field"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(queue_size=128, batch_size=256), "--queue-size"),
+        (dict(queue_size=512, batch_size=256, mochi=(1024, 16, 16)), "exceeds the queue size"),
+        (dict(mochi="0,16,0"), "N \\(n_hard\\) = 0"),
+        (dict(mochi="16,0,8", mixing_warmup_epochs=5, epochs=5), "--mixing-warmup-epochs"),
+        (dict(mochi="1,2"), "--mochi"),
+        (dict(temperature=0.0), "--temperature"),
+        (dict(batch_size=0), "--batch-size"),
+        (dict(key_momentum=1.0), "--key-momentum"),
+        (dict(mixed_precision="fp8"), "--mixed-precision"),
+        (dict(beta_max=0.7 + 0.5), "beta_max"),
+        (dict(preset="imagenet-22k"), "--preset"),
+        (dict(color="blue"), "unknown config field"),
+    ],
+)
 def test_bad_settings_name_the_option(options, match):
     with pytest.raises(ValueError, match=match):
         resolve_train_config(**options)
@@ -74,8 +77,15 @@ def test_precedence_defaults_preset_file_options(tmp_path):
 def test_paper_presets_hold_the_paper_settings():
     i100 = resolve_train_config(preset="imagenet-100")
     assert (i100.queue_size, i100.mochi, i100.mixing_warmup_epochs, i100.epochs, i100.batch_size) == (
-        16384, (1024, 1024, 512), 10, 200, 256)
+        16384,
+        (1024, 1024, 512),
+        10,
+        200,
+        256,
+    )
     i1k = resolve_train_config(preset="imagenet-1k")
     assert (i1k.queue_size, i1k.mixing_warmup_epochs) == (65536, 15)
-    assert i100.base_lr == pytest.approx(0.03) and TrainConfig(batch_size=512, queue_size=4096).base_lr == pytest.approx(0.06)
+    assert i100.base_lr == pytest.approx(0.03) and TrainConfig(
+        batch_size=512, queue_size=4096
+    ).base_lr == pytest.approx(0.06)
     assert (i100.temperature, i100.key_momentum, i100.proj_dim) == (0.2, 0.999, 128)

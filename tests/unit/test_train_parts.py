@@ -25,10 +25,6 @@ def test_cosine_schedule_and_global_batches():
     assert list(GlobalBatches(50, 8, seed=1, epoch=3, rank=0, world=2)) != ranks[0]
 
 
-
-
-
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -38,11 +34,14 @@ def test_to_rgb_rescales_16_bit_grayscale():
     assert to_rgb(Image.new("CMYK", (2, 2))).mode == to_rgb(Image.new("RGBA", (2, 2))).mode == "RGB"
 
 
-@pytest.mark.parametrize("options,match", [
-    (dict(model="resnet5O"), "unknown timm architecture 'resnet5O'; did you mean resnet50"),
-    (dict(dataset="imagenet-22k"), "--dataset 'imagenet-22k': not a folder"),
-    (dict(mixing_warmup_epochs=20, epochs=10), "--mixing-warmup-epochs"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(model="resnet5O"), "unknown timm architecture 'resnet5O'; did you mean resnet50"),
+        (dict(dataset="imagenet-22k"), "--dataset 'imagenet-22k': not a folder"),
+        (dict(mixing_warmup_epochs=20, epochs=10), "--mixing-warmup-epochs"),
+    ],
+)
 def test_bad_settings_fail_when_the_config_is_built(options, match):
     with pytest.raises(ValueError, match=re.escape(match) if "'" in match else match):
         resolve_train_config(**options)
