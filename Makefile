@@ -39,6 +39,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/probe.py
 	$(BIN)/python bench/learning.py
+	$(BIN)/python bench/detection.py --quick
 	PYTHONPATH=. $(BIN)/python bench/gpu.py --smoke
 
 clean:

@@ -4,6 +4,7 @@ from typing import Annotated
 
 import typer
 
+from .detect import detect
 from .presets import presets
 from .probe import probe
 from .publish import export, push
@@ -44,6 +45,7 @@ app.command("train", help="Pretrain a timm backbone with MoCo-v2 + MoCHi (Accele
 app.command("probe", help="Evaluate a frozen backbone: the paper's linear protocol, kNN, or cached-feature linear.")(
     probe
 )
+app.command("detect", help="Fine-tune Faster R-CNN + FPN on a backbone (COCO layout data) and report box AP.")(detect)
 app.command("export", help="Export a run's backbone as a timm folder (or detectron2 / torchvision weights).")(export)
 app.command("push", help="Upload an export, with its model card, to the Hugging Face Hub.")(push)
 app.command("presets", help="List the presets of train and probe with their resolved values.")(presets)

@@ -1,4 +1,4 @@
-"""`mochi presets [NAME]`: every preset of `mochi train` and `mochi probe`, resolved (defaults + preset)."""
+"""`mochi presets [NAME]`: every preset of `mochi train`, `mochi probe` and `mochi detect`, resolved."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from mochi_hub.config import PROBE_PRESETS, TRAIN_PRESETS, ProbeConfig, TrainConfig, resolve_config
+from mochi_hub.config import (
+    DETECT_PRESETS,
+    PROBE_PRESETS,
+    TRAIN_PRESETS,
+    DetectConfig,
+    ProbeConfig,
+    TrainConfig,
+    resolve_config,
+)
 
 from .options import USAGE, fail
 
@@ -16,12 +24,18 @@ def presets(
 ) -> None:
     import yaml
 
-    known = sorted(set(TRAIN_PRESETS) | set(PROBE_PRESETS))
+    tables = (
+        ("train", TrainConfig, TRAIN_PRESETS),
+        ("probe", ProbeConfig, PROBE_PRESETS),
+        ("detect", DetectConfig, DETECT_PRESETS),
+    )
+    known = sorted({name for _, _, table in tables for name in table})
     if name is not None and name not in known:
         fail(f"no preset {name!r}; presets: {', '.join(known)}", USAGE)
     for preset in [name] if name else known:
-        for command, cls, table in (("train", TrainConfig, TRAIN_PRESETS), ("probe", ProbeConfig, PROBE_PRESETS)):
+        for command, cls, table in tables:
             if preset in table:
-                config = resolve_config(cls, table, preset=preset)
+                values = {"data": "DIR"} if cls is DetectConfig else {}  # detect's --data has no default
+                config = resolve_config(cls, table, preset=preset, **values)
                 typer.echo(f"# mochi {command} --preset {preset}  (set by the preset: {', '.join(table[preset])})")
                 typer.echo(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -43,7 +43,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .config import ProbeConfig, TrainConfig, resolve_probe_config, resolve_train_config
+    from .config import (
+        DetectConfig,
+        ProbeConfig,
+        TrainConfig,
+        resolve_detect_config,
+        resolve_probe_config,
+        resolve_train_config,
+    )
+    from .detect import run_detect
     from .export import export_run
     from .hub import push
     from .pretrain import train

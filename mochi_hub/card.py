@@ -2,7 +2,7 @@
 
 The text lives in the Jinja template `model_cards/mochi_timm.md` (read through importlib.resources), the
 metadata in huggingface_hub's `ModelCardData` (YAML header: library, license, tags, datasets, pipeline tag,
-and a `model-index` holding every probe result). Nothing here touches the network or the file system
+and a `model-index` holding every probe result and every `mochi detect` box AP). Nothing here touches the network or the file system
 beyond reading the template, in the spirit of timm's `generate_readme`.
 
 Everything that goes into a published file passes through `redact_local_paths` first: a card or a
@@ -212,6 +212,45 @@ def _eval_results(probe_results: Iterable[Mapping[str, Any]]) -> list[EvalResult
     return results
 
 
+# `mochi detect` results -> model-index metrics: (key in results.json, metric type, metric name).
+DETECTION_METRICS = (
+    ("AP", "mAP", "box AP"),
+    ("AP50", "mAP@0.5", "box AP50"),
+    ("AP75", "mAP@0.75", "box AP75"),
+    ("APs", "mAP (small)", "box APs"),
+    ("APm", "mAP (medium)", "box APm"),
+    ("APl", "mAP (large)", "box APl"),
+)
+
+
+def detection_setting(result: Mapping[str, Any]) -> str:
+    """How a detection result is named on the card: detector, input size and schedule."""
+    h = result.get("hyperparameters") or {}
+    return f"Faster R-CNN + FPN (torchvision), {_fmt(h.get('image_size'))} px, {_fmt(h.get('epochs'))} epochs"
+
+
+def _detection_eval_results(detection_results: Iterable[Mapping[str, Any]]) -> list[EvalResult]:
+    """One EvalResult per box AP number (None, e.g. APl without large objects, is left out); the setting goes
+    into `metric_config`, so two fine-tunings on one dataset stay distinct."""
+    results = []
+    for result in detection_results:
+        dataset = str(result.get("dataset_name") or result.get("dataset") or "unknown")
+        common = dict(
+            task_type="object-detection",
+            task_name="Object detection (Faster R-CNN + FPN, fine-tuned)",
+            dataset_type=hub_dataset_id(dataset) or dataset,
+            dataset_name=dataset,
+            dataset_split=str(result.get("split") or "val"),
+            metric_config=detection_setting(result),
+        )
+        for key, metric_type, name in DETECTION_METRICS:
+            if isinstance(result.get(key), (int, float)):
+                results.append(
+                    EvalResult(metric_type=metric_type, metric_name=name, metric_value=result[key], **common)
+                )
+    return results
+
+
 def _paper_rows(config: Mapping[str, Any], architecture: str) -> list[dict[str, Any]]:
     key = _DATASET_KEYS.get(str(config.get("dataset", "")).lower())
     mochi = tuple(config.get("mochi", ()))
@@ -234,16 +273,19 @@ def generate_model_card(
     run_info: Mapping[str, Any] | None = None,
     license: str = DEFAULT_LICENSE,
     has_curves: bool = False,
+    detection_results: Iterable[Mapping[str, Any]] = (),
 ) -> ModelCard:
     """Render the card for one exported backbone.
 
     config_dict: the resolved TrainConfig (`to_dict()`); probe_results: `mochi probe` JSON records;
     repo_id: where it is (or will be) published, used in the usage snippet; model_info: what the export
     knows of the network (architecture, num_features, global_pool, num_params, input_size, mean, std,
-    feature_info); run_info: num_processes, global_batch_size, mochi_hub_version.
+    feature_info); run_info: num_processes, global_batch_size, mochi_hub_version; detection_results:
+    `mochi detect` JSON records (box AP in the model-index as object-detection results).
     """
     config = redact_local_paths(dict(config_dict))
     probes = [redact_local_paths(dict(p)) for p in probe_results]
+    detections = [redact_local_paths(dict(r)) for r in detection_results]
     info = dict(model_info or {})
     run = dict(run_info or {})
     architecture = info.get("architecture") or config.get("model", "unknown")
@@ -257,7 +299,7 @@ def generate_model_card(
         else dataset
     )
     model_name = repo_id.split("/")[-1] if repo_id else f"{architecture}-{method.lower()}-{dataset.split('/')[-1]}"
-    eval_results = _eval_results(probes)
+    eval_results = _eval_results(probes) + _detection_eval_results(detections)
 
     card_data = ModelCardData(
         library_name="timm",
@@ -311,6 +353,16 @@ def generate_model_card(
             )
             for p in probes
         ],
+        detection=[
+            dict(
+                dataset=r.get("dataset_name") or r.get("dataset"),
+                split=r.get("split") or "val",
+                setting=detection_setting(r),
+                images=f"{_fmt(r.get('train_images'))} / {_fmt(r.get('val_images'))}",
+                **{key: _pct(r.get(key)) for key, _, _ in DETECTION_METRICS},
+            )
+            for r in detections
+        ],
         paper_rows=_paper_rows(config, architecture),
         has_curves=has_curves,
         num_processes=run.get("num_processes"),
@@ -330,6 +382,7 @@ def model_card_from_export(
     return generate_model_card(
         export_config.get("training_config", {}),
         probe_results=export_config.get("probe_results", []),
+        detection_results=export_config.get("detection_results") or [],
         repo_id=repo_id,
         model_info=dict(
             architecture=export_config.get("architecture"),

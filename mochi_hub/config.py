@@ -209,6 +209,22 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         mochi=(1024, 1024, 512),
         mixing_warmup_epochs=15,
     ),
+    # The CPU recipe for small grayscale images that learns (docs/study: what was measured, and against what).
+    "fashion-mnist": dict(
+        dataset="fashion-mnist",
+        model="resnet18",
+        image_size=32,
+        epochs=5,
+        batch_size=128,
+        queue_size=4096,
+        mochi=(1024, 1024, 512),
+        mixing_warmup_epochs=1,
+        lr=0.015,
+        bn_splits=8,
+        key_momentum=0.99,
+        workers=2,
+        log_every_steps=20,
+    ),
     # Minutes on a 2-core CPU: a small ResNet on 32 px Fashion-MNIST crops.
     "demo": dict(
         dataset="fashion-mnist",
@@ -483,4 +499,95 @@ def complete_probe_config(config: ProbeConfig, source: str) -> ProbeConfig:
         )
     if config.image_size is None:
         raise ValueError(f"--image-size: SOURCE {source} records no input size; pass --image-size")
+    return config
+
+
+# --- Downstream detection: `mochi detect` (DetectConfig; mochi_hub.detect) --------------------------------
+
+BatchNormMode = Literal["frozen", "train", "sync"]
+
+
+@dataclass
+class DetectConfig:
+    """Fine-tuning torchvision's Faster R-CNN + FPN on a timm backbone (mochi_hub.detect). Field names are the
+    CLI option names; SOURCE is not a field. Defaults are torchvision's COCO reference schedule at 1x
+    (12 epochs, lr 0.02 for 16 images, x0.1 at epochs 8 and 11, 1000 warm-up iterations, 800 px)."""
+
+    data: str | None = None  # a folder in the COCO layout (annotations/instances_{train,val}.json, train/, val/)
+    epochs: int = 12
+    batch_size: int = 16  # global batch, split over processes
+    lr: float | None = None  # None: 0.02 x batch_size / 16 (torchvision's reference, linearly scaled)
+    lr_milestones: tuple[int, ...] = (8, 11)  # epochs at which lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    warmup_iters: int = 1000  # linear lr warm-up from 0.1 % over the first iterations (capped at one epoch)
+    sgd_momentum: float = 0.9
+    weight_decay: float = 1e-4
+    image_size: int = 800  # shorter image side (torchvision's min_size); the longer side at most 1333/800 of it
+    batch_norm: BatchNormMode = "frozen"  # the trained stages' BatchNorm: frozen, train (per process) or sync
+    trainable_layers: int = 3  # how many of the backbone's last stages train (torchvision's default 3)
+    fpn_channels: int = 256  # the FPN's out_channels
+    hflip: bool = True  # random horizontal flips of the training images (p 0.5)
+    max_images: int | None = None  # a seeded subset of each split (smoke runs)
+    seed: int = 0
+    workers: int = 4
+    output: str = "runs/detect"  # a folder: results.json, detector.safetensors, the per-epoch state
+    resume: bool = False  # continue from the last per-epoch state in --output
+    mixed_precision: MixedPrecision = "no"
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        self.lr_milestones = parse_milestones(self.lr_milestones)
+        _check_choices(self)
+        for name in ("epochs", "batch_size", "image_size", "fpn_channels"):
+            _positive(name, getattr(self, name))
+        for name in ("warmup_iters", "sgd_momentum", "weight_decay", "trainable_layers", "workers", "seed"):
+            _positive(name, getattr(self, name), zero=True)
+        for name in ("lr", "max_images"):
+            _positive(name, getattr(self, name), allow_none=True)
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ValueError(f"--lr-gamma must lie in (0, 1], got {self.lr_gamma}")
+        if self.image_size < 32:
+            raise ValueError(
+                f"--image-size must be at least 32 (the FPN's coarsest map has stride 32), got {self.image_size}"
+            )
+
+    @property
+    def base_lr(self) -> float:
+        """The lr actually used: torchvision's 0.02 for 16 images, scaled linearly, unless given."""
+        return self.lr if self.lr is not None else 0.02 * self.batch_size / 16
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lr_milestones"] = list(self.lr_milestones)
+        return data
+
+
+DETECT_PRESETS: dict[str, dict[str, Any]] = {
+    # torchvision's references/detection recipe for COCO (fasterrcnn_resnet50_fpn), 1x: the defaults.
+    "coco-1x": dict(epochs=12, batch_size=16, lr_milestones=(8, 11), warmup_iters=1000, image_size=800),
+    # The Fashion-MNIST canvases of bench/detection.py (128 px, up to 3 items). Every stage and its BatchNorm
+    # train, as in MoCo's detection transfer: frozen statistics of an untrained baseline would normalise nothing.
+    "canvas": dict(
+        epochs=12,
+        batch_size=8,
+        lr=0.02,
+        lr_milestones=(9, 11),
+        warmup_iters=50,
+        image_size=128,
+        trainable_layers=5,
+        batch_norm="train",
+    ),
+}
+
+
+def resolve_detect_config(
+    *, preset: str | None = None, config_file: str | Path | None = None, **options: Any
+) -> DetectConfig:
+    """defaults <- preset <- config file <- options, validated; --data must be given and be a folder."""
+    config = resolve_config(DetectConfig, DETECT_PRESETS, preset=preset, config_file=config_file, **options)
+    if config.data is None:
+        raise ValueError(
+            "--data DIR is required: a folder in the COCO layout (annotations/instances_train.json, "
+            "annotations/instances_val.json, images under train/ and val/)"
+        )
     return config

@@ -202,9 +202,7 @@ class _Run:
         last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
 
         # Model: the same seeded initial weights on every rank (DDP would broadcast them anyway).
-        build = backbone_args(config.model, init=config.init, image_size=config.image_size)
-        torch.manual_seed(config.seed)  # timm initialises from the global generator
-        query = Encoder(create_backbone(config.model, **build), config.proj_dim)
+        query, build = initial_encoder(config)
         key = make_key_encoder(query)
         queue = NegativeQueue(config.queue_size, config.proj_dim, generator=generator(config.seed, "queue_init"))
         if config.compile:  # in place, so state dicts keep their names; Accelerate would compile only the query
@@ -476,6 +474,14 @@ class _Run:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.run_dir
+
+
+def initial_encoder(config: TrainConfig) -> tuple[Encoder, dict[str, Any]]:
+    """The query encoder at step 0 and the arguments its backbone was built with. Its `.backbone` is the exact
+    untrained reference every claim of learning is measured against (same architecture, same init, same seed)."""
+    build = backbone_args(config.model, init=config.init, image_size=config.image_size)
+    torch.manual_seed(config.seed)  # timm initialises from the global generator
+    return Encoder(create_backbone(config.model, **build), config.proj_dim), build
 
 
 def _trackers(report_to: str) -> list[str]:

@@ -7,6 +7,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.ci  # the distribution is what users install: CI checks it
+
 REPO = Path(__file__).resolve().parents[2]
 CHECK = """
 import importlib.resources, importlib.util, mochi_hub

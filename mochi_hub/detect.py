@@ -1,0 +1,547 @@
+"""`mochi detect`: fine-tune torchvision's Faster R-CNN + FPN on a timm backbone and report COCO box AP.
+
+    SOURCE -> load_backbone -> timm features at strides 4..32 (C2..C5) -> FPN (+ max-pooled P6) -> Faster R-CNN
+           -> SGD on DIR/train, a state per epoch -> predictions on DIR/val -> box AP (coco.evaluate_boxes)
+           -> OUTPUT/results.json (+ RUN/detection/<name>.json for a run directory, which `mochi export` cards)
+
+- The feature maps are timm's own `features_only` maps: `FeatureGetterNet` around the loaded backbone gives the
+  same tensors as `timm.create_model(..., features_only=True, out_indices=(1, 2, 3, 4))` for a ResNet, for
+  every way SOURCE can come (a run's checkpoint has no timm folder to re-create from).
+- BatchNorm: the backbone's stages that do not train are always frozen (`timm.layers.freeze_batch_norm_2d`:
+  statistics and affine fixed); in the trained ones --batch-norm decides: frozen (torchvision's and
+  detectron2's default for a pretrained backbone), train (statistics of each process's batch), sync
+  (SyncBatchNorm over the processes, as MoCo's detection transfer does).
+- The detector normalises with the mean/std the backbone's weights declare (torchvision's default is ImageNet's).
+- Determinism: the data order, the flips, and every draw inside the detector (the RPN's and RoI heads' box
+  sampling use torch's global generator) come from seeds at (seed, epoch), so a run resumed from an epoch's
+  state ends with the weights of an uninterrupted one.
+
+This is a torchvision approximation of a detection transfer, not the MoCo/MoCHi paper's detectron2 protocol
+(R50-C4, VOC07+12, SyncBN, 24k iterations): see the README's "Detection" section.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from timm.layers import freeze_batch_norm_2d
+from timm.models._features import FeatureGetterNet
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+
+from . import __version__, persist
+from .coco import CocoSplit, DetectionImages, collate, evaluate_boxes, evaluator, load_dataset, to_coco_detections
+from .config import DetectConfig
+from .console import progress_bar
+from .distributed import all_ranks_true, launched_accelerator
+from .runs import DETECTION
+from .seeding import generator, stream_seed
+from .sources import load_backbone
+
+log = logging.getLogger(__name__)
+
+STRIDES = (4, 8, 16, 32)  # C2..C5: what torchvision's FPN and its five default anchor sizes expect (+ P6)
+MAX_SIZE_RATIO = 1333 / 800  # torchvision's max_size / min_size
+WARMUP_FACTOR = 0.001  # torchvision's reference: the warm-up starts at 0.1 % of the lr
+STATE_PREFIX = "epoch"
+RESULTS = "results.json"
+DETECTIONS = "detections.json"  # the val predictions in COCO's results format: any COCO tool can re-score them
+WEIGHTS = "detector.safetensors"
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Settings that do not change what is computed: a resumed run may change them.
+RESUME_MAY_CHANGE = ("output", "resume", "workers", "preset")
+DETECTOR = "torchvision Faster R-CNN + FPN (LastLevelMaxPool), timm features_only C2-C5"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message says where and what to change."""
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+
+def feature_indices(backbone: nn.Module) -> list[int]:
+    """The backbone's feature_info entries at strides 4, 8, 16, 32 (the last of each): (1, 2, 3, 4) for a ResNet."""
+    info = getattr(backbone, "feature_info", None)
+    reductions = [int(f["reduction"]) for f in info] if info else []
+    missing = [s for s in STRIDES if s not in reductions]
+    if missing or not hasattr(backbone, "forward_intermediates"):
+        name = type(backbone).__name__
+        raise ValueError(
+            f"SOURCE: a {name} has no feature maps at strides {', '.join(map(str, STRIDES))} that timm can return "
+            f"(feature strides: {reductions or 'none'}); an FPN needs a hierarchical CNN such as a ResNet"
+        )
+    return [max(i for i, r in enumerate(reductions) if r == s) for s in STRIDES]
+
+
+def parameter_stages(backbone: nn.Module) -> dict[str, int]:
+    """Parameter name -> the feature_info stage it computes: a parameter inside a stage's module is that stage's;
+    one between stages (a ResNet's stem conv, an EfficientNet's unlisted blocks) belongs to the next stage."""
+    modules = [str(f["module"]) for f in backbone.feature_info]
+    stages, last = {}, -1
+    for name, _ in backbone.named_parameters():
+        inside = [i for i, m in enumerate(modules) if name.startswith(m + ".")]
+        if inside:
+            last = inside[0]
+        stages[name] = inside[0] if inside else last + 1
+    return stages
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def prepare_backbone(backbone: nn.Module, *, trainable_layers: int, batch_norm: str) -> dict[str, Any]:
+    """In place: freeze all but the last `trainable_layers` stages, and freeze BatchNorm outside them (and inside
+    them unless --batch-norm is train or sync). Returns what was frozen, for the results."""
+    stages = parameter_stages(backbone)
+    count = len(backbone.feature_info)
+    if trainable_layers > count:
+        raise ValueError(f"--trainable-layers {trainable_layers}: this backbone has {count} stages (0..{count})")
+    first = count - trainable_layers  # stages >= first train
+    trains = {name for name, stage in stages.items() if stage >= first}
+    for name, parameter in backbone.named_parameters():
+        parameter.requires_grad_(name in trains)
+    frozen_bn = 0
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            trained = f"{name}.weight" in trains if module.affine else False
+            if batch_norm == "frozen" or not trained:
+                _set_module(backbone, name, freeze_batch_norm_2d(module))
+                frozen_bn += 1
+    return {
+        "stages": count,
+        "trainable_layers": trainable_layers,
+        "trainable_backbone_parameters": sum(p.numel() for p in backbone.parameters() if p.requires_grad),
+        "frozen_batchnorm_layers": frozen_bn,
+    }
+
+
+class TimmFPN(nn.Module):
+    """timm feature maps C2..C5 -> torchvision's FeaturePyramidNetwork -> {"0", "1", "2", "3", "pool"}, each
+    `out_channels` wide: the backbone interface torchvision's detectors take."""
+
+    def __init__(self, backbone: nn.Module, out_channels: int):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        indices = feature_indices(backbone)
+        channels = [int(backbone.feature_info[i]["num_chs"]) for i in indices]
+        self.body = FeatureGetterNet(backbone, out_indices=indices, prune=True)  # drops the pool and head
+        # Named "0".."3": the default RoI pooler reads those four; LastLevelMaxPool adds "pool" for the 5th anchor size.
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        maps = self.body(images)  # 4 x [B, C_i, H / s_i, W / s_i]
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))  # 5 x [B, out_channels, ...]
+
+
+def build_detector(
+    backbone: nn.Module, info: dict[str, Any], num_classes: int, config: DetectConfig
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Faster R-CNN (torchvision's defaults: anchors 32..512, 3 ratios, 0.05 score threshold, 100 boxes an
+    image) on the backbone; heads initialised from (seed, "detect_init"). num_classes counts the categories."""
+    from torchvision.models.detection import FasterRCNN
+
+    frozen = prepare_backbone(backbone, trainable_layers=config.trainable_layers, batch_norm=config.batch_norm)
+    with torch.random.fork_rng(devices=[]):  # the FPN's and heads' init, without touching the caller's generator
+        torch.manual_seed(stream_seed(config.seed, "detect_init"))
+        model = FasterRCNN(
+            TimmFPN(backbone, config.fpn_channels),
+            num_classes=num_classes + 1,  # + background
+            min_size=config.image_size,
+            max_size=round(config.image_size * MAX_SIZE_RATIO),
+            image_mean=list(info.get("declared_mean", (0.485, 0.456, 0.406))),
+            image_std=list(info.get("declared_std", (0.229, 0.224, 0.225))),
+        )
+    return model, frozen
+
+
+# --- schedule and data order ------------------------------------------------------------------------------
+
+
+def lr_at_step(step: int, steps_per_epoch: int, config: DetectConfig) -> float:
+    """torchvision's reference schedule: a linear warm-up from 0.1 % over the first min(warmup_iters, one epoch)
+    iterations, then x lr_gamma at each milestone epoch."""
+    epoch = step // steps_per_epoch
+    lr = config.base_lr * config.lr_gamma ** sum(epoch >= m for m in config.lr_milestones)
+    warmup = min(config.warmup_iters, steps_per_epoch - 1)
+    if step < warmup:
+        alpha = step / warmup
+        lr *= WARMUP_FACTOR * (1 - alpha) + alpha
+    return lr
+
+
+class EpochBatches(Sampler[list[int]]):
+    """This process's share of each global batch of one epoch: a permutation from (seed, epoch); the last batch
+    is filled from the start of the permutation, so every image is seen and every batch is full."""
+
+    def __init__(self, size: int, global_batch: int, *, seed: int, epoch: int, rank: int, world: int):
+        self.size, self.global_batch, self.seed, self.epoch = size, global_batch, seed, epoch
+        self.rank, self.local = rank, global_batch // world
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.global_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.size, generator=generator(self.seed, "detect_order", 0, self.epoch)).tolist()
+        order = order * math.ceil(len(self) * self.global_batch / self.size)  # wrap around to fill the last batch
+        for b in range(len(self)):
+            first = b * self.global_batch + self.rank * self.local
+            yield order[first : first + self.local]
+
+
+# --- resumable state (mochi_hub.persist) ------------------------------------------------------------------
+
+
+def save_state(
+    root: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
+) -> Path:
+    """After `epoch` epochs: the detector's weights and the optimizer (safetensors + JSON), older states removed."""
+    final = root / f"{STATE_PREFIX}-{epoch:04d}"
+    tmp = persist.staging(final)
+    persist.save_tensors(tmp / WEIGHTS, model.state_dict())
+    tensors, opt_meta = persist.split_state(optimizer.state_dict())
+    persist.save_tensors(tmp / "optimizer.safetensors", tensors)
+    persist.write_json(tmp / persist.STATE, {**meta, "epoch": epoch, "optimizer": opt_meta})
+    persist.publish(final)
+    persist.prune(root, STATE_PREFIX, keep=1)
+    return final
+
+
+def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> dict[str, Any]:
+    meta = persist.read_json(path / persist.STATE)
+    model.load_state_dict(persist.load_tensors(path / WEIGHTS))
+    optimizer.load_state_dict(
+        persist.join_state(persist.load_tensors(path / "optimizer.safetensors"), meta["optimizer"])
+    )
+    if scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
+    return meta
+
+
+def _resume_from(root: Path, must_match: dict[str, Any]) -> Path | None:
+    states = persist.complete_folders(root, STATE_PREFIX)
+    if not states:
+        return None
+    saved = persist.read_json(states[-1] / persist.STATE).get("settings", {})
+    different = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in must_match.items() if saved.get(k) != v]
+    if different:
+        raise ValueError(
+            f"--resume {states[-1]}: the saved detector was trained differently ({'; '.join(different)}); "
+            "run without --resume to start over"
+        )
+    return states[-1]
+
+
+# --- the loops --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Detect:
+    """One fine-tuning's inputs, resolved before any work."""
+
+    source: str
+    config: DetectConfig
+    accelerator: Accelerator
+    info: dict[str, Any]
+    train: CocoSplit
+    val: CocoSplit
+    output: Path
+    settings: dict[str, Any]  # what a resumed state must share
+    frozen: dict[str, Any]
+
+    @property
+    def state_root(self) -> Path:
+        return self.output / "state"
+
+    def loader(self, dataset: Any, batch_sampler: Any) -> DataLoader:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.config.workers, collate_fn=collate)
+
+
+def _to(device: torch.device, images: list[Tensor], targets: list[dict[str, Tensor]]):
+    return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def train_detector(d: _Detect, model: nn.Module, progress: Any) -> dict[str, Any]:
+    """SGD (momentum, weight decay) on the trainable parameters, lr by `lr_at_step`; a state after each epoch."""
+    c, acc = d.config, d.accelerator
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=c.base_lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    dataset_size = len(d.train.images)
+    steps_per_epoch = math.ceil(dataset_size / c.batch_size)
+    start, resumed, history = 0, None, []
+    if c.resume:
+        path = _resume_from(d.state_root, d.settings)
+        if path is not None:
+            meta = load_state(path, acc.unwrap_model(model), optimizer, acc.scaler)
+            start = resumed = meta["epoch"]
+            history = meta["epoch_losses"]
+            if acc.is_main_process:
+                log.info("resumed the detector from %s (epoch %d of %d)", path, start, c.epochs)
+    if resumed is None and acc.is_main_process:
+        shutil.rmtree(d.state_root, ignore_errors=True)  # a fresh start: an older run's states are stale
+    acc.wait_for_everyone()
+    devices = [acc.device] if acc.device.type == "cuda" else []
+    epochs_bar = progress.add_task("epochs", total=c.epochs, completed=start, loss="")
+    for epoch in range(start, c.epochs):
+        dataset = DetectionImages(d.train, flip_seed=(c.seed, epoch) if c.hflip else None)
+        sampler = EpochBatches(
+            dataset_size, c.batch_size, seed=c.seed, epoch=epoch, rank=acc.process_index, world=acc.num_processes
+        )
+        batches = progress.add_task(f"epoch {epoch + 1}", total=len(sampler), loss="")
+        model.train()
+        sums = torch.zeros(5, device=acc.device)  # total and the 4 parts, summed over steps
+        with torch.random.fork_rng(devices=devices):  # the detector's box sampling draws from the global generator
+            torch.manual_seed(stream_seed(c.seed, "detect_order", 1, epoch, acc.process_index))
+            for b, (images, targets) in enumerate(d.loader(dataset, sampler)):
+                step = epoch * steps_per_epoch + b
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at_step(step, steps_per_epoch, c)
+                images, targets = _to(acc.device, images, targets)
+                with acc.autocast():
+                    parts = model(images, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg
+                loss = sum(parts.values())
+                if not all_ranks_true(torch.isfinite(loss), acc):  # every rank stops together, none waits forever
+                    raise NonFiniteLossError(
+                        f"the detection loss is not finite at epoch {epoch + 1}, step {b + 1} (the last state is "
+                        f"in {d.state_root}): lower --lr or lengthen --warmup-iters"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                optimizer.step()
+                sums += torch.stack([loss.detach(), *(parts[k].detach() for k in sorted(parts))]).float()
+                progress.update(batches, advance=1, loss=f"loss {loss.item():.3f}")
+        progress.remove_task(batches)
+        means = (acc.reduce(sums, "mean") / len(sampler)).tolist()
+        history.append({"loss": means[0], **dict(zip(sorted(parts), means[1:]))})
+        if acc.is_main_process:
+            save_state(
+                d.state_root,
+                epoch + 1,
+                acc.unwrap_model(model),
+                optimizer,
+                {
+                    "settings": d.settings,
+                    "epoch_losses": history,
+                    "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                },
+            )
+        acc.wait_for_everyone()
+        progress.update(epochs_bar, advance=1, loss=f"loss {means[0]:.3f}")
+    return {"model": acc.unwrap_model(model), "epoch_losses": history, "resumed_from_epoch": resumed}
+
+
+@torch.no_grad()
+def predict(d: _Detect, model: nn.Module, progress: Any) -> list[dict[str, Any]]:
+    """COCO-format detections for every val image, each process predicting every world-th image."""
+    acc = d.accelerator
+    dataset = DetectionImages(d.val)
+    local = max(1, d.config.batch_size // acc.num_processes)
+    mine = list(range(acc.process_index, len(dataset), acc.num_processes))
+    batches = [mine[i : i + local] for i in range(0, len(mine), local)]
+    category_of = {label: category for category, label in dataset.label_of.items()}
+    task = progress.add_task("evaluate", total=len(batches), loss="")
+    model.eval()
+    found: list[dict[str, Any]] = []
+    for images, targets in d.loader(dataset, batches):
+        images, _ = _to(acc.device, images, [])
+        with acc.autocast():
+            outputs = model(images)  # per image: boxes [n, 4] x1 y1 x2 y2 (input pixels), labels [n], scores [n]
+        found += to_coco_detections(outputs, [int(t["image_id"]) for t in targets], category_of)
+        progress.advance(task)
+    return gather_object(found) if acc.num_processes > 1 else found
+
+
+# --- names, the table, putting it together -----------------------------------------------------------------
+
+
+def result_name(config: DetectConfig) -> str:
+    """faster-rcnn-fpn-<data folder>-<size>px-<digest>: the digest covers every setting that moves the number."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    slug = re.sub(r"[^a-z0-9.]+", "-", Path(str(config.data)).expanduser().resolve().name.lower()).strip("-")
+    return f"faster-rcnn-fpn-{slug or 'data'}-{config.image_size}px-{digest}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mochi detect: {result['source']}")
+    columns = ("dataset", *METRIC_KEYS, "epochs", "seconds")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "dataset" else "right", overflow="fold")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    table.add_row(
+        result["dataset_name"],
+        *(fmt(result[k]) for k in METRIC_KEYS),
+        str(result["hyperparameters"]["epochs"]),
+        f"{result['time']['seconds']:.1f}",
+    )
+    Console().print(table)
+
+
+def _subset(split: CocoSplit, max_images: int | None, seed: int, number: int) -> CocoSplit:
+    """A seeded subset of `max_images` images, its ground truth restricted to them (smoke runs)."""
+    if max_images is None or max_images >= len(split.images):
+        return split
+    pick = torch.randperm(len(split.images), generator=generator(seed, "detect_order", 3, number))[:max_images]
+    images = [split.images[i] for i in sorted(pick.tolist())]
+    ids = {i["id"] for i in images}
+    gt = {**split.gt, "images": images, "annotations": [a for a in split.gt["annotations"] if a["image_id"] in ids]}
+    boxes = {i: split.boxes[i] for i in ids}
+    return CocoSplit(split.root, split.split, gt, images, boxes, split.categories, split.dropped, split.files_bytes)
+
+
+def _prepare(
+    source: str, config: DetectConfig, accelerator: Accelerator | None, backbone: tuple[nn.Module, dict] | None
+) -> tuple[_Detect, nn.Module]:
+    if config.data is None:
+        raise ValueError("--data DIR is required: a folder in the COCO layout")
+    evaluator()  # fail now, not after training, when none is installed
+    train, val = load_dataset(config.data)
+    train, val = _subset(train, config.max_images, config.seed, 0), _subset(val, config.max_images, config.seed, 1)
+    accelerator = launched_accelerator(
+        config.batch_size, accelerator=accelerator, mixed_precision=config.mixed_precision
+    )
+    if config.batch_norm == "sync" and accelerator.num_processes > 1 and accelerator.device.type != "cuda":
+        raise ValueError("--batch-norm sync needs GPUs (SyncBatchNorm does not run on the CPU); use train")
+    # A caller's backbone is copied: freezing replaces its BatchNorm layers in place.
+    module, info = (copy.deepcopy(backbone[0]), backbone[1]) if backbone is not None else load_backbone(source)
+    model, frozen = build_detector(module, info, len(train.categories), config)
+    output = persist.ensure_writable_dir(config.output, "--output")  # the last check: bad input leaves no folder
+    if config.batch_norm == "sync" and accelerator.num_processes > 1:
+        model = timm.layers.convert_sync_batchnorm(model)
+    settings = {
+        **{k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE},
+        "weights_sha256": info["weights_sha256"],
+        "data": {"train": train.fingerprint(), "val": val.fingerprint()},
+    }
+    d = _Detect(source, config, accelerator, info, train, val, output, settings, frozen)
+    return d, model.to(accelerator.device)
+
+
+def run_detect(
+    source: str,
+    config: DetectConfig,
+    *,
+    accelerator: Accelerator | None = None,
+    backbone: tuple[nn.Module, dict[str, Any]] | None = None,
+    show: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a detector on SOURCE's backbone and evaluate it on config.data's val split. Returns the result
+    written to OUTPUT/results.json (and, for a run directory, RUN/detection/<name>.json). `backbone`
+    (module, info as load_backbone returns it) replaces what SOURCE would load, for tests and library callers."""
+    started_at, clock = datetime.now(UTC), time.perf_counter()
+    d, model = _prepare(source, config, accelerator, backbone)
+    acc = d.accelerator
+    timings: dict[str, float] = {}
+    with progress_bar(acc.is_main_process and show, fields="{task.fields[loss]}") as progress:
+        t = time.perf_counter()
+        fit = train_detector(d, model, progress)
+        timings["train_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        detections = predict(d, fit["model"], progress)
+        timings["predict_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = evaluate_boxes(d.val.gt, detections)
+    timings["evaluate_s"] = time.perf_counter() - t
+    result = _result(d, scores, fit, len(detections), started_at, clock, timings)
+    if acc.is_main_process:
+        persist.save_tensors(d.output / WEIGHTS, fit["model"].state_dict())
+        compact = json.dumps(detections, separators=(",", ":"))  # COCO val: half a million boxes
+        persist.atomic_write(d.output / DETECTIONS, lambda path: path.write_text(compact))
+        persist.write_json(d.output / RESULTS, result)
+        if "run_dir" in d.info:
+            kept = Path(d.info["run_dir"]) / DETECTION
+            kept.mkdir(parents=True, exist_ok=True)
+            persist.write_json(kept / f"{result_name(config)}.json", result)
+        if show:
+            print_table(result)
+    acc.wait_for_everyone()
+    return result
+
+
+def _result(
+    d: _Detect,
+    scores: dict[str, Any],
+    fit: dict[str, Any],
+    detections: int,
+    started_at: datetime,
+    clock: float,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    c, elapsed = d.config, time.perf_counter() - clock
+    trained = (c.epochs - (fit["resumed_from_epoch"] or 0)) * math.ceil(len(d.train.images) / c.batch_size)
+    return {
+        **{k: scores[k] for k in METRIC_KEYS},
+        "metrics": {k: v for k, v in scores.items() if k != "evaluator"},  # with AR1..ARl
+        "metric": "COCO box AP (%), IoU 0.50:0.95; AP50/AP75 at IoU 0.5/0.75; s/m/l by area 32^2 / 96^2",
+        "task": "object-detection",
+        "evaluator": scores["evaluator"],
+        "detector": DETECTOR,
+        "note": "torchvision fine-tuning; not the MoCo/MoCHi paper's detectron2 protocol (R50-C4, VOC07+12)",
+        "source": d.source,
+        "source_info": d.info,
+        "weights_sha256": d.info["weights_sha256"],
+        "dataset": str(c.data),
+        "dataset_name": Path(str(c.data)).expanduser().resolve().name,
+        "split": "val",
+        "dataset_fingerprint": d.settings["data"],
+        "categories": [c_["name"] for c_ in sorted(d.train.categories, key=lambda c_: c_["id"])],
+        "train_images": len(d.train.images),
+        "val_images": len(d.val.images),
+        "val_annotations": len(d.val.gt["annotations"]),
+        "detections": detections,
+        "hyperparameters": c.to_dict(),
+        "lr": c.base_lr,
+        "max_size": round(c.image_size * MAX_SIZE_RATIO),
+        "backbone_training": d.frozen,
+        "image_mean": d.info.get("declared_mean"),
+        "image_std": d.info.get("declared_std"),
+        "epoch_losses": fit["epoch_losses"],
+        "resumed_from_epoch": fit["resumed_from_epoch"],
+        "state_dir": str(d.state_root),
+        "weights": str(d.output / WEIGHTS),
+        "detections_file": str(d.output / DETECTIONS),
+        "num_processes": d.accelerator.num_processes,
+        "device": str(d.accelerator.device),
+        "versions": {
+            "mochi_hub": __version__,
+            "torch": torch.__version__,
+            "torchvision": __import__("torchvision").__version__,
+            "timm": timm.__version__,
+        },
+        "summary": {
+            "steps_trained": trained,
+            "resumes": int(fit["resumed_from_epoch"] is not None),
+            "wall_time_s": round(elapsed, 2),
+        },
+        "time": {
+            "started": started_at.isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(elapsed, 3),
+            **{k: round(v, 3) for k, v in timings.items()},
+        },
+    }
