@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/gpu.py                  # on the GPU machine: writes bench/results/gpu.json
     PYTHONPATH=. python bench/gpu.py --smoke          # seconds, on a CPU: every part at toy sizes (CI runs it)
+    PYTHONPATH=. python bench/gpu.py --parts data --workers 2 --photos 768 --data-batches 2   # the CPU figure
 
 ResNet-50 at 224 px, bf16 autocast + channels_last, global batch 256, one process. Real photos: scikit-image's
 sample photos, cropped at random and resized to ImageNet-like 500x375 JPEGs, written on the spot. Parts:
@@ -375,11 +376,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="toy sizes, seconds on a CPU (what CI runs)")
     parser.add_argument("--parts", default="step,data,train,smoke")
     parser.add_argument("--photos", type=int, default=None, help="JPEGs to write (default: 44 batches' worth)")
+    parser.add_argument("--workers", default=None, help="comma-separated worker counts of the data part")
+    parser.add_argument("--data-batches", type=int, default=None, help="batches timed per data-part setting")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     args = parser.parse_args(argv)
     sizes = dict(SMOKE if args.smoke else FULL)  # FULL on a CPU is possible (e.g. --parts data), only slow
     if args.photos:
         sizes["photos"] = args.photos
+    if args.workers:
+        sizes["workers"] = tuple(int(w) for w in args.workers.split(","))
+    if args.data_batches:
+        sizes["data_batches"] = args.data_batches
     torch.backends.cudnn.benchmark = True
     result: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "sizes": dict(sizes)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

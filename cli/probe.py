@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mochi_hub.config import PROBE_PRESETS, ProbeConfig, complete_probe_config, resolve_probe_config
+from mochi_hub.config import PROBE_PRESETS, ProbeConfig
 
 from .options import FAILURE, USAGE, config_options, exit_on, with_signature
 from .options import print_config as show_config
@@ -61,7 +61,9 @@ SOURCE = inspect.Parameter(
 
 def run(source: str, *, print_config: bool = False, **options: Any) -> None:
     with exit_on(ValueError, code=USAGE):
-        config = complete_probe_config(resolve_probe_config(source=source, **options), source)
+        from mochi_hub.sources import probe_config_for
+
+        config = probe_config_for(source, **options)
     if print_config:
         return show_config(config)
     from mochi_hub.data import BadImageError

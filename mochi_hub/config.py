@@ -225,21 +225,23 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         workers=2,
         log_every_steps=20,
     ),
-    # Minutes on a 2-core CPU: a small ResNet on 32 px Fashion-MNIST crops.
+    # A few minutes on a 2-core CPU: the fashion-mnist recipe over 512 steps (2 epochs of 32,768 images), enough
+    # for the backbone to pass its own untrained weights (make demo shows both).
     "demo": dict(
         dataset="fashion-mnist",
         model="resnet18",
         image_size=32,
         epochs=2,
-        batch_size=64,
-        queue_size=1024,
-        mochi=(64, 64, 32),
+        batch_size=128,
+        queue_size=4096,
+        mochi=(1024, 1024, 512),
         mixing_warmup_epochs=1,
-        lr=0.06,
-        workers=2,
-        max_train_images=4096,
+        lr=0.015,
+        bn_splits=8,
         key_momentum=0.99,
-        log_every_steps=8,
+        workers=2,
+        max_train_images=32768,
+        log_every_steps=16,
     ),
 }
 
@@ -266,6 +268,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of option names to values")
     return data
+
+
+# Older names of fields, still accepted in config files, saved configs and on the command line.
+TRAIN_ALIASES = {"warmup_epochs": "mixing_warmup_epochs"}
+# What a config saved before a field existed meant by it (the behaviour of that older version).
+TRAIN_LEGACY_DEFAULTS = {"init": "timm", "bn_splits": None, "augment_on": "workers"}
+
+
+def _apply_aliases(values: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    out = dict(values)
+    for old, new in aliases.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
 def resolve_config(
@@ -313,21 +330,6 @@ def resolve_train_config(**kwargs: Any) -> TrainConfig:
             f"needs at least {smallest} px"
         )
     return config
-
-
-# Older names of fields, still accepted in config files, saved configs and on the command line.
-TRAIN_ALIASES = {"warmup_epochs": "mixing_warmup_epochs"}
-# What a config saved before a field existed meant by it (the behaviour of that older version).
-TRAIN_LEGACY_DEFAULTS = {"init": "timm", "bn_splits": None, "augment_on": "workers"}
-
-
-def _apply_aliases(values: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
-    out = dict(values)
-    for old, new in aliases.items():
-        if old in out:
-            value = out.pop(old)
-            out.setdefault(new, value)
-    return out
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -462,40 +464,35 @@ PROBE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve_probe_config(
-    *, source: str | None = None, preset: str | None = None, config_file: str | Path | None = None, **options: Any
+    *,
+    trained_on: dict[str, Any] | None = None,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    **options: Any,
 ) -> ProbeConfig:
-    """As resolve_config, with what SOURCE was trained on as the base: its dataset and input size (read from
-    its run.json / config.json, mochi_hub.sources.source_defaults) unless given. Without --preset, the
-    dataset (given or the SOURCE's) selects the preset of the same name."""
+    """As resolve_config, with what the SOURCE was trained on as the base (`trained_on`: its dataset and input
+    size, from mochi_hub.sources.source_defaults) where not given. Without --preset, the dataset (given or the
+    SOURCE's) selects the preset of the same name."""
     given = {
         **(load_config_file(config_file) if config_file is not None else {}),
         **{k: v for k, v in options.items() if v is not None},
     }
-    base: dict[str, Any] = {}
-    if source is not None and ("dataset" not in given or "image_size" not in given):
-        from .sources import source_defaults
-
-        base = {k: v for k, v in source_defaults(source).items() if k not in given}
+    base = {k: v for k, v in (trained_on or {}).items() if k not in given}
     dataset = given.get("dataset", base.get("dataset"))
     if preset is None and dataset in PROBE_PRESETS:
         preset = dataset
     return resolve_config(ProbeConfig, PROBE_PRESETS, preset=preset, config_file=config_file, base=base, **options)
 
 
-def complete_probe_config(config: ProbeConfig, source: str) -> ProbeConfig:
-    """Fill the fields left to the SOURCE (dataset, image size) for a library caller that built the config
-    by hand; the CLI resolves them up front. Raises when the SOURCE does not say and nobody else did."""
-    if config.dataset is not None and config.image_size is not None:
-        return config
-    from .sources import source_defaults
-
-    found = source_defaults(source)
-    values = {k: v for k, v in found.items() if getattr(config, k) is None}
+def complete_probe_config(config: ProbeConfig, trained_on: dict[str, Any], source: str) -> ProbeConfig:
+    """Fill the fields left to the SOURCE (dataset, image size) from `trained_on`; raise, naming the option, when
+    neither the caller nor the SOURCE says."""
+    values = {k: v for k, v in trained_on.items() if k in ("dataset", "image_size") and getattr(config, k) is None}
     config = dataclasses.replace(config, **values)
     if config.dataset is None:
         raise ValueError(
-            f"--dataset: SOURCE {source} does not record a dataset it was trained on that can be "
-            "read here; pass --dataset"
+            f"--dataset: SOURCE {source} does not record a dataset it was trained on that can be read here; "
+            "pass --dataset"
         )
     if config.image_size is None:
         raise ValueError(f"--image-size: SOURCE {source} records no input size; pass --image-size")

@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     import timm
     import torch
 
-    from .config import resolve_probe_config, resolve_train_config
+    from .config import resolve_train_config
     from .export import export_run
     from .pretrain import initial_encoder, train
     from .probe import run_probe
-    from .sources import weights_sha256
+    from .sources import probe_config_for, weights_sha256
 
     print("== 1/3 pretrain: MoCo-v2 + MoCHi on Fashion-MNIST (preset 'demo')", flush=True)
     # resume="auto": a second `make demo` finishes or re-exports the same run instead of refusing its folder.
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     info = {"kind": "untrained", "weights_sha256": weights_sha256(untrained), "num_features": untrained.num_features}
     scores: dict[str, dict[str, float]] = {"untrained": {}, "trained": {}}
     for protocol in ("knn", "fast"):  # a run directory's results land in RUN/probes/: the export's card reports them
-        probe = resolve_probe_config(source=str(run_dir), protocol=protocol, max_images=4096, workers=2)
+        probe = probe_config_for(str(run_dir), protocol=protocol, max_images=4096, workers=2)
         scores["trained"][protocol] = run_probe(str(run_dir), probe, show=False)["top1"]
         scores["untrained"][protocol] = run_probe("untrained", probe, backbone=(untrained, info), show=False)["top1"]
     print(f"\n{'backbone':<28} {'kNN top-1 %':>12} {'fast-linear top-1 %':>20}")

@@ -58,7 +58,7 @@ from .features import (
 from .frozen import check_frozen, freeze, snapshot
 from .runs import PROBES
 from .sampling import EpochShuffle, SeededItems, subset
-from .sources import load_backbone
+from .sources import load_backbone, source_defaults
 
 log = logging.getLogger(__name__)
 
@@ -561,7 +561,8 @@ def run_probe(
     way); `backbone` (module, info) and `sources` (train, eval images) replace what SOURCE and --dataset would
     load, for tests and library callers."""
     started_at, clock = datetime.now(UTC), time.perf_counter()
-    config = complete_probe_config(config, source)
+    if config.dataset is None or config.image_size is None:  # left to the SOURCE: what it was trained on
+        config = complete_probe_config(config, source_defaults(source), source)
     p = _prepare(source, config, accelerator, backbone, sources)
     before = snapshot(p.module)
     timings: dict[str, float] = {}

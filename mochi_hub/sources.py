@@ -100,6 +100,14 @@ def source_defaults(source: str) -> dict[str, Any]:
     return {}
 
 
+def probe_config_for(source: str, **options: Any):
+    """`mochi probe SOURCE [options]`'s config: the options over what SOURCE was trained on, resolved and complete."""
+    from .config import complete_probe_config, resolve_probe_config
+
+    trained_on = source_defaults(source)
+    return complete_probe_config(resolve_probe_config(trained_on=trained_on, **options), trained_on, source)
+
+
 def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
     """SOURCE -> (backbone in eval mode, info). info: kind, source, architecture, num_features,
     weights_sha256, where it came from, and the mean/std the weights declare."""

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from mochi_hub.checkpoint import latest_checkpoint
 from mochi_hub.cli.app import app
-from mochi_hub.config import resolve_probe_config
 from mochi_hub.pretrain import train
 from mochi_hub.probe import result_name
+from mochi_hub.sources import probe_config_for
 
 from runs import tiny_config, write_image_folder
 
@@ -210,9 +210,7 @@ def test_probe_defaults_to_what_the_source_was_trained_on(run_dir, tmp_path):
         mochi("probe", run_dir / "export", "--dataset", trained["dataset"], "--print-config").stdout
     )
     assert exported["image_size"] == 32  # the export's pretrained_cfg input size
-    names = {
-        result_name(resolve_probe_config(source=str(run_dir), protocol="knn", image_size=size)) for size in (32, 48)
-    }
+    names = {result_name(probe_config_for(str(run_dir), protocol="knn", image_size=size)) for size in (32, 48)}
     assert len(names) == 2  # another size never overwrites a result
 
 
