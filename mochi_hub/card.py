@@ -20,7 +20,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from . import __version__
+from .version import __version__
 
 TEMPLATE = "mochi_timm.md"
 DEFAULT_LICENSE = "apache-2.0"

@@ -46,7 +46,7 @@ from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from . import __version__, persist
+from . import persist
 from .coco import CocoSplit, DetectionImages, collate, evaluate_boxes, evaluator, load_dataset, to_coco_detections
 from .config import DetectConfig
 from .console import progress_bar
@@ -54,6 +54,7 @@ from .distributed import all_ranks_true, launched_accelerator
 from .runs import DETECTION
 from .seeding import generator, stream_seed
 from .sources import load_backbone
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

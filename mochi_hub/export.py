@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from . import __version__, plots
+from . import plots
 from .augment import MEAN, STD
 from .card import DEFAULT_LICENSE, PAPER_ID, PAPER_NAME, method_name, model_card_from_export, redact_local_paths
 from .checkpoint import checkpoint_step
@@ -41,6 +41,7 @@ from .runs import (
     read_results,
     run_backbone_args,
 )
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor
 
-from . import __version__
 from .checkpoint import finish_checkpoint, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig, resume_differences, train_config_from_dict
 from .console import progress_bar
@@ -37,6 +36,7 @@ from .queue import NegativeQueue
 from .runs import MetricsLog, RunSummary, write_run_info
 from .seeding import generator
 from .step import StepOutput, cosine_lr, training_step
+from .version import __version__
 from .views import BatchViews, epoch_loader, pretraining_views, resolve_augment_on
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__, persist
+from . import persist
 from .augment import MEAN, STD, eval_transform, probe_train_transform
 from .classify import knn_scores, lr_at, make_classifier, topk_hits
 from .config import PAPER_PROTOCOL_DATASETS, PROBE_PRESETS, ProbeConfig, complete_probe_config
@@ -59,6 +59,7 @@ from .frozen import check_frozen, freeze, snapshot
 from .runs import PROBES
 from .sampling import EpochShuffle, SeededItems, subset
 from .sources import load_backbone, source_defaults
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
