@@ -140,5 +140,6 @@ def test_all_three_source_forms_give_identical_features(tmp_path):
     )
     result = run_probe(str(run_dir), config, show=False)
     assert result["source_info"]["kind"] == "run-export"
-    saved = json.loads((run_dir / "probes" / "knn-fashion-mnist-val-max40.json").read_text())
+    (saved_path,) = (run_dir / "probes").glob("knn-fashion-mnist-val-*px-max40-*.json")
+    saved = json.loads(saved_path.read_text())
     assert saved["top1"] == result["top1"] and saved["source"] == str(run_dir)
