@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from mochi_hub.config import DETECT_PRESETS, DetectConfig, resolve_detect_config
 
-from .options import FAILURE, USAGE, config_options, exit_on, with_signature
+from .options import FAILURE, SOURCE, USAGE, config_options, exit_on, with_signature
 from .options import print_config as show_config
 
 HELP = {
@@ -40,20 +37,6 @@ HELP = {
     "mixed_precision": "no | bf16 | fp16: autocast of the detector's forward. [default: no]",
     "preset": f"Start from a preset: {', '.join(DETECT_PRESETS)}.",
 }
-
-SOURCE = inspect.Parameter(
-    "source",
-    inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    annotation=Annotated[
-        str,
-        typer.Argument(
-            help="A run directory (its export/, else its newest checkpoint), an exported timm folder "
-            "(config.json + model.safetensors), or hf-hub:org/name[@revision].",
-            metavar="SOURCE",
-            show_default=False,
-        ),
-    ],
-)
 
 
 def run(source: str, *, print_config: bool = False, **options: Any) -> None:

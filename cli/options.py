@@ -110,3 +110,19 @@ def exit_on(*errors: type[BaseException], code: int) -> Iterator[None]:
         fail(error, code)
     except KeyboardInterrupt:
         raise typer.Exit(INTERRUPTED) from None
+
+
+# The positional SOURCE of `mochi probe` and `mochi detect`: anything sources.load_backbone reads.
+SOURCE = inspect.Parameter(
+    "source",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Annotated[
+        str,
+        typer.Argument(
+            help="A run directory (its export/, else its newest checkpoint), an exported timm folder "
+            "(config.json + model.safetensors), or hf-hub:org/name[@revision].",
+            metavar="SOURCE",
+            show_default=False,
+        ),
+    ],
+)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from mochi_hub.config import PROBE_PRESETS, ProbeConfig
 
-from .options import FAILURE, USAGE, config_options, exit_on, with_signature
+from .options import FAILURE, SOURCE, USAGE, config_options, exit_on, with_signature
 from .options import print_config as show_config
 
 HELP = {
@@ -43,20 +40,6 @@ HELP = {
     "strict_data": "Stop at the first unusable image instead of reporting and skipping it.",
     "preset": f"Start from a preset: {', '.join(PROBE_PRESETS)}. [default: the one --dataset names, if any]",
 }
-
-SOURCE = inspect.Parameter(
-    "source",
-    inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    annotation=Annotated[
-        str,
-        typer.Argument(
-            help="A run directory (its export/, else its newest checkpoint), an exported timm folder "
-            "(config.json + model.safetensors), or hf-hub:org/name[@revision].",
-            metavar="SOURCE",
-            show_default=False,
-        ),
-    ],
-)
 
 
 def run(source: str, *, print_config: bool = False, **options: Any) -> None:
