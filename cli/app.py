@@ -48,7 +48,7 @@ app.command("probe", help="Evaluate a frozen backbone: the paper's linear protoc
 app.command("detect", help="Fine-tune Faster R-CNN + FPN on a backbone (COCO layout data) and report box AP.")(detect)
 app.command("export", help="Export a run's backbone as a timm folder (or detectron2 / torchvision weights).")(export)
 app.command("push", help="Upload an export, with its model card, to the Hugging Face Hub.")(push)
-app.command("presets", help="List the presets of train and probe with their resolved values.")(presets)
+app.command("presets", help="List the presets of train, probe and detect with their resolved values.")(presets)
 
 
 def main() -> None:

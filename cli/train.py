@@ -35,7 +35,7 @@ HELP = {
     "init": "Initial weights: moco (MoCo's reference init: timm ResNets with zero_init_last=False) | timm "
     "(timm's default, zero-initialised last BatchNorm of each residual block). [default: moco]",
     "bn_splits": "BatchNorm groups over the global batch, in both encoders (the paper's 8 GPUs; the key "
-    "encoder's groups come from the shuffled batch). [default: 8]",
+    "encoder's groups come from the shuffled batch). [default: groups of 32 images, at most 8]",
     "lr_warmup_epochs": "Linear learning-rate warm-up epochs before the cosine schedule. [default: 0]",
     "proj_dim": "Output width of the MLP projection head. [default: 128]",
     "weight_decay": "SGD weight decay. [default: 1e-4]",

@@ -1,4 +1,4 @@
-"""One MoCo-v2 + MoCHi training step, as in DESIGN.md:
+"""One MoCo-v2 + MoCHi training step (MoCo's Algorithm 1 with MoCHi's synthetic negatives, Sec. 4 of the paper):
 
     two views -> query encoder (grads) and key encoder (momentum copy, shuffle-BN) -> l_pos, l_neg, MoCHi
     synthetic logits -> InfoNCE -> SGD step -> momentum update -> enqueue the keys of every process.
