@@ -78,6 +78,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SHUFFLE_CHILD = textwrap.dedent("""
+    import sys, torch
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+    from mochi_hub.distributed import shuffled_keys
+    from mochi_hub.model import Encoder, create_backbone, make_key_encoder
+    from mochi_hub.seeding import generator
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    torch.manual_seed(0)  # the same key encoder on both ranks
+    key = make_key_encoder(Encoder(create_backbone("test_resnet"), 16))
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(100 + rank))  # this rank's 6
+    out = {"alone": key.eval()(images)}
+    out["mine"], out["everyone"] = shuffled_keys(key, images, accelerator, generator(0, "shuffle_bn", 0), splits=2)
+    key.train()
+    out["mine_train"], out["everyone_train"] = shuffled_keys(
+        key, images, accelerator, generator(0, "shuffle_bn", 0), splits=2
+    )
+    out["alone_train"] = key(images, splits=2)
+    save_file({k: v.clone() for k, v in out.items()}, f"{sys.argv[1]}/rank{rank}.safetensors")
+    accelerator.end_training()
+""")
+
+
+@pytest.mark.ci
+def test_shuffle_bn_unshuffles_row_for_row_across_two_processes(tmp_path):
+    """torchrun, 2 CPU processes: shuffle-BN gathers both ranks' images, embeds a shuffled slice on each and
+    gathers back. In eval mode (BatchNorm independent of its group) every rank must get exactly its own
+    images' keys, row for row, and the queue's global keys are rank 0's then rank 1's; in train mode the keys
+    come from groups that mix the ranks' images, so they differ from each rank's own groups."""
+    script = tmp_path / "child.py"
+    script.write_text(SHUFFLE_CHILD)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", str(script), str(tmp_path)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
+    rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    for ranked in (rank0, rank1):
+        torch.testing.assert_close(ranked["mine"], ranked["alone"], rtol=0, atol=1e-6)
+        assert not torch.allclose(ranked["mine_train"], ranked["alone_train"], atol=1e-4)
+    for name in ("everyone", "everyone_train"):
+        assert torch.equal(rank0[name], rank1[name]), name  # one permutation, one gathered batch on every rank
+    torch.testing.assert_close(rank0["everyone"], torch.cat([rank0["alone"], rank1["alone"]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rank0["everyone_train"], torch.cat([rank0["mine_train"], rank1["mine_train"]]))
+
+
 @pytest.mark.ci
 def test_two_processes_share_one_queue_and_one_model(tmp_path):
     """torchrun, 2 CPU processes (gloo): the ranks end identical, and the queue holds the gathered keys in order."""
