@@ -173,8 +173,16 @@ def test_kill_9_at_five_moments_then_resume_equals_an_uninterrupted_run(tmp_path
 def test_ctrl_c_says_where_the_newest_checkpoint_is_and_exits_130(tmp_path):
     config = tiny_config(tmp_path / "run", epochs=50, save_every_steps=2, max_train_images=64)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A job started in the background by a non-interactive shell (`make test &`) inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt: give the child the default disposition, as a terminal would.
     process = subprocess.Popen(
-        cli_args(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env, text=True
+        cli_args(config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while latest_checkpoint(tmp_path / "run") is None and time.monotonic() < deadline:
