@@ -71,10 +71,9 @@ def knn_top1(backbone: nn.Module, data: tuple[Tensor, ...]) -> float:
     return 100.0 * (scores.argmax(1) == test_y).float().mean().item()
 
 
-def probes(
-    source: str, module: nn.Module | None, info: dict[str, Any], image_size: int, bank: int, cache: Path
-) -> dict[str, float]:
-    """The real `mochi probe` knn and fast top-1 of a backbone (a run directory, or a module with its info)."""
+def probes(source: str, backbone: tuple[nn.Module, dict] | None, image_size: int, bank: int, cache: Path) -> dict:
+    """The real `mochi probe` knn and fast top-1 of a backbone: a run directory (backbone None, its results kept
+    in RUN/probes/), or a (module, info) pair."""
     from mochi_hub.config import resolve_probe_config
     from mochi_hub.probe import run_probe
 
@@ -88,9 +87,17 @@ def probes(
             workers=2,
             cache_dir=str(cache),
         )
-        backbone = None if module is None else (module, info)
         out[protocol] = run_probe(source, config, backbone=backbone, show=False)["top1"]
     return out
+
+
+def pixels_reference(bank_images: Tensor) -> tuple[Pixels, dict[str, Any]]:
+    """Raw pixels centred by the bank's mean image, with the info `run_probe` wants for a module."""
+    from mochi_hub.sources import weights_sha256
+
+    pixels = Pixels(bank_images.mean(0)).eval()
+    info = {"kind": "raw-pixels", "weights_sha256": weights_sha256(pixels), "num_features": pixels.mean_image.numel()}
+    return pixels, info
 
 
 def run(args) -> dict[str, Any]:
@@ -111,7 +118,7 @@ def run(args) -> dict[str, Any]:
     shutil.rmtree(config.output, ignore_errors=True)
     data = eval_tensors(config.image_size, args.bank)
     untrained = initial_encoder(config)[0].backbone.eval()
-    pixels = Pixels(data[0].mean(0)).eval()
+    pixels = pixels_reference(data[0])
     curve = [{"step": 0, "knn": knn_top1(untrained, data), "train_s": 0.0}]
     clock = {"train": 0.0, "since": time.perf_counter()}
 
@@ -133,24 +140,11 @@ def run(args) -> dict[str, Any]:
         clock["train"] += time.perf_counter() - clock["since"]
         curve.append({"step": last_step, "knn": knn_top1(trained, data), "train_s": round(clock["train"], 1)})
     cache = args.runs_dir / "feature-cache"
+    untrained_info = {"weights_sha256": weights_sha256(untrained), "num_features": untrained.num_features}
     references = {
-        "untrained": probes(
-            "untrained",
-            untrained,
-            {"weights_sha256": weights_sha256(untrained), "num_features": untrained.num_features},
-            config.image_size,
-            args.bank,
-            cache,
-        ),
-        "raw pixels (centred)": probes(
-            "pixels",
-            pixels,
-            {"weights_sha256": weights_sha256(pixels), "num_features": int(pixels.mean_image.numel())},
-            config.image_size,
-            args.bank,
-            cache,
-        ),
-        "trained": probes(str(run_dir), None, {}, config.image_size, args.bank, cache),
+        "untrained": probes("untrained", (untrained, untrained_info), config.image_size, args.bank, cache),
+        "raw pixels (centred)": probes("pixels", pixels, config.image_size, args.bank, cache),
+        "trained": probes(str(run_dir), None, config.image_size, args.bank, cache),
     }
     return {
         "config": config.to_dict(),

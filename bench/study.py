@@ -84,27 +84,14 @@ def train_config(args, mochi: tuple[int, int, int], seed: int, run_dir: Path):
     )
 
 
-def probe_all(source: str, backbone, args, image_size: int) -> dict[str, Any]:
-    """knn and fast results of the real `run_probe` (kept in RUN/probes/ for a run directory)."""
-    from mochi_hub.config import resolve_probe_config
-    from mochi_hub.probe import run_probe
-
-    out = {}
-    for protocol in ("knn", "fast"):
-        config = resolve_probe_config(
-            dataset="fashion-mnist",
-            protocol=protocol,
-            image_size=image_size,
-            max_images=args.bank,
-            workers=2,
-            cache_dir=str(args.runs_dir / "feature-cache"),
-        )
-        out[protocol] = run_probe(source, config, backbone=backbone, show=False)
-    return out
+def cache(args) -> Path:
+    return args.runs_dir / "feature-cache"
 
 
 def reference(args, seed: int, log) -> dict[str, float]:
     """The untrained backbone of `seed` (every setting of that seed starts from it), probed as the runs are."""
+    from learning import probes
+
     from mochi_hub.pretrain import initial_encoder
     from mochi_hub.sources import weights_sha256
 
@@ -118,8 +105,10 @@ def reference(args, seed: int, log) -> dict[str, float]:
             "weights_sha256": weights_sha256(module),
             "num_features": module.num_features,
         }
-        found = probe_all(f"untrained:{config.model}:seed{seed}", (module, info), args, config.image_size)
-        path.write_text(json.dumps({p: r["top1"] for p, r in found.items()}))
+        found = probes(
+            f"untrained:{config.model}:seed{seed}", (module, info), config.image_size, args.bank, cache(args)
+        )
+        path.write_text(json.dumps(found))
         log(f"untrained seed {seed}: kNN {json.loads(path.read_text())['knn']:.2f}")
     return json.loads(path.read_text())
 
@@ -127,18 +116,10 @@ def reference(args, seed: int, log) -> dict[str, float]:
 def raw_pixels(args, image_size: int) -> dict[str, float]:
     path = args.runs_dir / "raw-pixels.json"
     if not path.is_file():
-        from learning import Pixels, eval_tensors
+        from learning import eval_tensors, pixels_reference, probes
 
-        from mochi_hub.sources import weights_sha256
-
-        module = Pixels(eval_tensors(image_size, args.bank)[0].mean(0)).eval()
-        info = {
-            "kind": "raw-pixels",
-            "weights_sha256": weights_sha256(module),
-            "num_features": int(module.mean_image.numel()),
-        }
-        found = probe_all("raw pixels (centred)", (module, info), args, image_size)
-        path.write_text(json.dumps({p: r["top1"] for p, r in found.items()}))
+        pixels = pixels_reference(eval_tensors(image_size, args.bank)[0])
+        path.write_text(json.dumps(probes("raw pixels (centred)", pixels, image_size, args.bank, cache(args))))
     return json.loads(path.read_text())
 
 
@@ -158,9 +139,11 @@ def do_run(args, name: str, mochi, seed: int, run_dir: Path, log) -> None:
         t = time.perf_counter()
         train(config)
         log(f"{name} seed {seed}: trained in {time.perf_counter() - t:.0f} s")
-    found = probe_all(str(run_dir), None, args, config.image_size)
-    (run_dir / "probes.json").write_text(json.dumps({p: r["top1"] for p, r in found.items()}))
-    log(f"{name} seed {seed}: kNN {found['knn']['top1']:.2f}, fast {found['fast']['top1']:.2f}")
+    from learning import probes
+
+    found = probes(str(run_dir), None, config.image_size, args.bank, cache(args))
+    (run_dir / "probes.json").write_text(json.dumps(found))
+    log(f"{name} seed {seed}: kNN {found['knn']:.2f}, fast {found['fast']:.2f}")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # export/ keeps the backbone
 
 
