@@ -2,38 +2,28 @@
 and its untrained twin, and writes a row per backbone."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
+from bench_runs import failure, run_bench
 from detection import tiny_timm_folder
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_detection_benchmark_quick_run_writes_a_row_per_backbone(tmp_path):
     source = tiny_timm_folder(tmp_path / "tiny")
     out = tmp_path / "detection.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "detection.py"),
-            "--quick",
-            str(source),
-            "--threads",
-            "1",
-            "--workers",
-            "0",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    done = run_bench(
+        "detection",
+        "--quick",
+        source,
+        "--threads",
+        "1",
+        "--workers",
+        "0",
+        "--out",
+        out,
         timeout=300,
-        cwd=ROOT,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        OMP_NUM_THREADS="1",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     result = json.loads(out.read_text())
     assert [row["backbone"] for row in result["rows"]] == [str(source), "untrained test_resnet (MoCo init)"]
     for row in result["rows"]:

@@ -4,28 +4,16 @@ export) at toy sizes in seconds and writes the JSON the GPU run writes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_runs import ROOT, failure, run_bench
 
 
 @pytest.mark.ci
 def test_gpu_bench_smoke_runs_every_part(tmp_path):
     out = tmp_path / "gpu.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_bench("gpu", "--smoke", "--out", out, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    assert done.returncode == 0, failure(done)
     result = json.loads(out.read_text())
     for part in ("step", "data", "train", "smoke"):
         assert "error" not in result[part], result[part]

@@ -1,23 +1,14 @@
 """bench/head.py keeps running: a --quick smoke run in a subprocess writes the three variants."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench_runs import failure, run_bench
 
 
 def test_head_benchmark_quick_run_writes_three_variants(tmp_path):
     out = tmp_path / "head.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "head.py"), "--quick", "--threads", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_bench("head", "--quick", "--threads", "1", "--out", out, timeout=120)
+    assert done.returncode == 0, failure(done)
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["rows"]}
     assert set(rows) == {"mochi", "reference", "moco"}

@@ -1,38 +1,14 @@
 """bench/probe.py keeps running: a --quick smoke run in a subprocess writes every protocol's row."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-from mochi_hub.data import DEBIAN_FASHION_MNIST
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_runs import failure, run_bench
 
 
-@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_probe_benchmark_quick_run_writes_every_protocol(tmp_path):
     out = tmp_path / "probe.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "probe.py"),
-            "--quick",
-            "--threads",
-            "1",
-            "--workers",
-            "0",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_bench("probe", "--quick", "--threads", "1", "--workers", "0", "--out", out, timeout=300)
+    assert done.returncode == 0, failure(done)
     result = json.loads(out.read_text())
     rows = {row["protocol"]: row for row in result["rows"]}
     assert set(rows) == {"fast (cold)", "fast (warm)", "linear", "knn"}
