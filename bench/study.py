@@ -10,7 +10,8 @@ learning must beat, probed the same way: the exact untrained backbone of its see
 initial_encoder) and raw pixels (centred by the bank's mean image). The runs' metrics.jsonl give the curves of
 proxy top-1, uniformity, alignment and the false-negative rate; the paper's claims get a verdict from seed means
 and their standard errors. Resumable: a finished run (run.json with a summary and both probes) is kept, an
-interrupted one continues from its newest checkpoint. `--report-only` rewrites the report from what finished;
+interrupted one continues from its newest checkpoint. `--report-only` trains nothing: it rewrites the report from
+the runs that finished, probing any reference they lack (an interrupted study computes its references last);
 `--compare-with OLD/study.json` adds whether this study reproduces an earlier table within the seed spread.
 
 The report's text is bench/study_report.md.j2; the hand-written notes (what was tried, what failed and why) are
@@ -377,7 +378,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--runs-dir", type=Path, default=common.ROOT / "runs" / "study")
     p.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --quick: 0)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a preset field")
-    p.add_argument("--report-only", action="store_true", help="only rewrite --out from finished runs")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rewrite --out from the finished runs (probing any reference they lack)",
+    )
     p.add_argument("--compare-with", type=Path, default=None, help="an earlier study.json to compare against")
     args = common.parse(p, argv)
     import torch
@@ -409,22 +414,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif not args.report_only:
             log(f"{name} seed {seed}: running in {run_dir}")
             do_run(args, name, args.settings[name], seed, run_dir, log)
-    references = {"untrained": {}, "raw pixels": None}
-    if not args.report_only:
-        references["raw pixels"] = raw_pixels(args, image_size)
-        references["untrained"] = {seed: reference(args, seed, log) for seed in args.seeds}
-    else:
-        pixels = args.runs_dir / "raw-pixels.json"
-        references["raw pixels"] = json.loads(pixels.read_text()) if pixels.is_file() else {"knn": None, "fast": None}
-        references["untrained"] = {
-            s: json.loads((args.runs_dir / f"untrained-s{s}.json").read_text())
-            for s in args.seeds
-            if (args.runs_dir / f"untrained-s{s}.json").is_file()
-        }
+    done = [(n, s) for n, s in expected if finished(args.runs_dir / f"{slug(args.settings[n])}-s{s}")]
+    # Probed here, not per run, so --report-only after an interrupted study also probes what it lacks.
+    references = {
+        "raw pixels": raw_pixels(args, image_size),
+        "untrained": {seed: reference(args, seed, log) for seed in sorted({s for _, s in done})},
+    }
     records = [
-        record(d, n, args.settings[n], s, references["untrained"][s])
-        for n, s in expected
-        if finished(d := args.runs_dir / f"{slug(args.settings[n])}-s{s}") and s in references["untrained"]
+        record(args.runs_dir / f"{slug(args.settings[n])}-s{s}", n, args.settings[n], s, references["untrained"][s])
+        for n, s in done
     ]
     invocations_file = args.runs_dir / "invocations.json"
     invocations = json.loads(invocations_file.read_text()) if invocations_file.is_file() else []

@@ -1,5 +1,6 @@
 """bench/study.py --quick: the whole study path (train, probe, references, aggregate, plot, report) on a tiny
-budget; resumable; --compare-with reproduces a study exactly. And the statistics on hand-made records."""
+budget; resumable; --report-only probes the references it lacks and trains nothing; --compare-with reproduces a
+study exactly. And the statistics on hand-made records."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def test_quick_study_writes_a_report_with_its_references_and_resumes(tmp_path):
     assert "mochi train" not in again.stderr  # nothing was trained again
 
     shutil.copy(out / "study.json", tmp_path / "before.json")
+    references = [runs / "untrained-s0.json", runs / "raw-pixels.json"]
+    for path in references:  # as after an interrupted study, which probes its references last
+        path.unlink()
     compared = subprocess.run(
         [*command, "--report-only", "--compare-with", str(tmp_path / "before.json")],
         cwd=ROOT,
@@ -68,6 +72,7 @@ def test_quick_study_writes_a_report_with_its_references_and_resumes(tmp_path):
         timeout=900,
     )
     assert compared.returncode == 0, compared.stderr[-3000:]
+    assert all(path.is_file() for path in references) and "mochi train" not in compared.stderr
     rep = json.loads((out / "study.json").read_text())["reproducibility"]
     assert [(r["setting"], r["seed"]) for r in rep["same_runs"]] == [("MoCo-v2", 0), ("MoCHi (128, 64, 32)", 0)]
     assert all(v == 0.0 for r in rep["same_runs"] for v in r["abs_diff"].values())
