@@ -13,6 +13,8 @@ and their standard errors. Resumable: a finished run (run.json with a summary an
 interrupted one continues from its newest checkpoint. `--report-only` trains nothing: it rewrites the report from
 the runs that finished, probing any reference they lack (an interrupted study computes its references last);
 `--compare-with OLD/study.json` adds whether this study reproduces an earlier table within the seed spread.
+`--reuse OLD/study.json` continues a study whose run directories are gone (a new machine, a fresh clone): the runs
+it holds of the same recipe (the same config but for where it ran) are kept with its references, the rest are run.
 
 The report's text is bench/study_report.md.j2; the hand-written notes (what was tried, what failed and why) are
 bench/study_notes.md, included verbatim.
@@ -85,6 +87,10 @@ def train_config(args, mochi: tuple[int, int, int], seed: int, run_dir: Path):
     )
 
 
+def run_path(args, name: str, seed: int) -> Path:
+    return args.runs_dir / f"{slug(args.settings[name])}-s{seed}"
+
+
 def cache(args) -> Path:
     return args.runs_dir / "feature-cache"
 
@@ -122,6 +128,31 @@ def raw_pixels(args, image_size: int) -> dict[str, float]:
         pixels = pixels_reference(eval_tensors(image_size, args.bank)[0])
         path.write_text(json.dumps(probes("raw pixels (centred)", pixels, image_size, args.bank, cache(args))))
     return json.loads(path.read_text())
+
+
+def restore(args, earlier: dict[str, Any], log) -> dict[tuple[str, int], dict[str, Any]]:
+    """The records of an earlier study.json (its run directories gone: a new machine) that trained exactly what
+    this study would, by (setting, seed); its references and invocations fill in what --runs-dir lacks."""
+    from mochi_hub.config import resume_differences, train_config_from_dict
+
+    kept = {}
+    for r in earlier["runs"]:
+        name, seed = r["setting"], r["seed"]
+        if name not in args.settings or seed not in args.seeds:
+            continue
+        now = train_config(args, args.settings[name], seed, Path(r["run_dir"]))
+        if differences := resume_differences(train_config_from_dict(r["config"]), now):
+            raise SystemExit(f"--reuse: {name} seed {seed} trained another recipe ({'; '.join(differences)})")
+        kept[name, seed] = r
+    if not kept:
+        raise SystemExit("--reuse: the earlier study has none of this study's runs")
+    files = {"raw-pixels.json": earlier["references"]["raw pixels"], "invocations.json": earlier["invocations"]}
+    files |= {f"untrained-s{s}.json": found for s, found in earlier["references"]["untrained"].items()}
+    for file, content in files.items():
+        if not (args.runs_dir / file).is_file():
+            (args.runs_dir / file).write_text(json.dumps(content, indent=1))
+    log(f"reused {len(kept)} runs of the earlier study ({', '.join(f'{n} seed {s}' for n, s in kept)})")
+    return kept
 
 
 def finished(run_dir: Path) -> bool:
@@ -384,6 +415,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="train nothing: rewrite --out from the finished runs (probing any reference they lack)",
     )
     p.add_argument("--compare-with", type=Path, default=None, help="an earlier study.json to compare against")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="an earlier study.json whose run directories are gone: its runs of the same recipe are kept, not re-run",
+    )
     args = common.parse(p, argv)
     import torch
     import yaml
@@ -397,8 +434,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.compare_with.read_text()) if args.compare_with else None
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
-    if "--compare-with" in given:  # shapes the report only: not part of the study's command
-        del given[given.index("--compare-with") : given.index("--compare-with") + 2]
+    for option in ("--compare-with", "--reuse"):  # how this invocation reports or resumes: not the study's command
+        if option in given:
+            del given[given.index(option) : given.index(option) + 2]
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/study.py", *given])
     started, clock = datetime.now(UTC), time.perf_counter()
 
@@ -407,21 +445,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     expected = [(name, seed) for seed in args.seeds for name in args.settings]  # seed-major: whole seeds first
     image_size = train_config(args, (0, 0, 0), 0, args.runs_dir / "unused").image_size
+    reused = restore(args, json.loads(args.reuse.read_text()), log) if args.reuse else {}
     for name, seed in expected:
-        run_dir = args.runs_dir / f"{slug(args.settings[name])}-s{seed}"
+        run_dir = run_path(args, name, seed)
         if finished(run_dir):
             log(f"{name} seed {seed}: finished earlier, kept ({run_dir})")
+        elif (name, seed) in reused:
+            reused[name, seed]["reused"] = True
         elif not args.report_only:
             log(f"{name} seed {seed}: running in {run_dir}")
             do_run(args, name, args.settings[name], seed, run_dir, log)
-    done = [(n, s) for n, s in expected if finished(args.runs_dir / f"{slug(args.settings[n])}-s{s}")]
+    done = [(n, s) for n, s in expected if finished(run_path(args, n, s)) or (n, s) in reused]
     # Probed here, not per run, so --report-only after an interrupted study also probes what it lacks.
     references = {
         "raw pixels": raw_pixels(args, image_size),
         "untrained": {seed: reference(args, seed, log) for seed in sorted({s for _, s in done})},
     }
     records = [
-        record(args.runs_dir / f"{slug(args.settings[n])}-s{s}", n, args.settings[n], s, references["untrained"][s])
+        record(run_path(args, n, s), n, args.settings[n], s, references["untrained"][s])
+        if finished(run_path(args, n, s))
+        else reused[n, s]
         for n, s in done
     ]
     invocations_file = args.runs_dir / "invocations.json"

@@ -1,6 +1,6 @@
 """bench/study.py --quick: the whole study path (train, probe, references, aggregate, plot, report) on a tiny
 budget; resumable; --report-only probes the references it lacks and trains nothing; --compare-with reproduces a
-study exactly. And the statistics on hand-made records."""
+study exactly; --reuse continues from a study.json alone. And the statistics on hand-made records."""
 
 from __future__ import annotations
 
@@ -64,13 +64,8 @@ def test_quick_study_writes_a_report_with_its_references_and_resumes(tmp_path):
     references = [runs / "untrained-s0.json", runs / "raw-pixels.json"]
     for path in references:  # as after an interrupted study, which probes its references last
         path.unlink()
-    compared = subprocess.run(
-        [*command, "--report-only", "--compare-with", str(tmp_path / "before.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    quiet = dict(cwd=ROOT, capture_output=True, text=True, timeout=900)
+    compared = subprocess.run([*command, "--report-only", "--compare-with", str(tmp_path / "before.json")], **quiet)
     assert compared.returncode == 0, compared.stderr[-3000:]
     assert all(path.is_file() for path in references) and "mochi train" not in compared.stderr
     rep = json.loads((out / "study.json").read_text())["reproducibility"]
@@ -78,6 +73,19 @@ def test_quick_study_writes_a_report_with_its_references_and_resumes(tmp_path):
     assert all(v == 0.0 for r in rep["same_runs"] for v in r["abs_diff"].values())
     readme = (out / "README.md").read_text()
     assert "## Re-running the study" in readme and "--compare-with" not in readme.split("## Command")[1][:300]
+
+    # A new machine: the run directories are gone, the committed study.json remains.
+    shutil.rmtree(runs)
+    reused = subprocess.run([*command, "--reuse", str(tmp_path / "before.json")], **quiet)
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert "reused 2 runs" in reused.stdout and "mochi train" not in reused.stderr  # nothing trained, nothing probed
+    after = json.loads((out / "study.json").read_text())
+    before = json.loads((tmp_path / "before.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "reused"} for r in after["runs"]] == before["runs"]
+    assert after["references"] == before["references"] and after["aggregate"] == before["aggregate"]
+    assert after["command"] == before["command"]  # --reuse is how it resumed, not part of the study
+    other = subprocess.run([*command, "--reuse", str(tmp_path / "before.json"), "--set", "temperature=0.1"], **quiet)
+    assert other.returncode != 0 and "--reuse: MoCo-v2 seed 0 trained another recipe (temperature" in other.stderr
 
 
 def _load_study():
