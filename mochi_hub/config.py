@@ -11,7 +11,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 # Choices are Literal types: the one place that lists them (the CLI shows them, __post_init__ checks them).
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -68,6 +69,27 @@ def _check_choices(config: Any) -> None:
             )
 
 
+def _check_numbers(config: Any) -> None:
+    """Every int- or float-typed field (optional or not) holds a number. A numeric string becomes one: YAML 1.1
+    (PyYAML, so config files and `--set`) reads `5e-4` as the string '5e-4'."""
+    for name, hint in get_type_hints(type(config)).items():
+        kinds = set(get_args(hint)) if get_origin(hint) in (Union, UnionType) else {hint}
+        kind = int if int in kinds else float if float in kinds else None
+        value = getattr(config, name)
+        if kind is None or value is None:
+            continue
+        if isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool):
+            continue
+        try:
+            number = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            number = None
+        if number is None or (kind is int and not number.is_integer()):
+            article = "an integer" if kind is int else "a number"
+            raise ValueError(f"--{name.replace('_', '-')} must be {article}, got {value!r}")
+        setattr(config, name, kind(number))
+
+
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False, zero: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -120,6 +142,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile both encoders (in place: the state dict keeps its names)
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         self.mochi = parse_mochi(self.mochi)
         n_hard, s, s_prime = self.mochi
         for name in (
@@ -413,6 +436,7 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         self.lr_milestones = parse_milestones(self.lr_milestones)
+        _check_numbers(self)
         _check_choices(self)
         for name in ("epochs", "batch_size", "lr", "knn_k", "knn_temperature"):
             _positive(name, getattr(self, name))
@@ -526,6 +550,7 @@ class DetectConfig:
 
     def __post_init__(self) -> None:
         self.lr_milestones = parse_milestones(self.lr_milestones)
+        _check_numbers(self)
         _check_choices(self)
         for name in ("epochs", "batch_size", "image_size", "fpn_channels"):
             _positive(name, getattr(self, name))

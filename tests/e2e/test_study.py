@@ -33,7 +33,8 @@ def _table(text: str, header_start: str) -> list[list[str]]:
 def test_quick_study_writes_a_report_with_its_references_and_resumes(tmp_path):
     out, runs = tmp_path / "study", tmp_path / "runs"
     command = [sys.executable, str(ROOT / "bench" / "study.py"), "--quick", "--out", str(out), "--runs-dir", str(runs)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    quiet = dict(cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, **quiet)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     readme = (out / "README.md").read_text()
@@ -56,7 +57,7 @@ def test_quick_study_writes_a_report_with_its_references_and_resumes(tmp_path):
         assert gain == pytest.approx(knn - untrained["knn"], abs=0.02)  # the gain is over the seed's own init
     assert "bench/study.py --quick" in readme and "## The paper's claims at this scale" in readme
 
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(command, **quiet)
     assert again.returncode == 0 and again.stdout.count("finished earlier, kept") == 2
     assert "mochi train" not in again.stderr  # nothing was trained again
 
@@ -64,7 +65,6 @@ def test_quick_study_writes_a_report_with_its_references_and_resumes(tmp_path):
     references = [runs / "untrained-s0.json", runs / "raw-pixels.json"]
     for path in references:  # as after an interrupted study, which probes its references last
         path.unlink()
-    quiet = dict(cwd=ROOT, capture_output=True, text=True, timeout=900)
     compared = subprocess.run([*command, "--report-only", "--compare-with", str(tmp_path / "before.json")], **quiet)
     assert compared.returncode == 0, compared.stderr[-3000:]
     assert all(path.is_file() for path in references) and "mochi train" not in compared.stderr

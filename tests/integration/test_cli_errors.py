@@ -86,6 +86,18 @@ def test_a_broken_config_file_is_one_line(tmp_path):
     assert result.exit_code == 2 and "not valid YAML at line" in one_error_line(result)
 
 
+def test_numbers_in_a_config_file_as_yaml_writes_them(tmp_path):
+    config = tmp_path / "wd.yaml"
+    config.write_text("weight_decay: 5e-4\nlr: 1e-2\nepochs: 30\n")  # PyYAML (YAML 1.1) reads 5e-4 as a string
+    printed = yaml.safe_load(mochi("train", "--config", config, "--print-config").stdout)
+    assert (printed["weight_decay"], printed["lr"], printed["epochs"]) == (0.0005, 0.01, 30)
+    config.write_text("weight_decay: a little\n")
+    result = mochi("train", "--config", config)
+    assert result.exit_code == 2 and "--weight-decay must be a number, got 'a little'" in one_error_line(result)
+    config.write_text("epochs: 2.5\n")
+    assert "--epochs must be an integer, got 2.5" in one_error_line(mochi("train", "--config", config))
+
+
 def test_a_text_file_or_a_flat_folder_as_dataset(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
