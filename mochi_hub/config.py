@@ -22,7 +22,6 @@ OnNonFinite = Literal["stop", "skip"]
 AugmentOn = Literal["auto", "workers", "device"]
 Protocol = Literal["linear", "knn", "fast"]
 Split = Literal["val", "train"]
-MIXED_PRECISIONS, INITS, REPORTERS = get_args(MixedPrecision), get_args(Init), get_args(Reporter)
 
 
 def parse_mochi(value: str | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
@@ -143,6 +142,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_numbers(self)
+        _check_choices(self)
         self.mochi = parse_mochi(self.mochi)
         n_hard, s, s_prime = self.mochi
         for name in (
@@ -162,12 +162,6 @@ class TrainConfig:
             _positive(name, getattr(self, name), allow_none=True)
         if not 0.0 <= self.key_momentum < 1.0:
             raise ValueError(f"--key-momentum must lie in [0, 1), got {self.key_momentum}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(
-                f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}"
-            )
-        if self.init not in INITS:
-            raise ValueError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.bn_splits is not None and (self.batch_size % self.bn_splits or self.batch_size // self.bn_splits < 2):
             raise ValueError(
                 f"--bn-splits ({self.bn_splits}) must divide --batch-size ({self.batch_size}) into "

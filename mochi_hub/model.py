@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any
+from typing import Any, get_args
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-INITS = ("moco", "timm")
+from mochi_hub.config import Init
+
+INITS = get_args(Init)
 INIT_ONLY_ARGS = ("zero_init_last",)
 
 

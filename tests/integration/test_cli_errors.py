@@ -98,6 +98,18 @@ def test_numbers_in_a_config_file_as_yaml_writes_them(tmp_path):
     assert "--epochs must be an integer, got 2.5" in one_error_line(mochi("train", "--config", config))
 
 
+@pytest.mark.parametrize(
+    "field, value", [("report_to", "wandbb"), ("augment_on", "gpu"), ("on_nonfinite", "ignore"), ("init", "torch")]
+)
+def test_a_choice_in_a_config_file_is_checked_as_its_option_is(tmp_path, field, value):
+    config = tmp_path / "choice.yaml"
+    config.write_text(f"{field}: {value}\n")  # a config file does not pass through typer's choices
+    result = mochi("train", "--config", config)
+    option = "--" + field.replace("_", "-")
+    assert result.exit_code == 2 and f"{option} must be one of" in one_error_line(result)
+    assert f"got '{value}'" in one_error_line(result)
+
+
 def test_a_text_file_or_a_flat_folder_as_dataset(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
