@@ -208,6 +208,7 @@ def record(run_dir: Path, name: str, mochi, seed: int, untrained: dict[str, floa
         "proxy_after_warmup": mean(after, "proxy_top1"),
         "uniformity_after_warmup": mean(after, "uniformity"),
         "wall_time_s": info["summary"]["wall_time_s"],
+        "hosts": info["summary"].get("hosts", []),  # runs before mochi-hub recorded hosts have none
         "warmup_steps": warm,
         "total_steps": info["total_steps"],
         "steps_per_epoch": info["steps_per_epoch"],

@@ -151,6 +151,12 @@ def _pct(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
+def _duration(seconds: float | None) -> str | None:
+    if not seconds:
+        return None
+    return f"{seconds / 60:.1f} minutes" if seconds < 3600 else f"{seconds / 3600:.1f} hours"
+
+
 def _hyperparameters(config: Mapping[str, Any], run_info: Mapping[str, Any]) -> list[tuple[str, str]]:
     mochi = list(config.get("mochi", (0, 0, 0)))
     batch = run_info.get("global_batch_size") or config.get("batch_size")
@@ -280,7 +286,7 @@ def generate_model_card(
     config_dict: the resolved TrainConfig (`to_dict()`); probe_results: `mochi probe` JSON records;
     repo_id: where it is (or will be) published, used in the usage snippet; model_info: what the export
     knows of the network (architecture, num_features, global_pool, num_params, input_size, mean, std,
-    feature_info); run_info: num_processes, global_batch_size, mochi_hub_version; detection_results:
+    feature_info); run_info: num_processes, global_batch_size, mochi_hub_version, summary (hosts, wall_time_s); detection_results:
     `mochi detect` JSON records (box AP in the model-index as object-detection results).
     """
     config = redact_local_paths(dict(config_dict))
@@ -366,6 +372,8 @@ def generate_model_card(
         paper_rows=_paper_rows(config, architecture),
         has_curves=has_curves,
         num_processes=run.get("num_processes"),
+        hosts=(run.get("summary") or {}).get("hosts") or [],
+        training_time=_duration((run.get("summary") or {}).get("wall_time_s")),
         mochi_hub_version=run.get("mochi_hub_version") or __version__,
         license=license,
     )

@@ -33,7 +33,7 @@ from .mixing import hardest_negatives
 from .model import Encoder, backbone_args, create_backbone, make_key_encoder, structural_args
 from .persist import StateFileError, ensure_writable_dir
 from .queue import NegativeQueue
-from .runs import MetricsLog, RunSummary, write_run_info
+from .runs import MetricsLog, RunSummary, describe_host, write_run_info
 from .seeding import generator
 from .step import StepOutput, cosine_lr, training_step
 from .version import __version__
@@ -260,6 +260,9 @@ class _Run:
             first_bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device),
         )
         run.resume_or_reset(resume_from)
+        host = describe_host(accelerator.device, world)
+        if host not in run.summary.hosts:  # a resumed run may have trained elsewhere before
+            run.summary.hosts.append(host)
         if run.is_main:
             write_run_info(run_dir, info)
             run.print_summary()

@@ -1,6 +1,7 @@
 """A run directory, as `mochi train` writes it and export, probe, push and detect read it.
 
 RUN/run.json          the resolved config, processes, batch sizes, the backbone's build; at the end a summary
+                      (RunSummary: counts, time, the hosts it trained on)
 RUN/metrics.jsonl     one record per logged step ("kind": "step") and per epoch ("kind": "epoch")
 RUN/checkpoints/      mochi_hub.checkpoint
 RUN/probes/*.json     results of `mochi probe` on this run (the model card reports them)
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .checkpoint import latest_checkpoint, load_query_backbone_tensors, read_state
@@ -45,6 +48,7 @@ class RunSummary:
     nonfinite_steps: int = 0
     wall_time_s: float = 0.0
     bad_files: list[str] = field(default_factory=list)  # "path: reason", each unusable file once
+    hosts: list[str] = field(default_factory=list)  # describe_host() of each machine it trained on, once
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
@@ -60,7 +64,22 @@ class RunSummary:
             "wall_time_s": round(self.wall_time_s, 2),
             "images_per_sec": round(throughput, 2),
             "bad_files": self.bad_files,
+            "hosts": self.hosts,
         }
+
+
+def describe_host(device: torch.device, processes: int) -> str:
+    """Where a run trains, in one line: speeds (and, across CPU kernels, the last digits) compare only on like hosts."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    except OSError:  # not Linux
+        pass
+    cpu = f"{cpu} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads per process)"
+    if device.type == "cuda":
+        return f"{processes} x {torch.cuda.get_device_name(device)}, CPU {cpu}"
+    return f"{processes} process(es) on {device.type}, CPU {cpu}"
 
 
 # --- writing -------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ def test_quick_study_writes_a_report_with_its_references_and_resumes(tmp_path):
         assert knn == pytest.approx(by_setting[row[0]]["knn"], abs=0.01)
         assert gain == pytest.approx(knn - untrained["knn"], abs=0.02)  # the gain is over the seed's own init
     assert "bench/study.py --quick" in readme and "## The paper's claims at this scale" in readme
+    per_run = _table(readme, "| setting | seed |")  # the last column: where each run trained
+    assert [r[-1] for r in per_run] == ["; ".join(r["hosts"]) for r in study["runs"]]
+    assert all(len(r["hosts"]) == 1 and r["hosts"][0].startswith("1 process(es) on cpu, CPU ") for r in study["runs"])
 
     again = subprocess.run(command, **quiet)
     assert again.returncode == 0 and again.stdout.count("finished earlier, kept") == 2

@@ -3,6 +3,7 @@ the torchvision and detectron2 formats load where they are meant to. Real weight
 
 import json
 import pickle
+import re
 import shutil
 
 import pytest
@@ -20,7 +21,7 @@ from mochi_hub.cli.app import app
 from mochi_hub.convert import ConversionError, to_detectron2, torchvision_state_dict
 from mochi_hub.export import ExportError, clean_pretrained_cfg, export_run
 from mochi_hub.model import create_backbone
-from mochi_hub.runs import load_run_backbone
+from mochi_hub.runs import describe_host, load_run_backbone
 
 from runs import PROBES, assert_close, make_run, sample_images
 
@@ -80,6 +81,10 @@ def test_timm_folder_holds_backbone_and_timm_config(run_dir, export_dir):
     assert cfg["training_config"] == redact_local_paths(config.to_dict())
     assert cfg["probe_results"] == redact_local_paths(PROBES)
     assert cfg["run"]["checkpoint_step"] == 3 and cfg["run"]["num_processes"] == 1
+    hosts = cfg["run"]["summary"]["hosts"]
+    assert hosts == [describe_host(torch.device("cpu"), 1)]
+    card = (export_dir / "README.md").read_text()  # the card names the hardware and the time it trained
+    assert f"Hardware: {hosts[0]}." in card and re.search(r"on 1 process\(es\) for \d+\.\d minutes\.", card)
     assert cfg["feature_info"] == {"channels": [32, 32, 48, 192, 96], "reduction": [2, 4, 8, 16, 32]}
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from mochi_hub.config import TrainConfig
 from mochi_hub.pretrain import train
+from mochi_hub.runs import describe_host
 
 from runs import tiny_config
 
@@ -79,6 +80,30 @@ def test_resume_continues_exactly(tmp_path, augment_on):
     run = json.loads((tmp_path / "resumed" / "run.json").read_text())
     assert run["summary"]["resumes"] == 1 and run["summary"]["images_seen"] == 8 * 16
     assert run["augment_on"] == augment_on
+
+
+def test_run_json_names_every_host_the_run_trained_on_once(tmp_path):
+    here = describe_host(torch.device("cpu"), 1)
+    assert f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads per process)" in here
+    config = tiny_config(tmp_path / "run", max_steps=4)
+    train(config)
+    first = json.loads((tmp_path / "run" / "run.json").read_text())["summary"]["hosts"]
+    assert first == [here]
+    # As if the first part had run on another machine: the checkpoint carries the hosts, the resume adds its own.
+    state_file = tmp_path / "run" / "checkpoints" / "step-0000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["summary"]["hosts"] = ["1 x NVIDIA H200, CPU elsewhere"]
+    state_file.write_text(json.dumps(state))
+    train(dataclasses.replace(config, max_steps=6, resume="auto"))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["summary"]["hosts"] == [
+        "1 x NVIDIA H200, CPU elsewhere",
+        here,
+    ]
+    train(dataclasses.replace(config, max_steps=8, resume="auto"))  # the same host again: named once
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["summary"]["hosts"] == [
+        "1 x NVIDIA H200, CPU elsewhere",
+        here,
+    ]
 
 
 def test_resume_refuses_an_incompatible_config(tmp_path):
