@@ -286,8 +286,9 @@ def generate_model_card(
     config_dict: the resolved TrainConfig (`to_dict()`); probe_results: `mochi probe` JSON records;
     repo_id: where it is (or will be) published, used in the usage snippet; model_info: what the export
     knows of the network (architecture, num_features, global_pool, num_params, input_size, mean, std,
-    feature_info); run_info: num_processes, global_batch_size, mochi_hub_version, summary (hosts, wall_time_s); detection_results:
-    `mochi detect` JSON records (box AP in the model-index as object-detection results).
+    feature_info); run_info: num_processes, global_batch_size, mochi_hub_version, summary (hosts,
+    wall_time_s); detection_results: `mochi detect` JSON records (box AP in the model-index as object-detection
+    results).
     """
     config = redact_local_paths(dict(config_dict))
     probes = [redact_local_paths(dict(p)) for p in probe_results]
