@@ -65,19 +65,19 @@ def environment(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
     """The command line, git commit, package versions, CPU and load average, for the JSON."""
     import torch
 
+    from mochi_hub.runs import cpu_model
+
     args = sys.argv if argv is None else [script, *argv]
     cpuinfo = ""
     with contextlib.suppress(OSError):
         cpuinfo = Path("/proc/cpuinfo").read_text()
-    lines = cpuinfo.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    flags = next((line for line in lines if line.startswith("flags")), "")
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
     return dict(
         command=" ".join(shlex.quote(x) for x in [sys.executable, *args]),
         git=_git(),
         versions={"python": platform.python_version(), **{name: _version(name) for name in PACKAGES}},
         cpu=dict(
-            model=model or platform.processor(),
+            model=cpu_model(),
             machine=platform.machine(),
             logical_cpus=os.cpu_count(),
             usable_cpus=usable_cpus(),

@@ -295,6 +295,7 @@ def generate_model_card(
     detections = [redact_local_paths(dict(r)) for r in detection_results]
     info = dict(model_info or {})
     run = dict(run_info or {})
+    summary = run.get("summary") or {}  # RunSummary.to_dict()
     architecture = info.get("architecture") or config.get("model", "unknown")
     mochi = list(config.get("mochi", (0, 0, 0)))
     method = method_name(mochi)
@@ -373,8 +374,8 @@ def generate_model_card(
         paper_rows=_paper_rows(config, architecture),
         has_curves=has_curves,
         num_processes=run.get("num_processes"),
-        hosts=(run.get("summary") or {}).get("hosts") or [],
-        training_time=_duration((run.get("summary") or {}).get("wall_time_s")),
+        hosts=summary.get("hosts") or [],
+        training_time=_duration(summary.get("wall_time_s")),
         mochi_hub_version=run.get("mochi_hub_version") or __version__,
         license=license,
     )

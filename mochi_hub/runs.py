@@ -68,15 +68,19 @@ class RunSummary:
         }
 
 
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo on Linux, else what the platform module knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return model or platform.processor() or platform.machine()
+
+
 def describe_host(device: torch.device, processes: int) -> str:
     """Where a run trains, in one line: speeds (and, across CPU kernels, the last digits) compare only on like hosts."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    except OSError:  # not Linux
-        pass
-    cpu = f"{cpu} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads per process)"
+    cpu = f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads per process)"
     if device.type == "cuda":
         return f"{processes} x {torch.cuda.get_device_name(device)}, CPU {cpu}"
     return f"{processes} process(es) on {device.type}, CPU {cpu}"
