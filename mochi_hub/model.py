@@ -87,6 +87,58 @@ def pooled_width(backbone: nn.Module) -> int:
     return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
+class GroupedBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that, in training, normalises `groups` contiguous groups of the batch, each with its own
+    statistics, in one batch_norm call: MoCo's SplitBatchNorm (one device emulating several). Running the
+    backbone once per group gives the same normalisation but costs about 1.8x the step on a CPU (16-image
+    convolutions). The running statistics move once per forward, by the mean of the groups' statistics, as in
+    MoCo's; evaluation is plain BatchNorm. Parameters, buffers and state-dict keys are nn.BatchNorm2d's."""
+
+    groups: int = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.groups
+        if not self.training or g == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        # [g, n/g, C, H, W] -> [n/g, g*C, H, W]: group j's images become channels j*C .. (j+1)*C - 1.
+        grouped = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
+        tracking = self.track_running_stats and self.running_mean is not None
+        if tracking:
+            self.num_batches_tracked.add_(1)
+        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum) if tracking else 0.0
+        mean = self.running_mean.repeat(g) if tracking else None  # [g*C]
+        var = self.running_var.repeat(g) if tracking else None  # [g*C]
+        out = F.batch_norm(
+            grouped,
+            mean,
+            var,
+            self.weight.repeat(g) if self.weight is not None else None,
+            self.bias.repeat(g) if self.bias is not None else None,
+            training=True,
+            momentum=factor,
+            eps=self.eps,
+        )  # [n/g, g*C, H, W]
+        if tracking:
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(g, c).mean(0))
+                self.running_var.copy_(var.view(g, c).mean(0))
+        return out.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)  # [n, C, H, W]
+
+
+def group_batchnorm(module: nn.Module) -> bool:
+    """Turn every nn.BatchNorm2d inside `module` into a GroupedBatchNorm2d, in place (the same objects, so
+    parameters, buffers and optimiser references stay). True when no other kind of BatchNorm is left
+    (timm's BatchNormAct2d, for example): only then can the groups share one forward."""
+    others = False
+    for layer in module.modules():
+        if type(layer) is nn.BatchNorm2d:
+            layer.__class__ = GroupedBatchNorm2d
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm) and not isinstance(layer, GroupedBatchNorm2d):
+            others = True
+    return not others
+
+
 class Encoder(nn.Module):
     """Backbone + MoCo-v2's 2-layer MLP head (hidden = backbone width). Returns unit-norm embeddings."""
 
@@ -95,15 +147,29 @@ class Encoder(nn.Module):
         width = pooled_width(backbone)
         self.backbone = backbone
         self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
+        self.groups_in_one_pass = group_batchnorm(backbone)
 
     def forward(self, images: Tensor, splits: int = 1) -> Tensor:
-        """`splits` BatchNorm groups: the backbone runs on each group alone (MoCo's SplitBatchNorm, as its
-        single-GPU demo emulates several GPUs); the head has no BatchNorm and runs once."""
-        if splits > 1 and images.shape[0] >= splits:
+        """`splits` BatchNorm groups (MoCo's SplitBatchNorm, as its single-GPU demo emulates several GPUs):
+        one backbone pass with grouped BatchNorm where every BatchNorm is a BatchNorm2d and the batch divides
+        evenly, else the backbone runs on each group alone. The head has no BatchNorm and runs once."""
+        splits = splits if self.training else 1  # evaluation: BatchNorm uses its running statistics
+        if splits > 1 and self.groups_in_one_pass and images.shape[0] % splits == 0:
+            self._set_groups(splits)
+            try:
+                features = self.backbone(images)  # [B, width]
+            finally:
+                self._set_groups(1)
+        elif splits > 1 and images.shape[0] >= splits:
             features = torch.cat([self.backbone(group) for group in images.chunk(splits)])  # [B, width]
         else:
             features = self.backbone(images)  # [B, width]
         return F.normalize(self.head(features), dim=1)  # [B, proj_dim]
+
+    def _set_groups(self, groups: int) -> None:
+        for layer in self.backbone.modules():
+            if isinstance(layer, GroupedBatchNorm2d):
+                layer.groups = groups
 
 
 def make_key_encoder(query: Encoder) -> Encoder:
