@@ -15,7 +15,7 @@ from torch import nn
 from mochi_hub import persist
 from mochi_hub.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences, train_config_from_dict
 from mochi_hub.distributed import local_bn_splits, shuffled_keys
-from mochi_hub.model import Encoder, create_backbone, make_key_encoder, momentum_update
+from mochi_hub.model import Encoder, GroupedBatchNorm2d, create_backbone, make_key_encoder, momentum_update
 from mochi_hub.queue import NegativeQueue
 from mochi_hub.seeding import STREAMS, generator, stream_seed
 from mochi_hub.step import training_step
@@ -130,6 +130,61 @@ def test_shuffled_keys_unshuffle_row_for_row_on_one_process():
     key.train()
     grouped, _ = shuffled_keys(key, images, accelerator, generator(0, "shuffle_bn", 0), splits=3)
     assert not torch.allclose(grouped, key(images, splits=3), atol=1e-4)  # other groups, other statistics
+
+
+def test_grouped_batchnorm_is_batchnorm_on_each_group():
+    """One grouped call must normalise each contiguous group with its own statistics, exactly as BatchNorm2d
+    on that group alone (output and gradients), and move the running statistics once, by the groups' mean
+    (MoCo's SplitBatchNorm); in eval mode it is plain BatchNorm."""
+    torch.manual_seed(0)
+    grouped = GroupedBatchNorm2d(5, momentum=0.25)
+    nn.init.normal_(grouped.weight), nn.init.normal_(grouped.bias)
+    grouped.running_mean.normal_(), grouped.running_var.uniform_(0.5, 2.0)
+    plain = nn.BatchNorm2d(5, momentum=0.25)
+    plain.load_state_dict(grouped.state_dict())  # the same keys: exports stay timm's
+    before_mean, before_var = grouped.running_mean.clone(), grouped.running_var.clone()
+    x = (torch.randn(12, 5, 3, 4) * 3 + 1).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grouped.groups = 3
+    out = grouped(x)  # [12, 5, 3, 4]
+    reference = torch.cat(
+        [
+            nn.functional.batch_norm(part, None, None, plain.weight, plain.bias, training=True, eps=plain.eps)
+            for part in x_ref.chunk(3)
+        ]
+    )  # each group of 4 images alone
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    upstream = torch.randn_like(out)
+    out.backward(upstream), reference.backward(upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped.weight.grad, plain.weight.grad, rtol=0, atol=1e-4)
+    torch.testing.assert_close(grouped.bias.grad, plain.bias.grad, rtol=0, atol=1e-4)
+    parts = x.detach().chunk(3)
+    means = torch.stack([p.mean((0, 2, 3)) for p in parts]).mean(0)  # [5]
+    variances = torch.stack([p.var((0, 2, 3), unbiased=True) for p in parts]).mean(0)  # [5]
+    torch.testing.assert_close(grouped.running_mean, 0.75 * before_mean + 0.25 * means, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grouped.running_var, 0.75 * before_var + 0.25 * variances, rtol=0, atol=1e-5)
+    assert int(grouped.num_batches_tracked) == 1
+    grouped.eval(), plain.eval()
+    plain.load_state_dict(grouped.state_dict())
+    torch.testing.assert_close(grouped(x.detach()), plain(x.detach()), rtol=0, atol=0)
+
+
+def test_encoder_runs_batchnorm_groups_in_one_pass_like_one_pass_per_group():
+    """The encoder's single grouped pass must give the embeddings of running the backbone on each group alone
+    (the fallback for other norm layers, here forced), and leave the backbone's state-dict keys timm's."""
+    torch.manual_seed(0)
+    one_pass = Encoder(create_backbone("test_resnet"), 16)
+    assert one_pass.groups_in_one_pass
+    assert set(one_pass.backbone.state_dict()) == set(create_backbone("test_resnet").state_dict())
+    per_group = Encoder(create_backbone("test_resnet"), 16)
+    per_group.load_state_dict(one_pass.state_dict())
+    per_group.groups_in_one_pass = False  # the per-group loop
+    images = torch.randn(12, 3, 32, 32)
+    torch.testing.assert_close(one_pass(images, splits=3), per_group(images, splits=3), rtol=0, atol=1e-5)
+    assert not torch.allclose(one_pass(images, splits=3), one_pass(images), atol=1e-4)  # the groups matter
+    assert all(m.groups == 1 for m in one_pass.modules() if isinstance(m, GroupedBatchNorm2d))  # reset after
+    assert not Encoder(create_backbone("test_efficientnet"), 16).groups_in_one_pass  # BatchNormAct2d: per group
 
 
 def test_batchnorm_groups_per_process():
