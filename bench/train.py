@@ -26,6 +26,11 @@ imports, its output in ``<out>.logs/`` (bench/common.py).
    shuffle-BN), computes logits and loss in fp32 under bf16 (lightly: under autocast), keeps labels in the
    queue and seeds each image's augmentation; it also saves a checkpoint and the export after the last window.
 
+3. ``groups``: the step with BatchNorm groups in one backbone pass (``GroupedBatchNorm2d``, what the loop runs)
+   against one backbone pass per group (the fallback for other norm layers), at the ``fashion-mnist`` preset's
+   sizes (resnet18, 32 px, batch 128 in 8 groups, K = 4096, MoCHi): the same initial weights and batches in one
+   process, steps alternated ABBA as in part 1. Reported: median ms per step and per-group / one-pass.
+
 ``data`` (diagnostic): each side's CPU cost per image (decode, two views, collate), one thread as in a loader
 worker, alternated blocks of one batch; on 2 cores the workers share the CPUs with the step (part 2).
 
@@ -35,6 +40,7 @@ Run (the issue's sizes; about 15 minutes on 2 quiet cores):
     .venv/bin/python bench/train.py
     .venv/bin/python bench/train.py --parts step --step-pairs 20        # the step target only
     .venv/bin/python bench/train.py --parts step --threads 1            # the step on a busy machine
+    .venv/bin/python bench/train.py --parts groups                      # BatchNorm groups: one pass or one per group
     .venv/bin/python bench/train.py --parts data,throughput --rounds 1  # the lightly comparison only
     .venv/bin/python bench/train.py --check-loop 3                      # also prove the step is the loop's
     .venv/bin/python bench/train.py --quick                             # tiny smoke run (about a minute)
@@ -77,6 +83,7 @@ FULL = dict(
     bn_splits=None,
 )
 QUICK = dict(FULL, model="test_resnet", image_size=16, batch_size=8, queue_size=64, mochi=(16, 16, 8), bn_splits=2)
+PRESET = dict(FULL, image_size=32, batch_size=128, queue_size=4096, bn_splits=8)  # the fashion-mnist preset's
 MOCO = (0, 0, 0)
 PRECISIONS = {
     "fp32": dict(mixed_precision="no", channels_last=False),
@@ -105,6 +112,16 @@ group(s), K={queue_size}, {precision}, {pairs} pairs, {threads} thread(s))
 
 ratio of medians {ratio_of_medians:.3f}, median paired ratio {median_paired_ratio:.3f} -> target {target}: {verdict}
 process CPU time ratio {cpu_ratio_of_medians:.3f}; {loop}"""
+GROUPS_REPORT = """
+BatchNorm groups, alternated steps in one process ({model}, {image_size} px, batch {batch_size} in {groups} groups, \
+K={queue_size}, fp32, {pairs} pairs)
+
+| variant | median ms |
+|---|---:|
+| one backbone pass, grouped BatchNorm | {one_pass_median_ms:.1f} |
+| one backbone pass per group | {per_group_median_ms:.1f} |
+
+per group / one pass: ratio of medians {ratio_of_medians:.2f}, median paired ratio {median_paired_ratio:.2f}"""
 DATA_REPORT = """
 Data pipeline, one thread (decode + 2 augmented views + collate): ours {ours} ms/image, lightly {lightly} \
 ms/image (ours / lightly cost {ratio})"""
@@ -235,6 +252,44 @@ def step_child(settings: dict) -> dict:
         settings=base.to_dict(),
         mochi=list(configs["mochi"].mochi),
         batchnorm_groups=states["moco"]["bn_splits"],
+    )
+
+
+def groups_child(settings: dict) -> dict:
+    """The same config, weights and batches twice: BatchNorm groups in one pass, and one pass per group."""
+    from accelerate import Accelerator
+
+    from mochi_hub.data import resolve_dataset
+    from mochi_hub.views import epoch_loader, pretraining_views
+
+    config = train_config(
+        settings["sizes"], mochi=tuple(settings["sizes"]["mochi"]), precision="fp32", workers=0, seed=settings["seed"]
+    )
+    accelerator = Accelerator(cpu=True)
+    views = pretraining_views(resolve_dataset(config.dataset, "train"), config)
+    batches = list(islice(epoch_loader(views, config, 0), settings["batches"]))
+    states = {name: build_state(config, accelerator) for name in ("one_pass", "per_group")}
+    for encoder in (states["per_group"]["query"], states["per_group"]["key"]):
+        accelerator.unwrap_model(encoder).groups_in_one_pass = False
+    times: dict[str, list[float]] = {"one_pass": [], "per_group": []}
+    for i in range(settings["warmup"] + settings["pairs"]):
+        for name in ("one_pass", "per_group") if i % 2 == 0 else ("per_group", "one_pass"):
+            start = time.perf_counter()
+            bench_step(states[name], batches[i % len(batches)], i, len(views) // config.batch_size)
+            if i >= settings["warmup"]:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    medians = {f"{name}_median_ms": statistics.median(values) for name, values in times.items()}
+    return dict(
+        times_ms=times,
+        settings=config.to_dict(),
+        groups=states["one_pass"]["bn_splits"],
+        one_pass=accelerator.unwrap_model(states["one_pass"]["query"]).groups_in_one_pass,
+        summary=dict(
+            medians,
+            pairs=len(times["one_pass"]),
+            ratio_of_medians=medians["per_group_median_ms"] / medians["one_pass_median_ms"],
+            median_paired_ratio=statistics.median(b / a for a, b in zip(times["one_pass"], times["per_group"])),
+        ),
     )
 
 
@@ -479,6 +534,8 @@ def report(result: dict) -> str:
                 verdict="met" if step["summary"]["met"] else "MISSED",
             )
         )
+    if groups := result.get("groups"):
+        parts.append(GROUPS_REPORT.format(**{**groups["settings"], **groups["summary"]}, groups=groups["groups"]))
     if data := result.get("data"):
         d = data["summary"]
         parts.append(
@@ -522,7 +579,9 @@ def parse_args(argv=None):
         threads_help="torch threads in every measured process (default: torch's, as `mochi train`); "
         "1 makes CPU time a load-independent measure of work on a shared machine",
     )
-    p.add_argument("--parts", default="step,data,throughput", help="comma-separated: step, data, throughput")
+    p.add_argument(
+        "--parts", default="step,data,throughput", help="comma-separated: step, data, throughput, groups"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"throughput: among {', '.join(PRECISIONS)}")
@@ -532,7 +591,7 @@ def parse_args(argv=None):
     args.parts, args.precisions = (
         [x.strip() for x in value.split(",") if x.strip()] for value in (args.parts, args.precisions)
     )
-    if unknown := set(args.parts) - {"step", "data", "throughput"} | set(args.precisions) - set(PRECISIONS):
+    if unknown := set(args.parts) - {"step", "data", "throughput", "groups"} | set(args.precisions) - set(PRECISIONS):
         p.error(f"unknown part or precision: {', '.join(sorted(unknown))}")
     return args
 
@@ -584,6 +643,14 @@ def main(argv=None) -> int:
         if args.check_loop:
             print(f"step: checking it against mochi_hub.pretrain.train ({args.check_loop} steps) ...", flush=True)
             step["loop_check"] = check_against_loop(raw, settings, logs)
+
+    if "groups" in args.parts:
+        settings = dict(
+            base, sizes=QUICK if args.quick else PRESET, pairs=args.step_pairs, warmup=args.step_warmup,
+            batches=args.step_batches,
+        )
+        print(f"groups: {args.step_warmup} + {args.step_pairs} alternated pairs ...", flush=True)
+        result["groups"] = common.run_forked(groups_child, settings, logs / "groups.log")
 
     with tempfile.TemporaryDirectory(prefix="bench-train-fmnist-") as tmp:
         root = str(torchvision_root(Path(tmp))) if use_lightly and {"data", "throughput"} & set(args.parts) else None

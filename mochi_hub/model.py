@@ -123,7 +123,10 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.running_mean.copy_(mean.view(g, c).mean(0))
                 self.running_var.copy_(var.view(g, c).mean(0))
-        return out.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)  # [n, C, H, W]
+        out = out.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)  # [n, C, H, W]
+        # The reshapes copy into NCHW; hand channels_last on as it came, or every later convolution converts.
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def group_batchnorm(module: nn.Module) -> bool:

@@ -133,3 +133,17 @@ def test_full_run_without_lightly_refuses_with_a_clear_message(tmp_path):
     assert done.returncode == 2
     assert "lightly is not installed" in done.stderr and ".[bench]" in done.stderr
     assert not (tmp_path / "train.json").exists()
+
+
+@pytest.mark.ci
+def test_quick_groups_times_both_batchnorm_paths(tmp_path):
+    out = tmp_path / "train.json"
+    done = run_bench("--quick", "--parts", "groups", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| one backbone pass per group |" in done.stdout  # the Markdown table
+    groups = json.loads(out.read_text())["groups"]
+    assert groups["groups"] == 2 and groups["one_pass"] is True  # test_resnet's BatchNorm2d: the single pass
+    times, summary = groups["times_ms"], groups["summary"]
+    assert len(times["one_pass"]) == len(times["per_group"]) == summary["pairs"] >= 1
+    assert positive_numbers(times["one_pass"]) and positive_numbers(times["per_group"])
+    assert summary["ratio_of_medians"] == pytest.approx(summary["per_group_median_ms"] / summary["one_pass_median_ms"])

@@ -165,6 +165,9 @@ def test_grouped_batchnorm_is_batchnorm_on_each_group():
     torch.testing.assert_close(grouped.running_mean, 0.75 * before_mean + 0.25 * means, rtol=0, atol=1e-5)
     torch.testing.assert_close(grouped.running_var, 0.75 * before_var + 0.25 * variances, rtol=0, atol=1e-5)
     assert int(grouped.num_batches_tracked) == 1
+    as_channels_last = grouped(x.detach().contiguous(memory_format=torch.channels_last))
+    assert as_channels_last.is_contiguous(memory_format=torch.channels_last)  # the layout goes on as it came
+    torch.testing.assert_close(as_channels_last, out.detach(), rtol=0, atol=1e-6)
     grouped.eval(), plain.eval()
     plain.load_state_dict(grouped.state_dict())
     torch.testing.assert_close(grouped(x.detach()), plain(x.detach()), rtol=0, atol=0)
