@@ -579,9 +579,7 @@ def parse_args(argv=None):
         threads_help="torch threads in every measured process (default: torch's, as `mochi train`); "
         "1 makes CPU time a load-independent measure of work on a shared machine",
     )
-    p.add_argument(
-        "--parts", default="step,data,throughput", help="comma-separated: step, data, throughput, groups"
-    )
+    p.add_argument("--parts", default="step,data,throughput", help="comma-separated: step, data, throughput, groups")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"throughput: among {', '.join(PRECISIONS)}")
@@ -646,7 +644,10 @@ def main(argv=None) -> int:
 
     if "groups" in args.parts:
         settings = dict(
-            base, sizes=QUICK if args.quick else PRESET, pairs=args.step_pairs, warmup=args.step_warmup,
+            base,
+            sizes=QUICK if args.quick else PRESET,
+            pairs=args.step_pairs,
+            warmup=args.step_warmup,
             batches=args.step_batches,
         )
         print(f"groups: {args.step_warmup} + {args.step_pairs} alternated pairs ...", flush=True)

@@ -104,9 +104,10 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         # [g, n/g, C, H, W] -> [n/g, g*C, H, W]: group j's images become channels j*C .. (j+1)*C - 1.
         grouped = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
         tracking = self.track_running_stats and self.running_mean is not None
+        factor = 0.0  # how far the running statistics move (nn.BatchNorm2d's rule; momentum None: cumulative)
         if tracking:
             self.num_batches_tracked.add_(1)
-        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum) if tracking else 0.0
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         mean = self.running_mean.repeat(g) if tracking else None  # [g*C]
         var = self.running_var.repeat(g) if tracking else None  # [g*C]
         out = F.batch_norm(
