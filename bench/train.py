@@ -217,13 +217,36 @@ def bench_step(state: dict, batch: dict, step: int, steps_per_epoch: int) -> flo
     return float(out.loss)
 
 
+def first_batches(config, count: int) -> tuple[list[dict], int]:
+    """The loop's first `count` batches of epoch 0 (drawn once, so every variant steps on the same images), and the
+    number of steps in an epoch (for the lr schedule)."""
+    from mochi_hub.data import resolve_dataset
+    from mochi_hub.views import epoch_loader, pretraining_views
+
+    views = pretraining_views(resolve_dataset(config.dataset, "train"), config)
+    return list(islice(epoch_loader(views, config, 0), count)), len(views) // config.batch_size
+
+
+def alternate(states: dict[str, dict], batches: list[dict], settings: dict, steps_per_epoch: int) -> dict:
+    """Step every variant once a round, in A B then B A order, so that a drift in the machine's speed falls on
+    each alike; after settings["warmup"] rounds keep each step's wall and CPU ms. Every step's loss is kept (the
+    loop check compares the first ones with train()'s log)."""
+    names = list(states)
+    raw: dict[str, Any] = {kind: {name: [] for name in names} for kind in ("times_ms", "cpu_times_ms", "losses")}
+    for i in range(settings["warmup"] + settings["pairs"]):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            raw["losses"][name].append(bench_step(states[name], batches[i % len(batches)], i, steps_per_epoch))
+            if i >= settings["warmup"]:
+                raw["times_ms"][name].append((time.perf_counter() - start) * 1e3)
+                raw["cpu_times_ms"][name].append((time.process_time() - start_cpu) * 1e3)
+    return raw
+
+
 def step_child(settings: dict) -> dict:
     """Both variants in this process, the same initial weights and batches, steps alternated."""
     import torch
     from accelerate import Accelerator
-
-    from mochi_hub.data import resolve_dataset
-    from mochi_hub.views import epoch_loader, pretraining_views
 
     configs = {
         name: train_config(
@@ -233,21 +256,10 @@ def step_child(settings: dict) -> dict:
     }
     base = configs["moco"]
     accelerator = Accelerator(cpu=True, mixed_precision=base.mixed_precision)
-    views = pretraining_views(resolve_dataset(base.dataset, "train"), base)
-    batches = list(islice(epoch_loader(views, base, 0), settings["batches"]))  # the loop's first batches
+    batches, steps_per_epoch = first_batches(base, settings["batches"])
     states = {name: build_state(config, accelerator) for name, config in configs.items()}
-    raw: dict[str, Any] = {kind: {"moco": [], "mochi": []} for kind in ("times_ms", "cpu_times_ms", "losses")}
-    for i in range(settings["warmup"] + settings["pairs"]):
-        for name in ("moco", "mochi") if i % 2 == 0 else ("mochi", "moco"):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            raw["losses"][name].append(
-                bench_step(states[name], batches[i % len(batches)], i, len(views) // base.batch_size)
-            )  # every step: the loop check
-            if i >= settings["warmup"]:
-                raw["times_ms"][name].append((time.perf_counter() - start) * 1e3)
-                raw["cpu_times_ms"][name].append((time.process_time() - start_cpu) * 1e3)
     return dict(
-        raw,
+        alternate(states, batches, settings, steps_per_epoch),
         threads=torch.get_num_threads(),
         settings=base.to_dict(),
         mochi=list(configs["mochi"].mochi),
@@ -259,25 +271,15 @@ def groups_child(settings: dict) -> dict:
     """The same config, weights and batches twice: BatchNorm groups in one pass, and one pass per group."""
     from accelerate import Accelerator
 
-    from mochi_hub.data import resolve_dataset
-    from mochi_hub.views import epoch_loader, pretraining_views
-
     config = train_config(
         settings["sizes"], mochi=tuple(settings["sizes"]["mochi"]), precision="fp32", workers=0, seed=settings["seed"]
     )
     accelerator = Accelerator(cpu=True)
-    views = pretraining_views(resolve_dataset(config.dataset, "train"), config)
-    batches = list(islice(epoch_loader(views, config, 0), settings["batches"]))
+    batches, steps_per_epoch = first_batches(config, settings["batches"])
     states = {name: build_state(config, accelerator) for name in ("one_pass", "per_group")}
     for encoder in (states["per_group"]["query"], states["per_group"]["key"]):
         accelerator.unwrap_model(encoder).groups_in_one_pass = False
-    times: dict[str, list[float]] = {"one_pass": [], "per_group": []}
-    for i in range(settings["warmup"] + settings["pairs"]):
-        for name in ("one_pass", "per_group") if i % 2 == 0 else ("per_group", "one_pass"):
-            start = time.perf_counter()
-            bench_step(states[name], batches[i % len(batches)], i, len(views) // config.batch_size)
-            if i >= settings["warmup"]:
-                times[name].append((time.perf_counter() - start) * 1e3)
+    times = alternate(states, batches, settings, steps_per_epoch)["times_ms"]
     medians = {f"{name}_median_ms": statistics.median(values) for name, values in times.items()}
     return dict(
         times_ms=times,
