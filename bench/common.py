@@ -65,7 +65,7 @@ def environment(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
     """The command line, git commit, package versions, CPU and load average, for the JSON."""
     import torch
 
-    from mochi_hub.runs import cpu_model
+    from mochi_hub.training.runs import cpu_model
 
     args = sys.argv if argv is None else [script, *argv]
     cpuinfo = ""

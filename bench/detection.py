@@ -1,11 +1,11 @@
 """Detection transfer benchmark: box AP of backbones fine-tuned at equal budget on Fashion-MNIST canvases.
 
 The data is real: Fashion-MNIST items from Debian's idx files pasted onto canvases in the COCO layout
-(``mochi_hub.coco.write_canvas_dataset``: train canvases from the training split, val canvases from the test
+(``mochi_hub.evaluate.coco.write_canvas_dataset``: train canvases from the training split, val canvases from the test
 split, each box the tight outline of the item's own pixels, no overlaps; ``--backgrounds`` puts them on crops of
 scikit-image's bundled photos). Every SOURCE given (a run directory, a timm folder, hf-hub:...) and an untrained
 backbone of the same architecture with the same init as pretraining (``backbone_args(arch, init="moco")``,
-torch seed 0, saved as a timm folder) is fine-tuned with ``mochi_hub.detect.run_detect`` under the same
+torch seed 0, saved as a timm folder) is fine-tuned with ``mochi_hub.evaluate.detect.run_detect`` under the same
 DetectConfig (the ``canvas`` preset, overridable here) for each of ``--seeds``; the table gives AP and AP50
 (COCO box AP, %) as mean +- std over the seeds. A backbone worth publishing should beat the untrained one.
 
@@ -63,7 +63,7 @@ def untrained(arch: str, folder: Path) -> str:
     import timm
     import torch
 
-    from mochi_hub.model import backbone_args, create_backbone
+    from mochi_hub.method.model import backbone_args, create_backbone
 
     torch.manual_seed(0)
     timm.models.save_for_hf(
@@ -84,10 +84,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from mochi_hub.coco import write_canvas_dataset
     from mochi_hub.config import resolve_detect_config
-    from mochi_hub.detect import run_detect
-    from mochi_hub.sources import load_backbone
+    from mochi_hub.evaluate.coco import write_canvas_dataset
+    from mochi_hub.evaluate.detect import run_detect
+    from mochi_hub.publish.sources import load_backbone
 
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -7,7 +7,7 @@
 ResNet-50 at 224 px, bf16 autocast + channels_last, global batch 256, one process. Real photos: scikit-image's
 sample photos, cropped at random and resized to ImageNet-like 500x375 JPEGs, written on the spot. Parts:
 
-- step: one training step (mochi_hub.step.training_step, as the loop calls it) on pre-made device tensors,
+- step: one training step (mochi_hub.method.step.training_step, as the loop calls it) on pre-made device tensors,
   MoCo-v2 and MoCHi (1024, 1024, 512) at K = 16384 and 65536, alternated; median ms, images/s, peak memory.
 - data: images/s of the data path alone for 2..15 workers: PIL views in the workers (the worker path) against
   decode-only workers + the batched device views (`--augment-on device`).
@@ -140,11 +140,11 @@ def config_for(sizes: dict, **overrides: Any):
 def part_step(sizes: dict) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    from mochi_hub.distributed import local_bn_splits
-    from mochi_hub.model import Encoder, backbone_args, create_backbone, make_key_encoder
-    from mochi_hub.queue import NegativeQueue
-    from mochi_hub.seeding import generator
-    from mochi_hub.step import training_step
+    from mochi_hub.core.distributed import local_bn_splits
+    from mochi_hub.core.seeding import generator
+    from mochi_hub.method.model import Encoder, backbone_args, create_backbone, make_key_encoder
+    from mochi_hub.method.queue import NegativeQueue
+    from mochi_hub.method.step import training_step
 
     rows = []
     for queue_size in sizes["queues"]:
@@ -212,8 +212,8 @@ def part_step(sizes: dict) -> dict[str, Any]:
 
 
 def part_data(sizes: dict, photos: Path) -> dict[str, Any]:
-    from mochi_hub.data import resolve_dataset
-    from mochi_hub.views import BatchViews, epoch_loader, pretraining_views
+    from mochi_hub.data.datasets import resolve_dataset
+    from mochi_hub.data.views import BatchViews, epoch_loader, pretraining_views
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_dataset(str(photos), "train")
@@ -237,7 +237,7 @@ def part_data(sizes: dict, photos: Path) -> dict[str, Any]:
 
 
 def part_train(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
-    from mochi_hub.pretrain import train
+    from mochi_hub.training.pretrain import train
 
     rows = []
     workers = sizes["workers"][-1]
@@ -280,9 +280,9 @@ def part_train(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
 
 def part_smoke(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
     from mochi_hub.config import ProbeConfig
-    from mochi_hub.export import export_run
-    from mochi_hub.pretrain import train
-    from mochi_hub.probe import run_probe
+    from mochi_hub.evaluate.probe import run_probe
+    from mochi_hub.publish.export import export_run
+    from mochi_hub.training.pretrain import train
 
     reset_accelerate()
     run_dir = train(

@@ -1,8 +1,8 @@
 """Benchmark of the MoCHi head: contrastive logits + InfoNCE loss, forward and backward w.r.t. q, at the paper's
 scale (B=256, D=128, K in {16384, 65536}, MoCHi (N, s, s') = (1024, 1024, 512), temperature 0.2, float32, CPU):
 
-- ``mochi``: ``mochi_hub.loss.contrastive_logits`` + ``info_nce`` with a plan from
-  ``mochi_hub.mixing.sample_plan`` (synthetic logits assembled from l_neg, nothing materialised);
+- ``mochi``: ``mochi_hub.method.loss.contrastive_logits`` + ``info_nce`` with a plan from
+  ``mochi_hub.method.mixing.sample_plan`` (synthetic logits assembled from l_neg, nothing materialised);
 - ``reference``: the naive vectorised form written below: the hard negatives gathered to [B, N, D], mixed
   points [B, s, D] and [B, s', D] normalised and dotted with q by ``torch.bmm``, concatenated with l_pos
   and l_neg, cross-entropy. Same plan; before any timing the two are asserted to give the same loss and
@@ -76,7 +76,7 @@ def reference_head(q, k, queue, *, temperature, n_hard, plan):
     import torch
     import torch.nn.functional as F
 
-    from mochi_hub.mixing import hardest_negatives
+    from mochi_hub.method.mixing import hardest_negatives
 
     queue = queue.detach()
     dim = q.shape[1]
@@ -98,7 +98,7 @@ def reference_head(q, k, queue, *, temperature, n_hard, plan):
 
 def mochi_head(q, k, queue, *, temperature, n_hard, plan):
     """The library's head; with plan None, MoCo-v2's."""
-    from mochi_hub.loss import contrastive_logits, info_nce
+    from mochi_hub.method.loss import contrastive_logits, info_nce
 
     return info_nce(*contrastive_logits(q, k, queue, temperature=temperature, n_hard=n_hard, plan=plan))
 
@@ -115,7 +115,7 @@ def make_inputs(batch, dim, queue_size, n_hard, s, s_prime, *, dtype, seed=0):
     import torch
     import torch.nn.functional as F
 
-    from mochi_hub.mixing import sample_plan
+    from mochi_hub.method.mixing import sample_plan
 
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=1).requires_grad_(True)
@@ -339,7 +339,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch  # noqa: F401  (imported once, before the forks; nothing computes in this process)
 
-    import mochi_hub.loss  # noqa: F401
+    import mochi_hub.method.loss  # noqa: F401
 
     logs = args.out.with_suffix(".logs")
     result = dict(

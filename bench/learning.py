@@ -7,7 +7,7 @@ learning must beat: the exact untrained backbone (same architecture, init and se
 
 Fashion-MNIST: the kNN bank is a seeded 20,000-image subset of the training split, the queries the whole test
 split (10,000; --max-images subsets of both when --bank is smaller), at the run's image size through the probe's evaluation transform; kNN k = 200, T = 0.07, on the
-backbone's pooled features (mochi_hub.classify.knn_scores, as `mochi probe --protocol knn`). At the end the
+backbone's pooled features (mochi_hub.evaluate.classify.knn_scores, as `mochi probe --protocol knn`). At the end the
 trained backbone, the untrained one and raw pixels (centred by the bank's mean image) are also probed with the
 real `run_probe` (knn and fast), and the curve's last point must equal the knn probe (it is the same number
 computed twice). Writes a JSON (every point, the config, the references) and prints a table.
@@ -44,9 +44,9 @@ class Pixels(nn.Module):
 
 def eval_tensors(image_size: int, bank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(bank images, labels, test images, labels) through the probe's evaluation transform."""
-    from mochi_hub.augment import eval_transform
-    from mochi_hub.data import resolve_dataset, to_rgb
-    from mochi_hub.sampling import subset
+    from mochi_hub.data.augment import eval_transform
+    from mochi_hub.data.datasets import resolve_dataset, to_rgb
+    from mochi_hub.data.sampling import subset
 
     transform = eval_transform(image_size)
     out = []
@@ -60,7 +60,7 @@ def eval_tensors(image_size: int, bank: int) -> tuple[Tensor, Tensor, Tensor, Te
 
 @torch.no_grad()
 def knn_top1(backbone: nn.Module, data: tuple[Tensor, ...]) -> float:
-    from mochi_hub.classify import knn_scores
+    from mochi_hub.evaluate.classify import knn_scores
 
     bank_x, bank_y, test_x, test_y = data
     training = backbone.training
@@ -75,7 +75,7 @@ def probes(source: str, backbone: tuple[nn.Module, dict] | None, image_size: int
     """The real `mochi probe` knn and fast top-1 of a backbone: a run directory (backbone None, its results kept
     in RUN/probes/), or a (module, info) pair."""
     from mochi_hub.config import resolve_probe_config
-    from mochi_hub.probe import run_probe
+    from mochi_hub.evaluate.probe import run_probe
 
     out = {}
     for protocol in ("knn", "fast"):
@@ -93,7 +93,7 @@ def probes(source: str, backbone: tuple[nn.Module, dict] | None, image_size: int
 
 def pixels_reference(bank_images: Tensor) -> tuple[Pixels, dict[str, Any]]:
     """Raw pixels centred by the bank's mean image, with the info `run_probe` wants for a module."""
-    from mochi_hub.sources import weights_sha256
+    from mochi_hub.publish.sources import weights_sha256
 
     pixels = Pixels(bank_images.mean(0)).eval()
     info = {"kind": "raw-pixels", "weights_sha256": weights_sha256(pixels), "num_features": pixels.mean_image.numel()}
@@ -104,8 +104,8 @@ def run(args) -> dict[str, Any]:
     import yaml
 
     from mochi_hub.config import resolve_train_config
-    from mochi_hub.pretrain import initial_encoder, train
-    from mochi_hub.sources import weights_sha256
+    from mochi_hub.publish.sources import weights_sha256
+    from mochi_hub.training.pretrain import initial_encoder, train
 
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}  # "0.015" -> 0.015
     config = resolve_train_config(
@@ -132,7 +132,7 @@ def run(args) -> dict[str, Any]:
             clock["since"] = time.perf_counter()
 
     run_dir = train(config, on_step=on_step)
-    from mochi_hub.runs import load_run_backbone
+    from mochi_hub.training.runs import load_run_backbone
 
     trained, _, _, checkpoint = load_run_backbone(run_dir)
     last_step = int(checkpoint.name.split("-")[1])

@@ -1,7 +1,7 @@
 """Benchmark of `mochi probe` (issue 4's targets): the cached-feature ``fast`` protocol against the paper's
 ``linear`` protocol, on the same data with the same backbone and classifier settings, plus kNN.
 
-Each run is ``mochi_hub.probe.run_probe`` (behind ``mochi probe``) on real Fashion-MNIST from Debian's idx
+Each run is ``mochi_hub.evaluate.probe.run_probe`` (behind ``mochi probe``) on real Fashion-MNIST from Debian's idx
 files: the first ``--train-images`` of the training split and the first ``--eval-images`` of the test split
 (close to class-balanced), at the fashion-mnist preset's 32 px (evaluation: resize 37, centre crop 32) and
 classifier settings (epochs, lr, batch, milestones; SGD momentum 0.9, no weight decay), overridable here.
@@ -58,7 +58,7 @@ knn vote alone: {knn_s} s (features {features_s} s)
 
 def first_images(split: str, count: int):
     """The first `count` images of a Fashion-MNIST split (the same ones for every protocol)."""
-    from mochi_hub.data import FashionMNIST
+    from mochi_hub.data.datasets import FashionMNIST
 
     source = FashionMNIST(split)
     source.images, source.labels = source.images[:count], source.labels[:count]
@@ -69,7 +69,7 @@ def fresh_resnet18(folder: Path) -> str:
     import timm
     import torch
 
-    from mochi_hub.model import backbone_args, create_backbone
+    from mochi_hub.method.model import backbone_args, create_backbone
 
     build = backbone_args("resnet18", init="moco")
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     import torch
 
     from mochi_hub.config import resolve_probe_config
-    from mochi_hub.probe import run_probe
+    from mochi_hub.evaluate.probe import run_probe
 
     torch.set_num_threads(args.threads)
     result = dict(

@@ -6,7 +6,7 @@
 Every run is `mochi train --preset fashion-mnist` with one MoCHi setting and one seed (MoCo-v2 is MoCHi (0, 0, 0);
 MoCHi mixes after the preset's warm-up epoch), then `mochi probe` knn and fast on the test split (bank: a seeded
 20,000-image subset of the training split). Beside every trained backbone stand the references a claim of
-learning must beat, probed the same way: the exact untrained backbone of its seed (mochi_hub.pretrain.
+learning must beat, probed the same way: the exact untrained backbone of its seed (mochi_hub.training.pretrain.
 initial_encoder) and raw pixels (centred by the bank's mean image). The runs' metrics.jsonl give the curves of
 proxy top-1, uniformity, alignment and the false-negative rate; the paper's claims get a verdict from seed means
 and their standard errors. Resumable: a finished run (run.json with a summary and both probes) is kept, an
@@ -99,8 +99,8 @@ def reference(args, seed: int, log) -> dict[str, float]:
     """The untrained backbone of `seed` (every setting of that seed starts from it), probed as the runs are."""
     from learning import probes
 
-    from mochi_hub.pretrain import initial_encoder
-    from mochi_hub.sources import weights_sha256
+    from mochi_hub.publish.sources import weights_sha256
+    from mochi_hub.training.pretrain import initial_encoder
 
     path = args.runs_dir / f"untrained-s{seed}.json"
     if not path.is_file():
@@ -163,7 +163,7 @@ def finished(run_dir: Path) -> bool:
 def do_run(args, name: str, mochi, seed: int, run_dir: Path, log) -> None:
     import shutil
 
-    from mochi_hub.pretrain import train
+    from mochi_hub.training.pretrain import train
 
     config = train_config(args, mochi, seed, run_dir)
     info = run_dir / "run.json"
@@ -185,7 +185,7 @@ def mean(rows: list[dict[str, Any]], key: str) -> float | None:
 
 
 def record(run_dir: Path, name: str, mochi, seed: int, untrained: dict[str, float]) -> dict[str, Any]:
-    from mochi_hub.runs import read_metrics
+    from mochi_hub.training.runs import read_metrics
 
     info = json.loads((run_dir / "run.json").read_text())
     probes = json.loads((run_dir / "probes.json").read_text())
@@ -317,7 +317,7 @@ def reproducibility(agg: dict[str, Any], records: list[dict[str, Any]], previous
 def report(args, records, expected, references, meta, previous) -> dict[str, Any]:
     import jinja2
 
-    from mochi_hub import plots
+    from mochi_hub.publish import plots
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

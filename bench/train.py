@@ -3,17 +3,17 @@ training images/s against MoCo-v2 written with lightly. Each measurement runs in
 imports, its output in ``<out>.logs/`` (bench/common.py).
 
 1. ``step``: MoCHi (1024, 1024, 512) against MoCo-v2 (0, 0, 0), resnet18 (timm, MoCo's init), 64 px, batch 64
-   in 2 BatchNorm groups, K = 16384, fp32, in one process: both built as ``mochi_hub.pretrain`` builds them
+   in 2 BatchNorm groups, K = 16384, fp32, in one process: both built as ``mochi_hub.training.pretrain`` builds them
    (the same initial weights), on the loop's first Fashion-MNIST batches (``epoch_loader``) collated
-   beforehand, each step ``mochi_hub.step.training_step`` called as the loop calls it (its ``cosine_lr``,
+   beforehand, each step ``mochi_hub.method.step.training_step`` called as the loop calls it (its ``cosine_lr``,
    ``bn_splits`` from ``local_bn_splits``). Steps alternate ABBA ABBA ...: ``--step-warmup`` untimed pairs,
    ``--step-pairs`` timed. Reported: median wall and process CPU time per variant, the ratio of the medians
    and the median per-pair ratio (robust to drift). Target: MoCHi / MoCo-v2 <= 1.02. (On a shared machine 2
    OpenMP threads make wall time bimodal; with ``--threads 1`` CPU time measures the work whatever the load.)
    ``--check-loop N`` (on in ``--quick``) proves the bench times the loop's step: its first N losses must
-   equal those ``mochi_hub.pretrain.train`` logs to metrics.jsonl for the same seed, or the run fails.
+   equal those ``mochi_hub.training.pretrain.train`` logs to metrics.jsonl for the same seed, or the run fails.
 
-2. ``throughput``: images/s of ``mochi_hub.pretrain.train`` (MoCo-v2; metrics.jsonl's ``images_per_sec``, a
+2. ``throughput``: images/s of ``mochi_hub.training.pretrain.train`` (MoCo-v2; metrics.jsonl's ``images_per_sec``, a
    window every ``--window`` steps) against lightly's MoCo example (``MoCoProjectionHead``,
    ``NTXentLoss(memory_bank_size=(K, 128))``, ``update_momentum``, ``cosine_schedule``) on its own data:
    ``torchvision.datasets.FashionMNIST`` over Debian's files, lightly's ``MoCoV2Transform`` (whose defaults
@@ -151,13 +151,13 @@ def train_config(sizes: dict, *, mochi: tuple[int, int, int], precision: str, wo
 
 
 def build_state(config, accelerator) -> dict:
-    """Query (prepared), key, queue and optimiser, built as mochi_hub.pretrain's _Run.start builds them."""
+    """Query (prepared), key, queue and optimiser, built as mochi_hub.training.pretrain's _Run.start builds them."""
     import torch
 
-    from mochi_hub.distributed import local_bn_splits
-    from mochi_hub.model import Encoder, backbone_args, create_backbone, make_key_encoder
-    from mochi_hub.queue import NegativeQueue
-    from mochi_hub.seeding import generator
+    from mochi_hub.core.distributed import local_bn_splits
+    from mochi_hub.core.seeding import generator
+    from mochi_hub.method.model import Encoder, backbone_args, create_backbone, make_key_encoder
+    from mochi_hub.method.queue import NegativeQueue
 
     build = backbone_args(config.model, init=config.init, image_size=config.image_size)
     torch.manual_seed(config.seed)  # timm initialises from the global generator
@@ -188,7 +188,7 @@ def build_state(config, accelerator) -> dict:
 
 def bench_step(state: dict, batch: dict, step: int, steps_per_epoch: int) -> float:
     """One step as the loop runs it (its lr schedule, then training_step with its arguments); returns the loss."""
-    from mochi_hub.step import cosine_lr, training_step
+    from mochi_hub.method.step import cosine_lr, training_step
 
     config, accelerator, optimizer = state["config"], state["accelerator"], state["optimizer"]
     for group in optimizer.param_groups:
@@ -220,8 +220,8 @@ def bench_step(state: dict, batch: dict, step: int, steps_per_epoch: int) -> flo
 def first_batches(config, count: int) -> tuple[list[dict], int]:
     """The loop's first `count` batches of epoch 0 (drawn once, so every variant steps on the same images), and the
     number of steps in an epoch (for the lr schedule)."""
-    from mochi_hub.data import resolve_dataset
-    from mochi_hub.views import epoch_loader, pretraining_views
+    from mochi_hub.data.datasets import resolve_dataset
+    from mochi_hub.data.views import epoch_loader, pretraining_views
 
     views = pretraining_views(resolve_dataset(config.dataset, "train"), config)
     return list(islice(epoch_loader(views, config, 0), count)), len(views) // config.batch_size
@@ -342,9 +342,9 @@ def summarise_steps(raw: dict) -> dict:
 
 
 def ours_child(settings: dict) -> dict:
-    """mochi_hub.pretrain.train, the function behind `mochi train`; images/s and losses from its metrics.jsonl."""
-    from mochi_hub.pretrain import train
-    from mochi_hub.runs import read_metrics
+    """mochi_hub.training.pretrain.train, the function behind `mochi train`; images/s and losses from its metrics.jsonl."""
+    from mochi_hub.training.pretrain import train
+    from mochi_hub.training.runs import read_metrics
 
     window, windows = settings["window"], settings["windows"]
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -397,7 +397,7 @@ def lightly_child(settings: dict) -> dict:
     from lightly.utils.scheduler import cosine_schedule
     from torch.utils.data import DataLoader
 
-    from mochi_hub.model import backbone_args, create_backbone
+    from mochi_hub.method.model import backbone_args, create_backbone
 
     config = train_config(
         settings["sizes"],
@@ -461,8 +461,8 @@ def data_child(settings: dict) -> dict:
     import torch
     from torch.utils.data import default_collate
 
-    from mochi_hub.data import collate_samples, resolve_dataset
-    from mochi_hub.views import pretraining_views
+    from mochi_hub.data.datasets import collate_samples, resolve_dataset
+    from mochi_hub.data.views import pretraining_views
 
     torch.set_num_threads(1)
     sizes, block = settings["sizes"], settings["sizes"]["batch_size"]
@@ -525,7 +525,7 @@ def report(result: dict) -> str:
         loop = (
             "loop check off"
             if check is None
-            else f"reproduces mochi_hub.pretrain.train's losses over "
+            else f"reproduces mochi_hub.training.pretrain.train's losses over "
             f"{check['steps']} steps: {'yes' if check['match'] else 'NO'}"
         )
         parts.append(
@@ -604,7 +604,7 @@ def main(argv=None) -> int:
     import timm  # noqa: F401
     import torch  # noqa: F401
 
-    import mochi_hub.pretrain  # noqa: F401
+    import mochi_hub.training.pretrain  # noqa: F401
 
     sizes = QUICK if args.quick else FULL
     use_lightly = importlib.util.find_spec("lightly") is not None and not args.skip_lightly
@@ -643,7 +643,9 @@ def main(argv=None) -> int:
             summary=summarise_steps(raw),
         )
         if args.check_loop:
-            print(f"step: checking it against mochi_hub.pretrain.train ({args.check_loop} steps) ...", flush=True)
+            print(
+                f"step: checking it against mochi_hub.training.pretrain.train ({args.check_loop} steps) ...", flush=True
+            )
             step["loop_check"] = check_against_loop(raw, settings, logs)
 
     if "groups" in args.parts:
@@ -708,7 +710,7 @@ def main(argv=None) -> int:
     print(f"logs in {logs}/; {result['wall_s']:.0f} s")
     if (check := result.get("step", {}).get("loop_check")) and not check["match"]:
         print(
-            "the bench's step does NOT reproduce the losses of mochi_hub.pretrain.train: part 1 no longer times "
+            "the bench's step does NOT reproduce the losses of mochi_hub.training.pretrain.train: part 1 no longer times "
             f"the loop's step; update bench_step. {json.dumps(check['variants'])}",
             file=sys.stderr,
         )

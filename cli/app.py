@@ -36,7 +36,7 @@ def root(
     ] = False,
 ) -> None:
     """Messages of long work go to stderr as plain lines; results go to stdout."""
-    from mochi_hub.console import setup_logging
+    from mochi_hub.core.console import setup_logging
 
     setup_logging()
 

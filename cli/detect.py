@@ -1,4 +1,4 @@
-"""`mochi detect SOURCE --data DIR`: options -> DetectConfig -> mochi_hub.detect.run_detect."""
+"""`mochi detect SOURCE --data DIR`: options -> DetectConfig -> mochi_hub.evaluate.detect.run_detect."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def run(source: str, *, print_config: bool = False, **options: Any) -> None:
         config = resolve_detect_config(**options)
     if print_config:
         return show_config(config)
-    from mochi_hub.detect import NonFiniteLossError, run_detect
+    from mochi_hub.evaluate.detect import NonFiniteLossError, run_detect
 
     # Bad data, a bad SOURCE, an unwritable --output, a diverging loss: one line each.
     with exit_on(ValueError, NonFiniteLossError, code=FAILURE):

@@ -1,4 +1,4 @@
-"""`mochi probe SOURCE`: options -> ProbeConfig -> mochi_hub.probe.run_probe."""
+"""`mochi probe SOURCE`: options -> ProbeConfig -> mochi_hub.evaluate.probe.run_probe."""
 
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ HELP = {
 
 def run(source: str, *, print_config: bool = False, **options: Any) -> None:
     with exit_on(ValueError, code=USAGE):
-        from mochi_hub.sources import probe_config_for
+        from mochi_hub.publish.sources import probe_config_for
 
         config = probe_config_for(source, **options)
     if print_config:
         return show_config(config)
-    from mochi_hub.data import BadImageError
-    from mochi_hub.probe import run_probe
+    from mochi_hub.data.datasets import BadImageError
+    from mochi_hub.evaluate.probe import run_probe
 
     with exit_on(ValueError, BadImageError, code=FAILURE):  # FrozenBackboneError is a bug, not bad input: it raises
         run_probe(source, config)

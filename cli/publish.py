@@ -1,4 +1,4 @@
-"""`mochi export` and `mochi push`: options mapped onto mochi_hub.export.export_run and mochi_hub.hub.push.
+"""`mochi export` and `mochi push`: options mapped onto mochi_hub.publish.export.export_run and mochi_hub.publish.hub.push.
 
 User errors (a run without weights, a token that may not write, a lost connection) print one clear line on
 stderr and exit 1; the token is never echoed.
@@ -55,7 +55,7 @@ def export(
     ] = ExportFormat.timm,
 ) -> None:
     """Export the newest checkpoint's query backbone."""
-    from mochi_hub.export import ExportError, export_run
+    from mochi_hub.publish.export import ExportError, export_run
 
     try:
         written = export_run(run_dir, output, format.value)
@@ -108,9 +108,9 @@ def push(
     ] = False,
 ) -> None:
     """Upload an export, with its model card, in one commit; then verify the remote files."""
-    from mochi_hub.export import ExportError
-    from mochi_hub.hub import PushError
-    from mochi_hub.hub import push as push_export
+    from mochi_hub.publish.export import ExportError
+    from mochi_hub.publish.hub import PushError
+    from mochi_hub.publish.hub import push as push_export
 
     try:
         result = push_export(

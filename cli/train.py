@@ -1,4 +1,4 @@
-"""`mochi train`: options -> TrainConfig -> mochi_hub.pretrain.train."""
+"""`mochi train`: options -> TrainConfig -> mochi_hub.training.pretrain.train."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from mochi_hub.config import TRAIN_PRESETS, TrainConfig, resolve_train_config
 from .options import FAILURE, USAGE, config_options, exit_on, fail, with_signature
 from .options import print_config as show_config
 
-NAMED_DATASETS = ("fashion-mnist", "imagenet-100", "imagenet-1k")  # mochi_hub.data.HUB_SOURCES, without importing it
+NAMED_DATASETS = (
+    "fashion-mnist",
+    "imagenet-100",
+    "imagenet-1k",
+)  # mochi_hub.data.datasets.HUB_SOURCES, without importing it
 
 HELP = {
     "dataset": "Hub dataset id (org/name), local imagefolder (train/ [val/]), or imagenet-100 | imagenet-1k | fashion-mnist.",
@@ -66,9 +70,9 @@ def run(*, print_config: bool = False, **options: Any) -> None:
         config = resolve_train_config(**options)
     if print_config:
         return show_config(config)
-    from mochi_hub.data import BadImageError
-    from mochi_hub.pretrain import NonFiniteLossError
-    from mochi_hub.pretrain import train as train_run
+    from mochi_hub.data.datasets import BadImageError
+    from mochi_hub.training.pretrain import NonFiniteLossError
+    from mochi_hub.training.pretrain import train as train_run
 
     with exit_on(ValueError, BadImageError, NonFiniteLossError, code=FAILURE):  # bad input or a stopped run
         train_run(config)

@@ -20,11 +20,11 @@ _LAZY = {
     "resolve_train_config": "config",
     "resolve_probe_config": "config",
     "resolve_detect_config": "config",
-    "train": "pretrain",
-    "run_probe": "probe",
-    "export_run": "export",
-    "push": "hub",
-    "run_detect": "detect",
+    "train": "training.pretrain",
+    "run_probe": "evaluate.probe",
+    "export_run": "publish.export",
+    "push": "publish.hub",
+    "run_detect": "evaluate.detect",
 }
 __all__ = ["__version__", *_LAZY]
 
@@ -51,8 +51,8 @@ if TYPE_CHECKING:
         resolve_probe_config,
         resolve_train_config,
     )
-    from .detect import run_detect
-    from .export import export_run
-    from .hub import push
-    from .pretrain import train
-    from .probe import run_probe
+    from .evaluate.detect import run_detect
+    from .evaluate.probe import run_probe
+    from .publish.export import export_run
+    from .publish.hub import push
+    from .training.pretrain import train

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 # Choices are Literal types: the one place that lists them (the CLI shows them, __post_init__ checks them).
 MixedPrecision = Literal["no", "bf16", "fp16"]
-Init = Literal["moco", "timm"]  # mochi_hub.model.backbone_args says what each does
+Init = Literal["moco", "timm"]  # mochi_hub.method.model.backbone_args says what each does
 Reporter = Literal["auto", "none", "tensorboard", "wandb", "trackio"]
 OnNonFinite = Literal["stop", "skip"]
 AugmentOn = Literal["auto", "workers", "device"]
@@ -326,8 +326,8 @@ def resolve_config(
 def resolve_train_config(**kwargs: Any) -> TrainConfig:
     """A new run's config. Beyond the values, what they name must exist here: the dataset and the model.
     (A saved config is rebuilt without that check: its local dataset may be gone.)"""
-    from .data import check_dataset_spec
-    from .model import backbone_args, min_image_size
+    from mochi_hub.data.datasets import check_dataset_spec
+    from mochi_hub.method.model import backbone_args, min_image_size
 
     config = resolve_config(TrainConfig, TRAIN_PRESETS, **kwargs)
     check_dataset_spec(config.dataset)
@@ -481,7 +481,7 @@ def resolve_probe_config(
     **options: Any,
 ) -> ProbeConfig:
     """As resolve_config, with what the SOURCE was trained on as the base (`trained_on`: its dataset and input
-    size, from mochi_hub.sources.source_defaults) where not given. Without --preset, the dataset (given or the
+    size, from mochi_hub.publish.sources.source_defaults) where not given. Without --preset, the dataset (given or the
     SOURCE's) selects the preset of the same name."""
     given = {
         **(load_config_file(config_file) if config_file is not None else {}),
@@ -509,14 +509,14 @@ def complete_probe_config(config: ProbeConfig, trained_on: dict[str, Any], sourc
     return config
 
 
-# --- Downstream detection: `mochi detect` (DetectConfig; mochi_hub.detect) --------------------------------
+# --- Downstream detection: `mochi detect` (DetectConfig; mochi_hub.evaluate.detect) --------------------------------
 
 BatchNormMode = Literal["frozen", "train", "sync"]
 
 
 @dataclass
 class DetectConfig:
-    """Fine-tuning torchvision's Faster R-CNN + FPN on a timm backbone (mochi_hub.detect). Field names are the
+    """Fine-tuning torchvision's Faster R-CNN + FPN on a timm backbone (mochi_hub.evaluate.detect). Field names are the
     CLI option names; SOURCE is not a field. Defaults are torchvision's COCO reference schedule at 1x
     (12 epochs, lr 0.02 for 16 images, x0.1 at epochs 8 and 11, 1000 warm-up iterations, 800 px)."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .console import setup_logging
+from mochi_hub.core.console import setup_logging
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     import timm
     import torch
 
-    from .config import resolve_train_config
-    from .export import export_run
-    from .pretrain import initial_encoder, train
-    from .probe import run_probe
-    from .sources import probe_config_for, weights_sha256
+    from mochi_hub.config import resolve_train_config
+    from mochi_hub.evaluate.probe import run_probe
+    from mochi_hub.publish.export import export_run
+    from mochi_hub.publish.sources import probe_config_for, weights_sha256
+    from mochi_hub.training.pretrain import initial_encoder, train
 
     print("== 1/3 pretrain: MoCo-v2 + MoCHi on Fashion-MNIST (preset 'demo')", flush=True)
     # resume="auto": a second `make demo` finishes or re-exports the same run instead of refusing its folder.

@@ -19,7 +19,7 @@ import timm
 import torch
 from PIL import Image
 
-from mochi_hub.data import FASHION_MNIST_CLASSES, HubImages
+from mochi_hub.data.datasets import FASHION_MNIST_CLASSES, HubImages
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS / "helpers"))  # runs.py, images.py, hub_server.py: shared helpers, imported by name
@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
         needs_images |= tier != "unit"
-    from mochi_hub.data import DEBIAN_FASHION_MNIST
+    from mochi_hub.data.datasets import DEBIAN_FASHION_MNIST
 
     missing = [name for name in FASHION_MNIST_FILES if not (DEBIAN_FASHION_MNIST / name).is_file()]
     if needs_images and missing:

@@ -65,7 +65,7 @@ def test_quick_step_is_the_loops_step(tmp_path):
     assert isinstance(summary["met"], bool)
     assert step["raw"]["batchnorm_groups"] == 2  # --quick runs the loop's BatchNorm groups too
 
-    # --quick checks that the bench's step reproduces the losses mochi_hub.pretrain.train logs.
+    # --quick checks that the bench's step reproduces the losses mochi_hub.training.pretrain.train logs.
     check = step["loop_check"]
     assert check["steps"] >= 2 and check["match"] is True
     for variant in ("moco", "mochi"):

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from mochi_hub.config import resolve_probe_config
-from mochi_hub.probe import run_probe
+from mochi_hub.evaluate.probe import run_probe
 
 DIST_CHILD = textwrap.dedent("""
     import json, sys
     from mochi_hub.config import resolve_probe_config
-    from mochi_hub.probe import run_probe
+    from mochi_hub.evaluate.probe import run_probe
     result = run_probe(sys.argv[1], resolve_probe_config(**json.loads(sys.argv[2])), show=False)
     assert result["num_processes"] == 2, result["num_processes"]
 """)
@@ -82,9 +82,9 @@ SHUFFLE_CHILD = textwrap.dedent("""
     import sys, torch
     from accelerate import Accelerator
     from safetensors.torch import save_file
-    from mochi_hub.distributed import shuffled_keys
-    from mochi_hub.model import Encoder, create_backbone, make_key_encoder
-    from mochi_hub.seeding import generator
+    from mochi_hub.core.distributed import shuffled_keys
+    from mochi_hub.method.model import Encoder, create_backbone, make_key_encoder
+    from mochi_hub.core.seeding import generator
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     torch.manual_seed(0)  # the same key encoder on both ranks

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mochi_hub.export import export_run, load_run_backbone
+from mochi_hub.publish.export import export_run, load_run_backbone
 
 from hub_server import ALICE, EXPORT_FILES, TOKENS, FakeHub, assert_clean_upload
 from runs import (
@@ -39,7 +39,7 @@ import json, sys
 import timm, torch
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
-from mochi_hub.card import usage_snippet
+from mochi_hub.publish.card import usage_snippet
 
 repo, reference = sys.argv[1], load_file(sys.argv[2])
 images = reference["images"]

@@ -33,8 +33,8 @@ def test_package_config_and_help_load_nothing_heavy():
 def test_public_names_are_the_functions():
     code = (
         "from mochi_hub import TrainConfig, ProbeConfig, train, run_probe, export_run, push\n"
-        "import inspect, mochi_hub.pretrain\n"
-        "assert inspect.isfunction(train) and train is mochi_hub.pretrain.train\n"
+        "import inspect, mochi_hub.training.pretrain\n"
+        "assert inspect.isfunction(train) and train is mochi_hub.training.pretrain.train\n"
         "assert all(inspect.isfunction(f) for f in (run_probe, export_run, push))\n"
         "assert TrainConfig().model == 'resnet50' and ProbeConfig().protocol == 'linear'\n"
     )

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mochi_hub.checkpoint import latest_checkpoint
 from mochi_hub.config import TrainConfig
-from mochi_hub.pretrain import train
+from mochi_hub.training.checkpoint import latest_checkpoint
+from mochi_hub.training.pretrain import train
 
 from runs import tiny_config
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from mochi_hub.config import resolve_train_config
-from mochi_hub.pretrain import initial_encoder, train
-from mochi_hub.probe import run_probe
-from mochi_hub.sources import probe_config_for, weights_sha256
+from mochi_hub.evaluate.probe import run_probe
+from mochi_hub.publish.sources import probe_config_for, weights_sha256
+from mochi_hub.training.pretrain import initial_encoder, train
 
 CASES = {  # options, probe images, kNN margin (points), whether the fast-linear probe must improve too
     # A tiny timm ResNet, 64 steps, in CI: kNN 56.3 -> 67.0 when written (its fast-linear probe, 69.2 untrained,

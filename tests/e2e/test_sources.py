@@ -16,17 +16,17 @@ from images import tiny_backbone
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mochi_hub.augment import eval_transform
-from mochi_hub.checkpoint import finish_checkpoint, save_checkpoint
 from mochi_hub.config import TrainConfig, resolve_probe_config
-from mochi_hub.data import (
+from mochi_hub.data.augment import eval_transform
+from mochi_hub.data.datasets import (
     DecodedImages,
     FashionMNIST,
 )
-from mochi_hub.model import Encoder, make_key_encoder
-from mochi_hub.probe import run_probe
-from mochi_hub.queue import NegativeQueue
-from mochi_hub.sources import load_backbone
+from mochi_hub.evaluate.probe import run_probe
+from mochi_hub.method.model import Encoder, make_key_encoder
+from mochi_hub.method.queue import NegativeQueue
+from mochi_hub.publish.sources import load_backbone
+from mochi_hub.training.checkpoint import finish_checkpoint, save_checkpoint
 
 
 def make_run_dir(root: Path, backbone: nn.Module) -> Path:
@@ -65,7 +65,7 @@ HUB_CHILD = textwrap.dedent("""
     import json, sys
     import torch
     from safetensors.torch import load_file, save_file
-    from mochi_hub.sources import load_backbone
+    from mochi_hub.publish.sources import load_backbone
     out = {}
     for i, source in enumerate(sys.argv[2:]):
         backbone, info = load_backbone(source)

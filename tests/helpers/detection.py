@@ -12,8 +12,8 @@ from typing import Any
 import timm
 from images import tiny_backbone
 
-from mochi_hub.coco import write_canvas_dataset
 from mochi_hub.config import DetectConfig, resolve_detect_config
+from mochi_hub.evaluate.coco import write_canvas_dataset
 
 
 def canvases(root: Path, *, train: int = 4, val: int = 2, seed: int = 0, **kwargs: Any) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from mochi_hub.config import TrainConfig, parse_mochi
-from mochi_hub.pretrain import train
+from mochi_hub.training.pretrain import train
 
 
 def value(text: str):

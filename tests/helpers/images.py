@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from mochi_hub.config import ProbeConfig, resolve_probe_config
-from mochi_hub.data import FASHION_MNIST_CLASSES, FashionMNIST
-from mochi_hub.model import create_backbone
+from mochi_hub.data.datasets import FASHION_MNIST_CLASSES, FashionMNIST
+from mochi_hub.method.model import create_backbone
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 3  # 80 training and 30 validation images
 

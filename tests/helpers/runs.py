@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from mochi_hub.config import TrainConfig
-from mochi_hub.data import FashionMNIST
-from mochi_hub.pretrain import train
+from mochi_hub.data.datasets import FashionMNIST
+from mochi_hub.training.pretrain import train
 
 PROBES = [
     {

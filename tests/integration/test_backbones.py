@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 
-from mochi_hub.pretrain import train
-from mochi_hub.runs import load_run_backbone
+from mochi_hub.training.pretrain import train
+from mochi_hub.training.runs import load_run_backbone
 
 from runs import tiny_config
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mochi_hub.card import usage_snippet
-from mochi_hub.export import export_run
+from mochi_hub.publish.card import usage_snippet
+from mochi_hub.publish.export import export_run
 
 from runs import make_run
 

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mochi_hub.checkpoint import latest_checkpoint
 from mochi_hub.cli.app import app
-from mochi_hub.pretrain import train
-from mochi_hub.probe import result_name
-from mochi_hub.sources import probe_config_for
+from mochi_hub.evaluate.probe import result_name
+from mochi_hub.publish.sources import probe_config_for
+from mochi_hub.training.checkpoint import latest_checkpoint
+from mochi_hub.training.pretrain import train
 
 from runs import tiny_config, write_image_folder
 
@@ -241,7 +241,7 @@ def test_probe_defaults_to_what_the_source_was_trained_on(run_dir, tmp_path):
 def test_the_start_summary_is_short_and_says_when_mixing_starts(tmp_path, caplog):
     caplog.set_level("INFO", logger="mochi_hub")
     train(tiny_config(tmp_path / "run", max_steps=1))
-    lines = [r.getMessage() for r in caplog.records if r.name == "mochi_hub.pretrain"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mochi_hub.training.pretrain"]
     summary = "\n".join(lines[:3])
     assert "test_resnet (moco init) on fashion-mnist" in summary and "4 steps/epoch" in summary
     assert "mixing MoCHi (8, 8, 4) from epoch 2 (step 4)" in summary and "lr 0.00" in summary

@@ -13,12 +13,12 @@ import skimage.data
 import torch
 from PIL import Image
 
-from mochi_hub.augment import MEAN, STD
 from mochi_hub.config import TrainConfig, resolve_probe_config
-from mochi_hub.data import DEBIAN_FASHION_MNIST, HubImages, missing_classes_note, resolve_dataset
-from mochi_hub.pretrain import train
-from mochi_hub.probe import run_probe
-from mochi_hub.views import pretraining_views
+from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.data.datasets import DEBIAN_FASHION_MNIST, HubImages, missing_classes_note, resolve_dataset
+from mochi_hub.data.views import pretraining_views
+from mochi_hub.evaluate.probe import run_probe
+from mochi_hub.training.pretrain import train
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # files inside the scikit-image wheel: no download
 

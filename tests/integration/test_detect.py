@@ -19,15 +19,15 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from typer.testing import CliRunner
 
-from mochi_hub import detect as detect_module
 from mochi_hub.cli import detect as cli_detect
 from mochi_hub.cli.app import app
-from mochi_hub.coco import evaluate_boxes, load_dataset, to_coco_detections, write_canvas_dataset
 from mochi_hub.config import DetectConfig
-from mochi_hub.detect import RESULTS, TimmFPN, prepare_backbone, result_name, run_detect
-from mochi_hub.export import export_run
-from mochi_hub.model import create_backbone
-from mochi_hub.runs import DETECTION
+from mochi_hub.evaluate import detect as detect_module
+from mochi_hub.evaluate.coco import evaluate_boxes, load_dataset, to_coco_detections, write_canvas_dataset
+from mochi_hub.evaluate.detect import RESULTS, TimmFPN, prepare_backbone, result_name, run_detect
+from mochi_hub.method.model import create_backbone
+from mochi_hub.publish.export import export_run
+from mochi_hub.training.runs import DETECTION
 
 from runs import make_run
 
@@ -140,7 +140,7 @@ def test_ap_known_answers(evaluator):
 
 def test_the_ground_truth_of_real_canvases_predicted_back_scores_100(data):
     """torchvision-format predictions (x1 y1 x2 y2, labels 1..C) -> COCO results: category ids and boxes map back."""
-    from mochi_hub.coco import DetectionImages
+    from mochi_hub.evaluate.coco import DetectionImages
 
     _, val = load_dataset(data)
     images = DetectionImages(val)

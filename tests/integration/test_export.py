@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 from timm.models import PretrainedCfg
 from typer.testing import CliRunner
 
-from mochi_hub.augment import MEAN, STD
-from mochi_hub.card import redact_local_paths
 from mochi_hub.cli.app import app
-from mochi_hub.convert import ConversionError, to_detectron2, torchvision_state_dict
-from mochi_hub.export import ExportError, clean_pretrained_cfg, export_run
-from mochi_hub.model import create_backbone
-from mochi_hub.runs import describe_host, load_run_backbone
+from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.method.model import create_backbone
+from mochi_hub.publish.card import redact_local_paths
+from mochi_hub.publish.convert import ConversionError, to_detectron2, torchvision_state_dict
+from mochi_hub.publish.export import ExportError, clean_pretrained_cfg, export_run
+from mochi_hub.training.runs import describe_host, load_run_backbone
 
 from runs import PROBES, assert_close, make_run, sample_images
 

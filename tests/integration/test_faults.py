@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mochi_hub import step as step_module
-from mochi_hub.checkpoint import latest_checkpoint, list_checkpoints
-from mochi_hub.data import BadImageError, FashionMNIST
-from mochi_hub.pretrain import NonFiniteLossError, train
+from mochi_hub.data.datasets import BadImageError, FashionMNIST
+from mochi_hub.method import step as step_module
+from mochi_hub.training.checkpoint import latest_checkpoint, list_checkpoints
+from mochi_hub.training.pretrain import NonFiniteLossError, train
 
 from runs import tiny_config
 

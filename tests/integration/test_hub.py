@@ -9,10 +9,10 @@ import torch
 from huggingface_hub import ModelCard, constants
 from typer.testing import CliRunner
 
-from mochi_hub.card import redact_local_paths
 from mochi_hub.cli.app import app
-from mochi_hub.export import export_run
-from mochi_hub.hub import resolve_source
+from mochi_hub.publish.card import redact_local_paths
+from mochi_hub.publish.export import export_run
+from mochi_hub.publish.hub import resolve_source
 
 from hub_server import ALICE, BOB, EXPORT_FILES, TOKENS, FakeHub, assert_clean_upload
 from runs import (

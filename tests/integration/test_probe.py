@@ -17,18 +17,18 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from mochi_hub import probe as probe_module
-from mochi_hub.augment import MEAN, STD
 from mochi_hub.cli.app import app
-from mochi_hub.data import (
+from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.data.datasets import (
     IMAGENET100_CMC_CLASSES,
     BadImageError,
     resolve_dataset,
 )
-from mochi_hub.features import load_cached
-from mochi_hub.frozen import FrozenBackboneError
-from mochi_hub.probe import run_probe
-from mochi_hub.sources import load_backbone
+from mochi_hub.evaluate import probe as probe_module
+from mochi_hub.evaluate.features import load_cached
+from mochi_hub.evaluate.frozen import FrozenBackboneError
+from mochi_hub.evaluate.probe import run_probe
+from mochi_hub.publish.sources import load_backbone
 
 
 def test_linear_probe_raises_when_batchnorm_is_left_in_train_mode(tmp_path, fmnist_folder, tiny_export, monkeypatch):

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from mochi_hub.config import TrainConfig
-from mochi_hub.pretrain import train
-from mochi_hub.runs import describe_host
+from mochi_hub.training.pretrain import train
+from mochi_hub.training.runs import describe_host
 
 from runs import tiny_config
 
@@ -130,12 +130,12 @@ def test_short_real_run_learns_and_exports_for_timm(tmp_path):
     the queue fills with real keys (lightly's MoCo does the same here, see the issue notes). What a short
     run does show: on held-out images, the trained encoders separate positives from other images better
     than the initial ones, and the proxy task is learned during the warm-up."""
-    from mochi_hub.augment import TwoViews, moco_v2_transform
-    from mochi_hub.checkpoint import latest_checkpoint, load_checkpoint
-    from mochi_hub.data import DecodedImages, collate_samples, resolve_dataset
-    from mochi_hub.model import Encoder, backbone_args, create_backbone, make_key_encoder
-    from mochi_hub.queue import NegativeQueue
-    from mochi_hub.sampling import SeededItems
+    from mochi_hub.data.augment import TwoViews, moco_v2_transform
+    from mochi_hub.data.datasets import DecodedImages, collate_samples, resolve_dataset
+    from mochi_hub.data.sampling import SeededItems
+    from mochi_hub.method.model import Encoder, backbone_args, create_backbone, make_key_encoder
+    from mochi_hub.method.queue import NegativeQueue
+    from mochi_hub.training.checkpoint import latest_checkpoint, load_checkpoint
 
     config = tiny_config(
         tmp_path / "run",

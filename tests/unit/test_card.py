@@ -4,8 +4,8 @@ from importlib import resources
 
 from huggingface_hub import ModelCard
 
-from mochi_hub.card import TAGS, generate_model_card, redact_local_paths
 from mochi_hub.config import TrainConfig, resolve_train_config
+from mochi_hub.publish.card import TAGS, generate_model_card, redact_local_paths
 
 from runs import PROBES, probes_by_key, probes_from_card
 

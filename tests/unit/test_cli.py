@@ -6,11 +6,11 @@ import dataclasses
 
 from typer.testing import CliRunner
 
-from mochi_hub import pretrain as train_module
-from mochi_hub import probe as probe_module
 from mochi_hub.cli import probe as cli_probe
 from mochi_hub.cli.app import app
 from mochi_hub.config import ProbeConfig, TrainConfig
+from mochi_hub.evaluate import probe as probe_module
+from mochi_hub.training import pretrain as train_module
 
 
 def test_cli_options_map_one_to_one_onto_probe_config(monkeypatch):

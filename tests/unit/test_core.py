@@ -12,13 +12,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from mochi_hub import persist
 from mochi_hub.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences, train_config_from_dict
-from mochi_hub.distributed import local_bn_splits, shuffled_keys
-from mochi_hub.model import Encoder, GroupedBatchNorm2d, create_backbone, make_key_encoder, momentum_update
-from mochi_hub.queue import NegativeQueue
-from mochi_hub.seeding import STREAMS, generator, stream_seed
-from mochi_hub.step import training_step
+from mochi_hub.core import persist
+from mochi_hub.core.distributed import local_bn_splits, shuffled_keys
+from mochi_hub.core.seeding import STREAMS, generator, stream_seed
+from mochi_hub.method.model import Encoder, GroupedBatchNorm2d, create_backbone, make_key_encoder, momentum_update
+from mochi_hub.method.queue import NegativeQueue
+from mochi_hub.method.step import training_step
 
 # --- seed streams ------------------------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from mochi_hub.augment import MEAN, STD
-from mochi_hub.device_augment import (
+from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.data.device_augment import (
     DeviceViews,
     ViewParams,
     _blur,

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mochi_hub.loss import contrastive_logits, info_nce
-from mochi_hub.mixing import MixingPlan, hardest_negatives, sample_plan, synthetic_logits
+from mochi_hub.method.loss import contrastive_logits, info_nce
+from mochi_hub.method.mixing import MixingPlan, hardest_negatives, sample_plan, synthetic_logits
 
 
 def unit(*shape, dtype=torch.float64, seed=0):
@@ -162,7 +162,7 @@ def test_sample_plan_is_reproducible_and_in_range():
 
 
 def test_chunked_pair_dots_match_unchunked(monkeypatch):
-    import mochi_hub.mixing as mixing
+    import mochi_hub.method.mixing as mixing
 
     q, queue = unit(9, 8, seed=1), unit(40, 8, seed=2)
     plan = sample_plan(9, 10, 12, 3, generator=torch.Generator().manual_seed(0))

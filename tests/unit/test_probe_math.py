@@ -8,10 +8,10 @@ import pytest
 import torch
 from images import tiny_backbone
 
-from mochi_hub import probe as probe_module
-from mochi_hub.classify import knn_scores, lr_at, topk_hits
 from mochi_hub.config import resolve_probe_config
-from mochi_hub.frozen import FrozenBackboneError, check_frozen, snapshot
+from mochi_hub.evaluate import probe as probe_module
+from mochi_hub.evaluate.classify import knn_scores, lr_at, topk_hits
+from mochi_hub.evaluate.frozen import FrozenBackboneError, check_frozen, snapshot
 
 
 def test_presets_follow_the_paper_and_dataset_selects_its_preset():
@@ -76,7 +76,7 @@ def test_knn_votes_are_similarity_weighted_and_limited_to_k():
 
 
 def test_only_the_papers_own_linear_protocol_is_called_so():
-    from mochi_hub.probe import is_paper_protocol
+    from mochi_hub.evaluate.probe import is_paper_protocol
 
     assert is_paper_protocol(resolve_probe_config(dataset="imagenet-100"))
     assert is_paper_protocol(resolve_probe_config(dataset="imagenet-1k"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mochi_hub.config import TRAIN_PRESETS, TrainConfig, resolve_train_config
-from mochi_hub.queue import NegativeQueue
+from mochi_hub.method.queue import NegativeQueue
 
 
 def test_enqueue_wraps_around_when_k_is_not_a_multiple_of_the_batch():

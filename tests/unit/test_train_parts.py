@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from mochi_hub.config import resolve_train_config
-from mochi_hub.data import to_rgb
-from mochi_hub.sampling import GlobalBatches
-from mochi_hub.step import cosine_lr
+from mochi_hub.data.datasets import to_rgb
+from mochi_hub.data.sampling import GlobalBatches
+from mochi_hub.method.step import cosine_lr
 
 
 def test_cosine_schedule_and_global_batches():
@@ -50,7 +50,7 @@ def test_bad_settings_fail_when_the_config_is_built(options, match):
 def test_no_saved_state_is_ever_unpickled():
     """Checkpoints and probe states are safetensors + JSON: nothing the library reads can run code."""
     sources = {path: path.read_text() for path in (REPO / "mochi_hub").rglob("*.py")}
-    assert "persist.load_tensors" in sources[REPO / "mochi_hub" / "checkpoint.py"]
+    assert "persist.load_tensors" in sources[REPO / "mochi_hub" / "training" / "checkpoint.py"]
     for path, text in sources.items():
         for line in text.splitlines():
             assert "torch.load(" not in line and "pickle.load" not in line, f"{path}: {line.strip()}"

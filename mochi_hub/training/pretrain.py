@@ -23,21 +23,27 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor
 
-from .checkpoint import finish_checkpoint, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
-from .config import TrainConfig, resume_differences, train_config_from_dict
-from .console import progress_bar
-from .data import missing_classes_note, resolve_dataset
-from .distributed import all_ranks_true, broadcast_buffers, launched_accelerator, local_bn_splits
-from .metrics import alignment, false_negative_rate, proxy_top1, uniformity
-from .mixing import hardest_negatives
-from .model import Encoder, backbone_args, create_backbone, make_key_encoder, structural_args
-from .persist import StateFileError, ensure_writable_dir
-from .queue import NegativeQueue
-from .runs import MetricsLog, RunSummary, describe_host, write_run_info
-from .seeding import generator
-from .step import StepOutput, cosine_lr, training_step
-from .version import __version__
-from .views import BatchViews, epoch_loader, pretraining_views, resolve_augment_on
+from mochi_hub.config import TrainConfig, resume_differences, train_config_from_dict
+from mochi_hub.core.console import progress_bar
+from mochi_hub.core.distributed import all_ranks_true, broadcast_buffers, launched_accelerator, local_bn_splits
+from mochi_hub.core.persist import StateFileError, ensure_writable_dir
+from mochi_hub.core.seeding import generator
+from mochi_hub.data.datasets import missing_classes_note, resolve_dataset
+from mochi_hub.data.views import BatchViews, epoch_loader, pretraining_views, resolve_augment_on
+from mochi_hub.method.metrics import alignment, false_negative_rate, proxy_top1, uniformity
+from mochi_hub.method.mixing import hardest_negatives
+from mochi_hub.method.model import Encoder, backbone_args, create_backbone, make_key_encoder, structural_args
+from mochi_hub.method.queue import NegativeQueue
+from mochi_hub.method.step import StepOutput, cosine_lr, training_step
+from mochi_hub.training.checkpoint import (
+    finish_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from mochi_hub.training.runs import MetricsLog, RunSummary, describe_host, write_run_info
+from mochi_hub.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +467,7 @@ class _Run:
         if self.is_main:
             self.info["summary"] = self.summary.to_dict()
             write_run_info(self.run_dir, self.info)
-            from .export import export_run
+            from mochi_hub.publish.export import export_run
 
             out = export_run(self.run_dir)
             log.info("exported the backbone to %s (timm.create_model('local-dir:%s', pretrained=True))", out, out)

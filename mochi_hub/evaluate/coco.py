@@ -34,8 +34,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .persist import write_json
-from .seeding import generator
+from mochi_hub.core.persist import write_json
+from mochi_hub.core.seeding import generator
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def write_canvas_dataset(
     two boxes overlap or touch. `backgrounds`: photos (paths, arrays, PIL images); each canvas then lies on a
     random crop of one instead of black. The same arguments write the same bytes.
     """
-    from .data import FASHION_MNIST_CLASSES, FashionMNIST
+    from mochi_hub.data.datasets import FASHION_MNIST_CLASSES, FashionMNIST
 
     root = Path(root)
     photos = [

@@ -1,7 +1,7 @@
 """Format conversions of a ResNet-family backbone: torchvision's state dict names, detectron2's `.pkl`.
 
 MoCo's detection transfer (detectron2 R50-C4 / FPN on VOC and COCO) loads the `.pkl`; detectron2 is not on
-PyPI, so this module only writes the file and the notes on how to use it (mochi_hub.detect trains
+PyPI, so this module only writes the file and the notes on how to use it (mochi_hub.evaluate.detect trains
 torchvision's Faster R-CNN directly on the timm backbone).
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .augment import MEAN, STD
-from .card import PAPER_ID
-from .persist import atomic_write, save_tensors
+from mochi_hub.core.persist import atomic_write, save_tensors
+from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.publish.card import PAPER_ID
 
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 DETECTRON2_FILE = "model_detectron2.pkl"

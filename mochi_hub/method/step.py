@@ -16,13 +16,13 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from .config import TrainConfig
-from .distributed import all_ranks_true, shuffled_keys
-from .loss import contrastive_logits, info_nce
-from .mixing import sample_plan
-from .model import Encoder, momentum_update
-from .queue import NegativeQueue
-from .seeding import generator
+from mochi_hub.config import TrainConfig
+from mochi_hub.core.distributed import all_ranks_true, shuffled_keys
+from mochi_hub.core.seeding import generator
+from mochi_hub.method.loss import contrastive_logits, info_nce
+from mochi_hub.method.mixing import sample_plan
+from mochi_hub.method.model import Encoder, momentum_update
+from mochi_hub.method.queue import NegativeQueue
 
 
 @dataclass

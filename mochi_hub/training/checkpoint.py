@@ -1,4 +1,4 @@
-"""Training checkpoints, through mochi_hub.persist (atomic, safetensors + JSON, nothing pickled).
+"""Training checkpoints, through mochi_hub.core.persist (atomic, safetensors + JSON, nothing pickled).
 
 RUN/checkpoints/step-0000123/
     model.safetensors        query encoder, key encoder and queue ("query.", "key.", "queue." prefixes)
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import persist
+from mochi_hub.core import persist
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"

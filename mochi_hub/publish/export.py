@@ -5,11 +5,11 @@ timm folder (what `mochi train` writes to RUN/export/ and what `mochi push` uplo
     model.safetensors     the query encoder's backbone, num_classes=0 (never a pickle)
     config.json           timm's shape (architecture, num_classes, num_features, global_pool, pretrained_cfg,
                           model_args) + our metadata at the top level, where timm ignores it
-    README.md             the model card (mochi_hub.card)
-    training_curves.png   when the run has metrics.jsonl and matplotlib is installed (mochi_hub.plots)
+    README.md             the model card (mochi_hub.publish.card)
+    training_curves.png   when the run has metrics.jsonl and matplotlib is installed (mochi_hub.publish.plots)
 
 `timm.create_model("local-dir:FOLDER", pretrained=True)` (or "hf-hub:org/name" once pushed) loads it.
-Offline only: nothing here touches the network (mochi_hub.hub pushes).
+Offline only: nothing here touches the network (mochi_hub.publish.hub pushes).
 """
 
 from __future__ import annotations
@@ -22,15 +22,22 @@ from typing import Any
 
 from torch import nn
 
-from . import plots
-from .augment import MEAN, STD
-from .card import DEFAULT_LICENSE, PAPER_ID, PAPER_NAME, method_name, model_card_from_export, redact_local_paths
-from .checkpoint import checkpoint_step
-from .config import TrainConfig
-from .convert import ConversionError, torchvision_state_dict, write_detectron2, write_torchvision
-from .model import pooled_width
-from .persist import atomic_write, ensure_writable_dir, save_tensors, write_json
-from .runs import (
+from mochi_hub.config import TrainConfig
+from mochi_hub.core.persist import atomic_write, ensure_writable_dir, save_tensors, write_json
+from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.method.model import pooled_width
+from mochi_hub.publish import plots
+from mochi_hub.publish.card import (
+    DEFAULT_LICENSE,
+    PAPER_ID,
+    PAPER_NAME,
+    method_name,
+    model_card_from_export,
+    redact_local_paths,
+)
+from mochi_hub.publish.convert import ConversionError, torchvision_state_dict, write_detectron2, write_torchvision
+from mochi_hub.training.checkpoint import checkpoint_step
+from mochi_hub.training.runs import (
     DETECTION,
     METRICS,
     PROBES,
@@ -41,7 +48,7 @@ from .runs import (
     read_results,
     run_backbone_args,
 )
-from .version import __version__
+from mochi_hub.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ def clean_pretrained_cfg(
         "custom_load": False,
         "input_size": [3, image_size, image_size],
         "fixed_input_size": bool(source.get("fixed_input_size", False)),
-        "interpolation": "bilinear",  # torchvision's Resize default, as in mochi_hub.augment.eval_transform
+        "interpolation": "bilinear",  # torchvision's Resize default, as in mochi_hub.data.augment.eval_transform
         "crop_pct": 0.875,  # eval_transform: resize to 256/224 of the crop, then centre crop
         "crop_mode": "center",
         "mean": list(MEAN),

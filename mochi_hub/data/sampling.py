@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .seeding import generator, stream_seed
+from mochi_hub.core.seeding import generator, stream_seed
 
 
 class GlobalBatches(Sampler[list[int]]):

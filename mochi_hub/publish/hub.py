@@ -20,11 +20,11 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
-from .card import GENERATED_MARK, method_name, model_card_from_export
-from .checkpoint import checkpoint_step, latest_checkpoint
-from .export import CARD, CONFIG, CURVES, EXPORT_FILES, WEIGHTS, export_run
-from .runs import default_export, is_run_dir
-from .version import __version__
+from mochi_hub.publish.card import GENERATED_MARK, method_name, model_card_from_export
+from mochi_hub.publish.export import CARD, CONFIG, CURVES, EXPORT_FILES, WEIGHTS, export_run
+from mochi_hub.training.checkpoint import checkpoint_step, latest_checkpoint
+from mochi_hub.training.runs import default_export, is_run_dir
+from mochi_hub.version import __version__
 
 # What an export holds; anything else (optimizer state, checkpoints, RNG files) needs --allow-extra.
 ALLOWED_FILES = set(EXPORT_FILES) | {".gitattributes"}

@@ -1,7 +1,7 @@
 """MoCo-v2's augmentation, batched on the training device, with independent random parameters per image.
 
 DataLoader workers only decode images to uint8 tensors (`decode_to_uint8`), `pad_collate` pads them into one
-canvas, and `DeviceViews` draws the two views on the device (CUDA or CPU), as `mochi_hub.augment.
+canvas, and `DeviceViews` draws the two views on the device (CUDA or CPU), as `mochi_hub.data.augment.
 moco_v2_transform` does per image with PIL: RandomResizedCrop(scale=(0.2, 1)) -> ColorJitter(0.4, 0.4, 0.4, 0.1)
 with p=0.8 -> grayscale p=0.2 -> Gaussian blur sigma ~ U(0.1, 2) with p=0.5 -> horizontal flip -> normalise.
 
@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from .augment import MEAN, STD
+from mochi_hub.data.augment import MEAN, STD
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 BLUR_TRUNCATE = 3.0  # Gaussian kernel half-width = ceil(3 sigma): see `_blur`
@@ -210,7 +210,7 @@ def apply_view(
 
 class DeviceViews:
     """MoCo-v2's two views (query, key) of a uint8 batch, drawn on the batch's device with independent parameters
-    per image and per view. Defaults are MoCo-v2's (those of `mochi_hub.augment.moco_v2_transform`)."""
+    per image and per view. Defaults are MoCo-v2's (those of `mochi_hub.data.augment.moco_v2_transform`)."""
 
     def __init__(
         self,

@@ -19,10 +19,10 @@ import timm
 import torch
 from torch import nn
 
-from .augment import MEAN, STD
-from .checkpoint import latest_checkpoint
-from .model import pooled_width
-from .runs import RUN_JSON, RunError, load_run_backbone
+from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.method.model import pooled_width
+from mochi_hub.training.checkpoint import latest_checkpoint
+from mochi_hub.training.runs import RUN_JSON, RunError, load_run_backbone
 
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
@@ -102,7 +102,7 @@ def source_defaults(source: str) -> dict[str, Any]:
 
 def probe_config_for(source: str, **options: Any):
     """`mochi probe SOURCE [options]`'s config: the options over what SOURCE was trained on, resolved and complete."""
-    from .config import complete_probe_config, resolve_probe_config
+    from mochi_hub.config import complete_probe_config, resolve_probe_config
 
     trained_on = source_defaults(source)
     return complete_probe_config(resolve_probe_config(trained_on=trained_on, **options), trained_on, source)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import check_mochi_settings
+from mochi_hub.config import check_mochi_settings
 
 # Upper bound on the elements of each temporary [rows, D] gather used for the pair dot products on a CPU:
 # 2^18 float32 elements are 1 MiB, small enough to stay in cache (larger chunks measured slower there).

@@ -1,6 +1,6 @@
 """The probe's math on frozen features: kNN votes, the linear classifier's init and schedule, top-k hits.
 
-Pure torch; no data loading, no processes (mochi_hub.probe runs these).
+Pure torch; no data loading, no processes (mochi_hub.evaluate.probe runs these).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ProbeConfig
-from .seeding import generator
+from mochi_hub.config import ProbeConfig
+from mochi_hub.core.seeding import generator
 
 
 def lr_at(epoch: int, config: ProbeConfig) -> float:

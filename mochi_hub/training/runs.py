@@ -3,7 +3,7 @@
 RUN/run.json          the resolved config, processes, batch sizes, the backbone's build; at the end a summary
                       (RunSummary: counts, time, the hosts it trained on)
 RUN/metrics.jsonl     one record per logged step ("kind": "step") and per epoch ("kind": "epoch")
-RUN/checkpoints/      mochi_hub.checkpoint
+RUN/checkpoints/      mochi_hub.training.checkpoint
 RUN/probes/*.json     results of `mochi probe` on this run (the model card reports them)
 RUN/detection/*.json  results of `mochi detect` on this run
 RUN/export/           the timm folder
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_query_backbone_tensors, read_state
-from .config import TrainConfig, train_config_from_dict
-from .model import backbone_args, create_backbone, structural_args
-from .persist import StateFileError, read_json, write_json
+from mochi_hub.config import TrainConfig, train_config_from_dict
+from mochi_hub.core.persist import StateFileError, read_json, write_json
+from mochi_hub.method.model import backbone_args, create_backbone, structural_args
+from mochi_hub.training.checkpoint import latest_checkpoint, load_query_backbone_tensors, read_state
 
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"

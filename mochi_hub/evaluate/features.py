@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import persist
-from .data import DecodedImages, FashionMNIST, HubImages, ImageFolder, ImageSource, collate_samples
+from mochi_hub.core import persist
+from mochi_hub.data.datasets import DecodedImages, FashionMNIST, HubImages, ImageFolder, ImageSource, collate_samples
 
 CACHE_FORMAT = 1
 

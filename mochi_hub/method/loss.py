@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mixing import MixingPlan, _synthetic_logits, hardest_negatives, require_finite
+from mochi_hub.method.mixing import MixingPlan, _synthetic_logits, hardest_negatives, require_finite
 
 
 def contrastive_logits(

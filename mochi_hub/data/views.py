@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import MEAN, STD, TwoViews, moco_v2_transform
-from .config import TrainConfig
-from .data import DecodedImages, ImageSource, Sample, collate_samples
-from .device_augment import DeviceViews, decode_to_uint8, pad_collate
-from .sampling import GlobalBatches, SeededItems
-from .seeding import generator
+from mochi_hub.config import TrainConfig
+from mochi_hub.core.seeding import generator
+from mochi_hub.data.augment import MEAN, STD, TwoViews, moco_v2_transform
+from mochi_hub.data.datasets import DecodedImages, ImageSource, Sample, collate_samples
+from mochi_hub.data.device_augment import DeviceViews, decode_to_uint8, pad_collate
+from mochi_hub.data.sampling import GlobalBatches, SeededItems
 
 MIN_CROP_SCALE = 0.2  # MoCo-v2's RandomResizedCrop(scale=(0.2, 1))
 

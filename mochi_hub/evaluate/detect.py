@@ -46,15 +46,23 @@ from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from . import persist
-from .coco import CocoSplit, DetectionImages, collate, evaluate_boxes, evaluator, load_dataset, to_coco_detections
-from .config import DetectConfig
-from .console import progress_bar
-from .distributed import all_ranks_true, launched_accelerator
-from .runs import DETECTION
-from .seeding import generator, stream_seed
-from .sources import load_backbone
-from .version import __version__
+from mochi_hub.config import DetectConfig
+from mochi_hub.core import persist
+from mochi_hub.core.console import progress_bar
+from mochi_hub.core.distributed import all_ranks_true, launched_accelerator
+from mochi_hub.core.seeding import generator, stream_seed
+from mochi_hub.evaluate.coco import (
+    CocoSplit,
+    DetectionImages,
+    collate,
+    evaluate_boxes,
+    evaluator,
+    load_dataset,
+    to_coco_detections,
+)
+from mochi_hub.publish.sources import load_backbone
+from mochi_hub.training.runs import DETECTION
+from mochi_hub.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +219,7 @@ class EpochBatches(Sampler[list[int]]):
             yield order[first : first + self.local]
 
 
-# --- resumable state (mochi_hub.persist) ------------------------------------------------------------------
+# --- resumable state (mochi_hub.core.persist) ------------------------------------------------------------------
 
 
 def save_state(

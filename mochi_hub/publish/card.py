@@ -20,7 +20,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .version import __version__
+from mochi_hub.version import __version__
 
 TEMPLATE = "mochi_timm.md"
 DEFAULT_LICENSE = "apache-2.0"
@@ -126,7 +126,7 @@ def method_name(mochi: Sequence[int]) -> str:
 
 def hub_dataset_id(name: str) -> str | None:
     """The Hub dataset id behind a `--dataset` value, or None for local data."""
-    from .data import HUB_SOURCES  # the one mapping of named sources
+    from mochi_hub.data.datasets import HUB_SOURCES  # the one mapping of named sources
 
     if name in HUB_SOURCES:
         return HUB_SOURCES[name]

@@ -37,14 +37,22 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import persist
-from .augment import MEAN, STD, eval_transform, probe_train_transform
-from .classify import knn_scores, lr_at, make_classifier, topk_hits
-from .config import PAPER_PROTOCOL_DATASETS, PROBE_PRESETS, ProbeConfig, complete_probe_config
-from .console import progress_bar
-from .data import IMAGENET100_CMC_CLASSES, DecodedImages, HubImages, ImageFolder, ImageSource, resolve_dataset
-from .distributed import launched_accelerator
-from .features import (
+from mochi_hub.config import PAPER_PROTOCOL_DATASETS, PROBE_PRESETS, ProbeConfig, complete_probe_config
+from mochi_hub.core import persist
+from mochi_hub.core.console import progress_bar
+from mochi_hub.core.distributed import launched_accelerator
+from mochi_hub.data.augment import MEAN, STD, eval_transform, probe_train_transform
+from mochi_hub.data.datasets import (
+    IMAGENET100_CMC_CLASSES,
+    DecodedImages,
+    HubImages,
+    ImageFolder,
+    ImageSource,
+    resolve_dataset,
+)
+from mochi_hub.data.sampling import EpochShuffle, SeededItems, subset
+from mochi_hub.evaluate.classify import knn_scores, lr_at, make_classifier, topk_hits
+from mochi_hub.evaluate.features import (
     FeatureTensors,
     cache_key,
     dataset_fingerprint,
@@ -55,11 +63,10 @@ from .features import (
     load_cached,
     save_cached,
 )
-from .frozen import check_frozen, freeze, snapshot
-from .runs import PROBES
-from .sampling import EpochShuffle, SeededItems, subset
-from .sources import load_backbone, source_defaults
-from .version import __version__
+from mochi_hub.evaluate.frozen import check_frozen, freeze, snapshot
+from mochi_hub.publish.sources import load_backbone, source_defaults
+from mochi_hub.training.runs import PROBES
+from mochi_hub.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,7 @@ RESUME_MUST_MATCH = (
 STATE_PREFIX = "epoch"
 
 
-# --- resumable classifier state (mochi_hub.persist) ------------------------------------------------------
+# --- resumable classifier state (mochi_hub.core.persist) ------------------------------------------------------
 
 
 def save_state(

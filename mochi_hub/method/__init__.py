@@ -1,0 +1,1 @@
+"""The method: MoCHi's mixing, MoCo-v2's loss and queue, the encoders, and one training step (torch only)."""

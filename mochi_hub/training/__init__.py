@@ -1,0 +1,1 @@
+"""Pretraining: `train()`'s loop, its checkpoints and the run directory."""
