@@ -9,9 +9,17 @@ as huggingface_hub's own package does.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__
+
+# Installed, pyproject's package-dir maps the top-level cli/ and model_cards/ to mochi_hub.cli and
+# mochi_hub.model_cards. A plain checkout on PYTHONPATH (a device machine, `python -m mochi_hub.cli`) has them beside
+# this folder instead: search there too, after this folder, so both names resolve the same way in either case.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "cli").is_dir() and (_CHECKOUT / "cli" / "app.py").is_file():
+    __path__.append(str(_CHECKOUT))
 
 _LAZY = {
     "TrainConfig": "config",
