@@ -87,12 +87,54 @@ def pooled_width(backbone: nn.Module) -> int:
     return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
+class _GroupBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm of `groups` contiguous slices of the batch, each with its own statistics.
+
+    Each slice of a contiguous (NCHW or channels_last) batch is itself contiguous, so PyTorch's own batch-norm
+    kernels write every group's output (and, backward, its input gradient) straight into its slice of one tensor:
+    no full-size copy either way (a reshape to [n/g, g*C, H, W] copies twice a layer, and channels_last never
+    has that view). Returns the output and each group's mean and 1/std [g, C] for the running statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float):
+        stat_dtype = torch.promote_types(x.dtype, weight.dtype) if weight is not None else x.dtype  # bf16 x: fp32
+        out = torch.empty_like(x)  # [n, C, H, W], x's layout
+        mean = x.new_empty((groups, x.shape[1]), dtype=stat_dtype)  # [g, C]
+        invstd = torch.empty_like(mean)  # [g, C]
+        for j, (x_j, out_j) in enumerate(zip(x.chunk(groups), out.chunk(groups))):
+            torch.ops.aten.native_batch_norm.out(
+                x_j, weight, bias, None, None, True, 0.0, eps, out=out_j, save_mean=mean[j], save_invstd=invstd[j]
+            )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.groups, ctx.eps, ctx.affine = groups, eps, (weight is not None, bias is not None)
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _mean: Tensor, _invstd: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_x = torch.empty_like(x)  # [n, C, H, W]
+        grad_weight = x.new_zeros((ctx.groups, x.shape[1]), dtype=mean.dtype)  # [g, C] per group, summed below
+        grad_bias = torch.zeros_like(grad_weight)  # [g, C]
+        parts = zip(grad_out.chunk(ctx.groups), x.chunk(ctx.groups), grad_x.chunk(ctx.groups))
+        for j, (grad_j, x_j, grad_x_j) in enumerate(parts):
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad_j, x_j, weight, None, None, mean[j], invstd[j], True, ctx.eps, [True, *ctx.affine],
+                out0=grad_x_j, out1=grad_weight[j], out2=grad_bias[j],
+            )  # fmt: skip
+        grad_weight = grad_weight.sum(0).to(weight.dtype) if ctx.affine[0] else None
+        grad_bias = grad_bias.sum(0).to(weight.dtype) if ctx.affine[1] else None
+        return grad_x, grad_weight, grad_bias, None, None
+
+
 class GroupedBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d that, in training, normalises `groups` contiguous groups of the batch, each with its own
-    statistics, in one batch_norm call: MoCo's SplitBatchNorm (one device emulating several). Running the
-    backbone once per group gives the same normalisation but costs about 1.8x the step on a CPU (16-image
-    convolutions). The running statistics move once per forward, by the mean of the groups' statistics, as in
-    MoCo's; evaluation is plain BatchNorm. Parameters, buffers and state-dict keys are nn.BatchNorm2d's."""
+    statistics, in one layer call: MoCo's SplitBatchNorm (one device emulating several), without copying the
+    activations (`_GroupBatchNorm`). Running the backbone once per group gives the same normalisation but costs
+    about 1.8x the step on a CPU (16-image convolutions). The running statistics move once per forward, by the mean
+    of the groups' statistics, as in MoCo's; evaluation is plain BatchNorm. Parameters, buffers and state-dict keys
+    are nn.BatchNorm2d's."""
 
     groups: int = 1
 
@@ -100,34 +142,17 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         g = self.groups
         if not self.training or g == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
-        # [g, n/g, C, H, W] -> [n/g, g*C, H, W]: group j's images become channels j*C .. (j+1)*C - 1.
-        grouped = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)
-        tracking = self.track_running_stats and self.running_mean is not None
-        factor = 0.0  # how far the running statistics move (nn.BatchNorm2d's rule; momentum None: cumulative)
-        if tracking:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        mean = self.running_mean.repeat(g) if tracking else None  # [g*C]
-        var = self.running_var.repeat(g) if tracking else None  # [g*C]
-        out = F.batch_norm(
-            grouped,
-            mean,
-            var,
-            self.weight.repeat(g) if self.weight is not None else None,
-            self.bias.repeat(g) if self.bias is not None else None,
-            training=True,
-            momentum=factor,
-            eps=self.eps,
-        )  # [n/g, g*C, H, W]
-        if tracking:
+        out, mean, invstd = _GroupBatchNorm.apply(x, self.weight, self.bias, g, self.eps)  # [n, C, H, W], [g, C] x2
+        if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                self.running_mean.copy_(mean.view(g, c).mean(0))
-                self.running_var.copy_(var.view(g, c).mean(0))
-        out = out.reshape(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)  # [n, C, H, W]
-        # The reshapes copy into NCHW; hand channels_last on as it came, or every later convolution converts.
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+                self.num_batches_tracked.add_(1)
+                # nn.BatchNorm2d's rule; momentum None is a cumulative average, its factor kept on the device.
+                factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
+                count = x.numel() // (g * x.shape[1])  # values per channel in one group
+                unbiased_var = (invstd.pow(-2) - self.eps) * (count / max(count - 1, 1))  # [g, C]
+                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased_var.mean(0).to(self.running_var.dtype), factor)
+        return out
 
 
 def group_batchnorm(module: nn.Module) -> bool:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mochi_hub.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences, train_config_from_dict
 from mochi_hub.core import persist
@@ -171,6 +172,57 @@ def test_grouped_batchnorm_is_batchnorm_on_each_group():
     grouped.eval(), plain.eval()
     plain.load_state_dict(grouped.state_dict())
     torch.testing.assert_close(grouped(x.detach()), plain(x.detach()), rtol=0, atol=0)
+
+
+class FullSizeOps(TorchDispatchMode):
+    """Records every aten op that writes a tensor as large as `numel` by copying (clone, copy_, cat, _to_copy,
+    contiguous's clone...), and every read of a tensor value to the host (`_local_scalar_dense`: a sync on CUDA)."""
+
+    COPIES = ("clone", "copy_", "cat", "_to_copy", "index_select", "gather", "permute_copy", "transpose_copy")
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.copies, self.host_reads = numel, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.host_reads += name == "_local_scalar_dense"
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        if name in self.COPIES and any(isinstance(r, Tensor) and r.numel() >= self.numel for r in results):
+            self.copies.append(name)
+        return out
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_batchnorm_copies_no_activation_and_reads_nothing(memory_format, dtype):
+    """Forward and backward of a grouped layer (momentum None too: its factor stays on the device) make no
+    full-size copy and no host read, in either layout, under bf16 autocast too; the layout goes on as it came."""
+    layer = GroupedBatchNorm2d(8, momentum=None)
+    layer.groups = 4
+    x = torch.randn(16, 8, 6, 6).to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+    with FullSizeOps(x.numel()) as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        out = layer(x)
+        out.sum().backward()
+    assert seen.copies == [] and seen.host_reads == 0, seen.copies
+    assert out.is_contiguous(memory_format=memory_format) and out.dtype == dtype
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_grouped_batchnorm_cumulative_running_statistics():
+    """momentum None: the running statistics are the mean over forwards of the groups' mean statistics."""
+    torch.manual_seed(0)
+    layer = GroupedBatchNorm2d(3, momentum=None)
+    layer.groups = 2
+    batches = [torch.randn(8, 3, 4, 4) * (i + 1) + i for i in range(3)]
+    for x in batches:
+        layer(x)
+    means = torch.stack([torch.stack([p.mean((0, 2, 3)) for p in x.chunk(2)]).mean(0) for x in batches]).mean(0)
+    variances = torch.stack([torch.stack([p.var((0, 2, 3)) for p in x.chunk(2)]).mean(0) for x in batches]).mean(0)
+    torch.testing.assert_close(layer.running_mean, means, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.running_var, variances, rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_runs_batchnorm_groups_in_one_pass_like_one_pass_per_group():
