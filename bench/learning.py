@@ -105,7 +105,8 @@ def run(args) -> dict[str, Any]:
 
     from mochi_hub.config import resolve_train_config
     from mochi_hub.publish.sources import weights_sha256
-    from mochi_hub.training.pretrain import initial_encoder, train
+    from mochi_hub.training.pretrain import train
+    from mochi_hub.training.state import initial_encoder
 
     options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}  # "0.015" -> 0.015
     config = resolve_train_config(

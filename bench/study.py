@@ -6,7 +6,7 @@
 Every run is `mochi train --preset fashion-mnist` with one MoCHi setting and one seed (MoCo-v2 is MoCHi (0, 0, 0);
 MoCHi mixes after the preset's warm-up epoch), then `mochi probe` knn and fast on the test split (bank: a seeded
 20,000-image subset of the training split). Beside every trained backbone stand the references a claim of
-learning must beat, probed the same way: the exact untrained backbone of its seed (mochi_hub.training.pretrain.
+learning must beat, probed the same way: the exact untrained backbone of its seed (mochi_hub.training.state.
 initial_encoder) and raw pixels (centred by the bank's mean image). The runs' metrics.jsonl give the curves of
 proxy top-1, uniformity, alignment and the false-negative rate; the paper's claims get a verdict from seed means
 and their standard errors. Resumable: a finished run (run.json with a summary and both probes) is kept, an
@@ -100,7 +100,7 @@ def reference(args, seed: int, log) -> dict[str, float]:
     from learning import probes
 
     from mochi_hub.publish.sources import weights_sha256
-    from mochi_hub.training.pretrain import initial_encoder
+    from mochi_hub.training.state import initial_encoder
 
     path = args.runs_dir / f"untrained-s{seed}.json"
     if not path.is_file():

@@ -4,7 +4,7 @@ imports, its output in ``<out>.logs/`` (bench/common.py).
 
 1. ``step``: MoCHi (1024, 1024, 512) against MoCo-v2 (0, 0, 0), resnet18 (timm, MoCo's init), 64 px, batch 64
    in 2 BatchNorm groups, K = 16384, fp32, in one process: both built as ``mochi_hub.training.pretrain`` builds them
-   (the same initial weights), on the loop's first Fashion-MNIST batches (``epoch_loader``) collated
+   (the same initial weights), on the loop's first Fashion-MNIST batches (``PretrainingLoader``) collated
    beforehand, each step ``mochi_hub.method.step.training_step`` called as the loop calls it (its ``cosine_lr``,
    ``bn_splits`` from ``local_bn_splits``). Steps alternate ABBA ABBA ...: ``--step-warmup`` untimed pairs,
    ``--step-pairs`` timed. Reported: median wall and process CPU time per variant, the ratio of the medians
@@ -150,67 +150,28 @@ def train_config(sizes: dict, *, mochi: tuple[int, int, int], precision: str, wo
 # --- Part 1: the training step, MoCHi against MoCo-v2, alternated in one process ------------------------
 
 
-def build_state(config, accelerator) -> dict:
-    """Query (prepared), key, queue and optimiser, built as mochi_hub.training.pretrain's _Run.start builds them."""
-    import torch
+def build_state(config, accelerator) -> tuple:
+    """(config, the training state train() builds from it (mochi_hub.training.state), in training mode)."""
+    from mochi_hub.training.state import build_training_state
 
-    from mochi_hub.core.distributed import local_bn_splits
-    from mochi_hub.core.seeding import generator
-    from mochi_hub.method.model import Encoder, backbone_args, create_backbone, make_key_encoder
-    from mochi_hub.method.queue import NegativeQueue
+    state = build_training_state(config, accelerator)
+    state.train()
+    return config, state
 
-    build = backbone_args(config.model, init=config.init, image_size=config.image_size)
-    torch.manual_seed(config.seed)  # timm initialises from the global generator
-    query = Encoder(create_backbone(config.model, **build), config.proj_dim)
-    key = make_key_encoder(query)
-    queue = NegativeQueue(config.queue_size, config.proj_dim, generator=generator(config.seed, "queue_init"))
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    query.to(memory_format=memory_format)
-    key.to(accelerator.device, memory_format=memory_format)
-    queue.to(accelerator.device)
-    optimizer = torch.optim.SGD(
-        query.parameters(), lr=config.base_lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
+
+def bench_step(variant: tuple, batch: dict, step: int, steps_per_epoch: int) -> float:
+    """One step as the loop runs it (its lr schedule, then the state's step); returns the loss."""
+    from mochi_hub.method.step import cosine_lr
+
+    config, state = variant
+    state.set_lr(
+        cosine_lr(step, config.epochs * steps_per_epoch, config.base_lr, config.lr_warmup_epochs * steps_per_epoch)
     )
-    query, optimizer = accelerator.prepare(query, optimizer)
-    query.train()
-    key.train()
-    return dict(
-        config=config,
-        accelerator=accelerator,
-        query=query,
-        key=key,
-        queue=queue,
-        optimizer=optimizer,
-        memory_format=memory_format,
-        bn_splits=local_bn_splits(config.batchnorm_groups, 1, config.batch_size),
-    )
-
-
-def bench_step(state: dict, batch: dict, step: int, steps_per_epoch: int) -> float:
-    """One step as the loop runs it (its lr schedule, then training_step with its arguments); returns the loss."""
-    from mochi_hub.method.step import cosine_lr, training_step
-
-    config, accelerator, optimizer = state["config"], state["accelerator"], state["optimizer"]
-    for group in optimizer.param_groups:
-        group["lr"] = cosine_lr(
-            step, config.epochs * steps_per_epoch, config.base_lr, config.lr_warmup_epochs * steps_per_epoch
-        )
     images_q, images_k = (
-        v.to(accelerator.device, non_blocking=True, memory_format=state["memory_format"]) for v in batch["images"]
+        v.to(state.accelerator.device, non_blocking=True, memory_format=state.memory_format) for v in batch["images"]
     )
-    out = training_step(
-        state["query"],
-        state["key"],
-        state["queue"],
-        optimizer,
-        accelerator,
-        images_q,
-        images_k,
-        batch["labels"].to(accelerator.device),
-        config=config,
-        step=step,
-        mixing=config.uses_mixing,
-        bn_splits=state["bn_splits"],
+    out = state.step(
+        images_q, images_k, batch["labels"].to(state.accelerator.device), step=step, mixing=config.uses_mixing
     )
     if not bool(out.finite):
         raise RuntimeError(f"non-finite loss at step {step} ({config.mochi})")
@@ -221,10 +182,10 @@ def first_batches(config, count: int) -> tuple[list[dict], int]:
     """The loop's first `count` batches of epoch 0 (drawn once, so every variant steps on the same images), and the
     number of steps in an epoch (for the lr schedule)."""
     from mochi_hub.data.datasets import resolve_dataset
-    from mochi_hub.data.views import epoch_loader, pretraining_views
+    from mochi_hub.data.views import PretrainingLoader, pretraining_views
 
     views = pretraining_views(resolve_dataset(config.dataset, "train"), config)
-    return list(islice(epoch_loader(views, config, 0), count)), len(views) // config.batch_size
+    return list(islice(PretrainingLoader(views, config).epoch(0), count)), len(views) // config.batch_size
 
 
 def alternate(states: dict[str, dict], batches: list[dict], settings: dict, steps_per_epoch: int) -> dict:
@@ -273,7 +234,7 @@ def step_child(settings: dict) -> dict:
         threads=torch.get_num_threads(),
         settings=base.to_dict(),
         mochi=list(configs["mochi"].mochi),
-        batchnorm_groups=states["moco"]["bn_splits"],
+        batchnorm_groups=states["moco"][1].bn_splits,
     )
 
 
@@ -287,15 +248,15 @@ def groups_child(settings: dict) -> dict:
     accelerator = Accelerator(cpu=True)
     batches, steps_per_epoch = first_batches(config, settings["batches"])
     states = {name: build_state(config, accelerator) for name in ("one_pass", "per_group")}
-    for encoder in (states["per_group"]["query"], states["per_group"]["key"]):
+    for encoder in (states["per_group"][1].query, states["per_group"][1].key):
         accelerator.unwrap_model(encoder).groups_in_one_pass = False
     times = alternate(states, batches, settings, steps_per_epoch)["times_ms"]
     medians = {f"{name}_median_ms": statistics.median(values) for name, values in times.items()}
     return dict(
         times_ms=times,
         settings=config.to_dict(),
-        groups=states["one_pass"]["bn_splits"],
-        one_pass=accelerator.unwrap_model(states["one_pass"]["query"]).groups_in_one_pass,
+        groups=states["one_pass"][1].bn_splits,
+        one_pass=accelerator.unwrap_model(states["one_pass"][1].query).groups_in_one_pass,
         summary=dict(medians, **paired_ratios(times, "one_pass", "per_group")),
     )
 

@@ -29,12 +29,14 @@ HELP = {
     "temperature": "Softmax temperature tau. [default: 0.2]",
     "key_momentum": "Momentum m of the key encoder update. [default: 0.999]",
     "seed": "Seed of every random draw (data order, augmentation, plans). [default: 0]",
-    "workers": "Data-loading worker processes per training process. [default: 4]",
+    "workers": "Data-loading worker processes per training process. [default: on a GPU, the CPUs each local process "
+    "gets minus one (at most 16); on a CPU, up to 4]",
     "output": "Run directory: run.json, metrics.jsonl, checkpoints/, export/. [default: runs/mochi]",
     "max_steps": "Stop after this many steps (smoke runs); still checkpoints and exports.",
     "save_every_steps": "Also checkpoint every N steps (always at each epoch end).",
     "resume": "Continue from a checkpoint folder, or 'auto' for the newest complete one in --output.",
-    "mixed_precision": "no | bf16 | fp16 (logits, loss and queue stay in fp32). [default: no]",
+    "mixed_precision": "auto | no | bf16 | fp16 (logits, loss and queue stay in fp32). auto: what accelerate launch "
+    "--mixed_precision asked for, else bf16 on a GPU that has it, else no. [default: auto]",
     "preset": f"Start from a preset: {', '.join(TRAIN_PRESETS)}.",
     "init": "Initial weights: moco (MoCo's reference init: timm ResNets with zero_init_last=False) | timm "
     "(timm's default, zero-initialised last BatchNorm of each residual block). [default: moco]",
@@ -45,7 +47,7 @@ HELP = {
     "weight_decay": "SGD weight decay. [default: 1e-4]",
     "sgd_momentum": "SGD momentum. [default: 0.9]",
     "beta_max": "Upper bound of the query's weight beta in query mixes. [default: 0.5]",
-    "channels_last": "Use channels_last memory format (faster on CPUs and tensor cores).",
+    "channels_last": "Use channels_last memory format (faster on tensor cores and CPUs). [default: on a GPU]",
     "log_every_steps": "Write a metrics.jsonl line every N steps. [default: 10]",
     "keep_checkpoints": "Number of newest checkpoints kept. [default: 2]",
     "strict_data": "Stop at the first unusable image instead of reporting and skipping it.",

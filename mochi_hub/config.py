@@ -16,6 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 # Choices are Literal types: the one place that lists them (the CLI shows them, __post_init__ checks them).
 MixedPrecision = Literal["no", "bf16", "fp16"]
+TrainPrecision = Literal["auto", "no", "bf16", "fp16"]  # auto: training.state.resolve_device_defaults
 Init = Literal["moco", "timm"]  # mochi_hub.method.model.backbone_args says what each does
 Reporter = Literal["auto", "none", "tensorboard", "wandb", "trackio"]
 OnNonFinite = Literal["stop", "skip"]
@@ -113,12 +114,12 @@ class TrainConfig:
     temperature: float = 0.2
     key_momentum: float = 0.999
     seed: int = 0
-    workers: int = 4
+    workers: int | None = None  # None: from the CPUs per local process on a GPU, else min(4, CPUs)
     output: str = "runs/mochi"
     max_steps: int | None = None  # stop early (smoke runs); still exports
     save_every_steps: int | None = None  # checkpoints also every N steps (always at each epoch end)
     resume: str | None = None  # a checkpoint folder, or "auto" for the newest in output
-    mixed_precision: MixedPrecision = "no"
+    mixed_precision: TrainPrecision = "auto"  # auto: bf16 on a GPU that has it (or accelerate launch's), else no
     preset: str | None = None
     # Not in the paper's options list but part of the recipe; each is still an option.
     init: Init = "moco"  # moco: MoCo's reference init (timm ResNets: zero_init_last=False); timm: timm's default
@@ -128,7 +129,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     sgd_momentum: float = 0.9
     beta_max: float = 0.5
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on a GPU
     log_every_steps: int = 10
     keep_checkpoints: int = 2
     strict_data: bool = False
@@ -156,8 +157,9 @@ class TrainConfig:
             "keep_checkpoints",
         ):
             _positive(name, getattr(self, name))
-        for name in ("mixing_warmup_epochs", "lr_warmup_epochs", "workers", "weight_decay", "sgd_momentum"):
+        for name in ("mixing_warmup_epochs", "lr_warmup_epochs", "weight_decay", "sgd_momentum"):
             _positive(name, getattr(self, name), zero=True)
+        _positive("workers", self.workers, allow_none=True, zero=True)
         for name in ("lr", "max_steps", "save_every_steps", "max_train_images", "bn_splits"):
             _positive(name, getattr(self, name), allow_none=True)
         if not 0.0 <= self.key_momentum < 1.0:

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,9 @@ def ensure_writable_dir(path: str | Path, option: str) -> Path:
         raise ValueError(f"{option} {path}: is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)  # a name of its own: ranks run this at once
+        os.close(handle)
+        os.unlink(probe)
     except OSError as error:
         raise ValueError(f"{option} {path}: not writable ({error.strerror or error})") from None
     return path

@@ -19,6 +19,7 @@ and `_blur`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from mochi_hub.core.distributed import to_device
 from mochi_hub.data.augment import MEAN, STD
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
@@ -53,7 +55,7 @@ class ViewParams:
 
     def to(self, device: torch.device | str) -> ViewParams:
         tensors = (self.crop, self.jitter, self.factors, self.order, self.gray, self.blur, self.sigma, self.flip)
-        return ViewParams(*(t.to(device) for t in tensors), blur_half_max=self.blur_half_max)
+        return ViewParams(*(to_device(t, device) for t in tensors), blur_half_max=self.blur_half_max)
 
 
 def pad_collate(images: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -104,7 +106,10 @@ def sample_view_params(
     blur_p: float = 0.5,
     flip_p: float = 0.5,
 ) -> ViewParams:
-    """Draw one view's parameters for images of sizes [B, 2] (h, w), all from `generator`, on its device.
+    """Draw one view's parameters for images of sizes [B, 2] (h, w), all from `generator`, on the CPU.
+
+    A few numbers per image: drawn on the host they cost nothing, are the same whatever device renders the views
+    (CUDA's Philox output depends on launch geometry), and reach the device in one non-blocking copy.
 
     The crop is torchvision's RandomResizedCrop.get_params, vectorised: all 10 attempts (area share ~ U(scale),
     log aspect ratio ~ U(log ratio)) are drawn for every image at once and the first that fits is kept, else the
@@ -112,18 +117,19 @@ def sample_view_params(
     ~ U[max(0, 1 - x), 1 + x] (hue U[-h, h]), a jitter strength of 0 meaning that op is left out, and a uniform
     random permutation of the four ops per image.
     """
-    device = generator.device  # a CUDA generator only feeds ops created on its device
-    sizes = sizes.to(device)
+    if generator.device.type != "cpu":
+        raise ValueError(f"view parameters are drawn on the CPU; got a generator on {generator.device}")
+    sizes = sizes.cpu()
     count = sizes.shape[0]
 
     def uniform(*shape: int, low: float = 0.0, high: float = 1.0, dtype=torch.float32) -> Tensor:
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype) * (high - low) + low
+        return torch.rand(shape, generator=generator, dtype=dtype) * (high - low) + low
 
     # RandomResizedCrop: float32 draws as torchvision's, the box arithmetic in float64 as its Python floats.
     height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # [B, 1]
-    log_ratio = torch.tensor(ratio).log()
+    log_ratio = _float32_log(ratio)
     target_area = height * width * uniform(count, 10, low=scale[0], high=scale[1]).double()  # [B, 10]
-    aspect = torch.exp(uniform(count, 10, low=float(log_ratio[0]), high=float(log_ratio[1]))).double()  # [B, 10]
+    aspect = torch.exp(uniform(count, 10, low=log_ratio[0], high=log_ratio[1])).double()  # [B, 10]
     w = torch.round(torch.sqrt(target_area * aspect))  # [B, 10]; round half to even, as Python's round
     h = torch.round(torch.sqrt(target_area / aspect))  # [B, 10]
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [B, 10]
@@ -153,8 +159,8 @@ def sample_view_params(
     ).long()  # [B, 4]
 
     # ColorJitter: an op with strength 0 gets its neutral factor (torchvision skips it; see _jitter for hue).
-    low = torch.tensor([max(0.0, 1 - x) for x in jitter[:3]] + [-jitter[3]], device=device)  # [4]
-    high = torch.tensor([1 + x for x in jitter[:3]] + [jitter[3]], device=device)  # [4]
+    low = torch.tensor([max(0.0, 1 - x) for x in jitter[:3]] + [-jitter[3]])  # [4]
+    high = torch.tensor([1 + x for x in jitter[:3]] + [jitter[3]])  # [4]
     factors = uniform(count, 4) * (high - low) + low  # [B, 4]
     order = uniform(count, 4).argsort(1)  # [B, 4]: argsort of iid uniforms is a uniform permutation
 
@@ -199,7 +205,7 @@ def apply_view(
     Then colour jitter (per image, in its own op order), grayscale, Gaussian blur, flip, normalisation.
     """
     return _render(
-        _fill_padding(images, sizes.to(images.device)),
+        _fill_padding(images, to_device(sizes, images.device)),
         params.to(images.device),
         output_size=output_size,
         mean=mean,
@@ -244,9 +250,9 @@ class DeviceViews:
         return sample_view_params(sizes, generator=generator, **self.sampling)
 
     def __call__(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """uint8 [B, 3, H, W], sizes [B, 2] -> (query, key), each float32 [B, 3, S, S]."""
-        sizes = sizes.to(images.device)
-        filled = _fill_padding(images, sizes)  # shared by both views
+        """uint8 [B, 3, H, W] on the device, sizes [B, 2] on the host, a CPU generator -> (query, key), each
+        float32 [B, 3, S, S]. Nothing waits for the device: parameters are drawn on the host, copied without blocking."""
+        filled = _fill_padding(images, to_device(sizes, images.device))  # shared by both views
         query, key = (
             _render(
                 filled,
@@ -305,9 +311,21 @@ def _render(
     x = torch.where(params.gray[:, None, None, None], _grayscale(x).expand_as(x), x)
     x = torch.where(params.blur[:, None, None, None], _blur(x, params.sigma, params.blur_half_max), x)
     x = torch.where(params.flip[:, None, None, None], x.flip(-1), x)
-    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)  # [1, 3, 1, 1]
-    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)  # [1, 3, 1, 1]
+    mean_t, std_t = _channel_constants(mean, std, x.device)  # [1, 3, 1, 1] each
     return (x - mean_t) / std_t  # [B, 3, S, S]
+
+
+@functools.cache
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Normalisation constants, made once per device (a per-step torch.tensor(..., device=cuda) is a blocking copy)."""
+    return torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+
+@functools.cache
+def _float32_log(ratio: tuple[float, float]) -> tuple[float, float]:
+    """log of the aspect-ratio bounds rounded to float32, as torchvision's torch.log(torch.tensor(ratio))."""
+    low, high = torch.tensor(ratio).log().tolist()
+    return low, high
 
 
 def _grayscale(x: Tensor) -> Tensor:

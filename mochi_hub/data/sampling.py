@@ -14,12 +14,27 @@ from mochi_hub.core.seeding import generator, stream_seed
 
 class GlobalBatches(Sampler[list[int]]):
     """This process's share of each global batch: a seeded permutation per epoch, last partial batch
-    dropped, batches before `start` skipped (resume). Rank r takes rows [r*L, (r+1)*L) of every batch."""
+    dropped, batches before `start` skipped (resume). Rank r takes rows [r*L, (r+1)*L) of every batch.
 
-    def __init__(self, size: int, global_batch: int, *, seed: int, epoch: int, rank: int, world: int, start: int = 0):
+    `epoch` and `start` may be set between iterations (the sampler is iterated in the main process); with
+    `tag_epoch`, each index comes as (epoch, index), so a dataset in a persistent worker learns the epoch with it.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        global_batch: int,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world: int,
+        start: int = 0,
+        tag_epoch: bool = False,
+    ):
         self.size, self.global_batch, self.seed, self.epoch = size, global_batch, seed, epoch
         self.rank, self.local = rank, global_batch // world
-        self.start = start
+        self.start, self.tag_epoch = start, tag_epoch
 
     def __len__(self) -> int:
         return self.size // self.global_batch - self.start
@@ -28,7 +43,8 @@ class GlobalBatches(Sampler[list[int]]):
         order = torch.randperm(self.size, generator=generator(self.seed, "data_order", self.epoch)).tolist()
         for b in range(self.start, self.size // self.global_batch):
             first = b * self.global_batch + self.rank * self.local
-            yield order[first : first + self.local]
+            batch = order[first : first + self.local]
+            yield [(self.epoch, i) for i in batch] if self.tag_epoch else batch
 
 
 class EpochShuffle(Sampler[int]):
@@ -57,9 +73,10 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # (epoch, index): GlobalBatches' tag
         state = torch.get_rng_state()
-        torch.default_generator.manual_seed(stream_seed(self.seed, self.stream, self.epoch, index))
+        torch.default_generator.manual_seed(stream_seed(self.seed, self.stream, epoch, index))
         try:
             return self.dataset[index]
         finally:

@@ -6,13 +6,14 @@ Two places can draw the views (`--augment-on`):
 - device: workers only decode to uint8 (large images pre-shrunk), and `DeviceViews` draws both views of the whole
   batch on the training device with per-image parameters, seeded by (seed, step, rank). On a GPU this removes
   the CPU bottleneck of MoCo-v2's augmentation (about 40 images/s per core with PIL).
-`pretraining_views`, `epoch_loader` and `TwoViews.of` are what the loop, the benches and the tests iterate, so
+`pretraining_views`, `PretrainingLoader` and `BatchViews.of` are what the loop, the benches and the tests iterate, so
 "the same batches as the loop" holds by construction.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mochi_hub.config import TrainConfig
+from mochi_hub.core.distributed import to_device
 from mochi_hub.core.seeding import generator
 from mochi_hub.data.augment import MEAN, STD, TwoViews, moco_v2_transform
 from mochi_hub.data.datasets import DecodedImages, ImageSource, Sample, collate_samples
@@ -28,13 +30,6 @@ from mochi_hub.data.device_augment import DeviceViews, decode_to_uint8, pad_coll
 from mochi_hub.data.sampling import GlobalBatches, SeededItems
 
 MIN_CROP_SCALE = 0.2  # MoCo-v2's RandomResizedCrop(scale=(0.2, 1))
-
-
-def resolve_augment_on(config: TrainConfig, device: torch.device) -> str:
-    """auto: on the device when it is a GPU (the CPU cost of PIL then starves it), else in the workers."""
-    if config.augment_on == "auto":
-        return "device" if device.type == "cuda" else "workers"
-    return config.augment_on
 
 
 def pretraining_views(source: ImageSource, config: TrainConfig, augment_on: str = "workers") -> Dataset:
@@ -64,30 +59,28 @@ def collate_canvas(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
-def epoch_loader(
-    views: Dataset,
-    config: TrainConfig,
-    epoch: int,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    start: int = 0,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """This process's batches of one epoch, in the seeded order of GlobalBatches, from batch `start` on."""
-    if isinstance(views, SeededItems):
-        views.epoch = epoch
-    collate = collate_samples if isinstance(views, SeededItems) else collate_canvas
-    return DataLoader(
-        views,
-        batch_sampler=GlobalBatches(
-            len(views), config.batch_size, seed=config.seed, epoch=epoch, rank=rank, world=world, start=start
-        ),
-        num_workers=config.workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+class PretrainingLoader:
+    """This process's batches, epoch after epoch, in the seeded order of GlobalBatches, from one DataLoader whose
+    workers stay up for the whole run: the epoch reaches them with each index, not by re-forking them."""
+
+    def __init__(self, views: Dataset, config: TrainConfig, *, rank: int = 0, world: int = 1, pin_memory: bool = False):
+        seeded = isinstance(views, SeededItems)  # the worker path's views depend on the epoch
+        self.batches = GlobalBatches(
+            len(views), config.batch_size, seed=config.seed, epoch=0, rank=rank, world=world, tag_epoch=seeded
+        )
+        self.loader = DataLoader(
+            views,
+            batch_sampler=self.batches,
+            num_workers=config.workers,
+            collate_fn=collate_samples if seeded else collate_canvas,
+            pin_memory=pin_memory,
+            persistent_workers=config.workers > 0,
+        )
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of `epoch` from batch `start` on (a resumed run starts mid-epoch)."""
+        self.batches.epoch, self.batches.start = epoch, start
+        return iter(self.loader)
 
 
 class BatchViews:
@@ -101,9 +94,9 @@ class BatchViews:
         if self.device_views is None:
             return tuple(
                 v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in batch["images"]
-            )
-        canvas = batch["images"].to(self.device, non_blocking=True)  # [L, 3, H, W] uint8
-        draws = generator(self.config.seed, "augment", step, rank, device=self.device)
+            )  # pinned by the loader: no wait
+        canvas = to_device(batch["images"], self.device)  # [L, 3, H, W] uint8
+        draws = generator(self.config.seed, "augment", step, rank)  # on the host: see sample_view_params
         return tuple(
             v.contiguous(memory_format=self.memory_format) for v in self.device_views(canvas, batch["sizes"], draws)
         )  # [L, 3, S, S] each

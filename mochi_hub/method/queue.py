@@ -39,5 +39,5 @@ class NegativeQueue(nn.Module):
             )
         rows = (self.ptr + torch.arange(n, device=self.keys.device)) % self.size  # [n]
         self.keys[rows] = keys.detach().to(self.keys.dtype)
-        self.labels[rows] = -1 if labels is None else labels.to(self.labels.device, torch.long)
+        self.labels[rows] = -1 if labels is None else labels.long()  # on the queue's device, as the keys
         self.ptr.copy_((self.ptr + n) % self.size)

@@ -4,7 +4,8 @@
     synthetic logits -> InfoNCE -> SGD step -> momentum update -> enqueue the keys of every process.
 
 No host synchronisation: the loss's finiteness stays on the device for the loop to check when it logs or
-saves; only `on_nonfinite="skip"` reads it every step, because it must decide whether to update.
+saves; only `skip_nonfinite` reads it every step, because it must decide whether to update (and fp16's
+GradScaler, chosen with --mixed-precision fp16, reads its overflow flag every step by design).
 """
 
 from __future__ import annotations
@@ -25,6 +26,29 @@ from mochi_hub.method.model import Encoder, momentum_update
 from mochi_hub.method.queue import NegativeQueue
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """The few settings a step reads (`StepSettings.of(config)`)."""
+
+    temperature: float
+    key_momentum: float
+    mochi: tuple[int, int, int]  # (N, s, s')
+    beta_max: float
+    seed: int  # of the shuffle-BN permutation and the MoCHi plan, drawn at (seed, step)
+    skip_nonfinite: bool  # skip a step whose loss is not finite (reads it every step) instead of stopping later
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> StepSettings:
+        return cls(
+            temperature=config.temperature,
+            key_momentum=config.key_momentum,
+            mochi=tuple(config.mochi),
+            beta_max=config.beta_max,
+            seed=config.seed,
+            skip_nonfinite=config.on_nonfinite == "skip",
+        )
+
+
 @dataclass
 class StepOutput:
     loss: Tensor  # [] float32, on the device
@@ -32,7 +56,7 @@ class StepOutput:
     q: Tensor  # [L, D] this process's queries
     k: Tensor  # [L, D] this process's keys
     finite: Tensor  # [] bool on the device: this process's loss was finite
-    applied: bool  # False only when on_nonfinite="skip" skipped the step: then nothing was updated
+    applied: bool  # False only when skip_nonfinite skipped the step: then nothing was updated
 
 
 def training_step(
@@ -45,19 +69,19 @@ def training_step(
     images_k: Tensor,
     labels: Tensor,
     *,
-    config: TrainConfig,
     step: int,
     mixing: bool,
+    settings: StepSettings,
     bn_splits: int = 1,
 ) -> StepOutput:
-    n_hard, s, s_prime = config.mochi
-    skip_mode = config.on_nonfinite == "skip"
+    n_hard, s, s_prime = settings.mochi
     saved_buffers = (
-        [b.clone() for b in _buffers(query, key)] if skip_mode else None
+        [b.clone() for b in _buffers(query, key)] if settings.skip_nonfinite else None
     )  # BatchNorm statistics move in the forward
     with accelerator.autocast():
         q = query(images_q, splits=bn_splits)  # [L, D]
-        shuffle = generator(config.seed, "shuffle_bn", step, device=q.device)
+        # On the host, so every rank draws the same permutation whatever its GPU (see shuffled_keys).
+        shuffle = generator(settings.seed, "shuffle_bn", step)
         k, keys_all = shuffled_keys(key, images_k, accelerator, shuffle, splits=bn_splits)  # [L, D], [G, D]
     plan = (
         sample_plan(
@@ -65,26 +89,26 @@ def training_step(
             n_hard,
             s,
             s_prime,
-            beta_max=config.beta_max,
-            generator=generator(config.seed, "mochi_plan", step, accelerator.process_index, device=q.device),
+            beta_max=settings.beta_max,
+            generator=generator(settings.seed, "mochi_plan", step, accelerator.process_index, device=q.device),
         )
         if mixing
         else None
     )
     logits, targets = contrastive_logits(
-        q, k, queue.keys, temperature=config.temperature, n_hard=n_hard, plan=plan, check_finite=False
+        q, k, queue.keys, temperature=settings.temperature, n_hard=n_hard, plan=plan, check_finite=False
     )  # [L, 1 + K + s + s']
     loss = info_nce(logits, targets)
     finite = torch.isfinite(loss.detach())  # [] bool
     # Every process must take the same branch, or the gradient all-reduce waits forever.
-    if skip_mode and not bool(all_ranks_true(finite, accelerator)):
+    if settings.skip_nonfinite and not bool(all_ranks_true(finite, accelerator)):
         for buffer, value in zip(_buffers(query, key), saved_buffers):
             buffer.copy_(value)
         return StepOutput(loss, logits, q, k, finite, applied=False)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()
-    momentum_update(key, accelerator.unwrap_model(query), config.key_momentum)
+    momentum_update(key, accelerator.unwrap_model(query), settings.key_momentum)
     labels_all = accelerator.gather(labels) if accelerator.num_processes > 1 else labels  # [G]
     queue.enqueue(keys_all.float(), labels_all)
     return StepOutput(loss, logits, q, k, finite, applied=True)

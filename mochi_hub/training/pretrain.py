@@ -25,16 +25,14 @@ from torch import Tensor
 
 from mochi_hub.config import TrainConfig, resume_differences, train_config_from_dict
 from mochi_hub.core.console import progress_bar
-from mochi_hub.core.distributed import all_ranks_true, broadcast_buffers, launched_accelerator, local_bn_splits
+from mochi_hub.core.distributed import all_ranks_true, broadcast_buffers, check_shared_folder, on_main_process
 from mochi_hub.core.persist import StateFileError, ensure_writable_dir
-from mochi_hub.core.seeding import generator
 from mochi_hub.data.datasets import missing_classes_note, resolve_dataset
-from mochi_hub.data.views import BatchViews, epoch_loader, pretraining_views, resolve_augment_on
+from mochi_hub.data.views import BatchViews, PretrainingLoader, pretraining_views
 from mochi_hub.method.metrics import alignment, false_negative_rate, proxy_top1, uniformity
 from mochi_hub.method.mixing import hardest_negatives
-from mochi_hub.method.model import Encoder, backbone_args, create_backbone, make_key_encoder, structural_args
-from mochi_hub.method.queue import NegativeQueue
-from mochi_hub.method.step import StepOutput, cosine_lr, training_step
+from mochi_hub.method.model import structural_args
+from mochi_hub.method.step import StepOutput, cosine_lr
 from mochi_hub.training.checkpoint import (
     finish_checkpoint,
     latest_checkpoint,
@@ -43,6 +41,7 @@ from mochi_hub.training.checkpoint import (
     save_checkpoint,
 )
 from mochi_hub.training.runs import MetricsLog, RunSummary, describe_host, write_run_info
+from mochi_hub.training.state import TrainingState, build_training_state, launch
 from mochi_hub.version import __version__
 
 log = logging.getLogger(__name__)
@@ -67,39 +66,17 @@ def train(
             while run.step < run.last_step:
                 epoch, first_batch = divmod(run.step, run.steps_per_epoch)
                 mixing = config.uses_mixing and epoch >= config.mixing_warmup_epochs
-                run.query.train()
-                run.key.train()
-                for batch in epoch_loader(
-                    run.views,
-                    config,
-                    epoch,
-                    rank=run.rank,
-                    world=run.world,
-                    start=first_batch,
-                    pin_memory=run.device.type == "cuda",
-                ):
+                run.state.train()
+                for batch in run.loader.epoch(epoch, start=first_batch):
                     lr = run.set_lr()
                     images_q, images_k = run.batch_views.of(batch, run.step, run.rank)
                     labels = batch["labels"].to(run.device, non_blocking=True)
                     run.report_bad_files(batch["skipped"])
                     logging_step = run.is_log_step()
                     queue_labels = (
-                        run.queue.labels.clone() if logging_step else None
+                        run.state.queue.labels.clone() if logging_step else None
                     )  # hard sets index the queue before the enqueue
-                    out = training_step(
-                        run.query,
-                        run.key,
-                        run.queue,
-                        run.optimizer,
-                        run.accelerator,
-                        images_q,
-                        images_k,
-                        labels,
-                        config=config,
-                        step=run.step,
-                        mixing=mixing,
-                        bn_splits=run.bn_splits,
-                    )
+                    out = run.state.step(images_q, images_k, labels, step=run.step, mixing=mixing)
                     run.note_finite(out, epoch)
                     run.step += 1
                     run.summary.images_seen += config.batch_size
@@ -111,9 +88,9 @@ def train(
                         on_step(
                             run.step,
                             {
-                                "query": run.modules["query"],
-                                "key": run.key,
-                                "queue": run.queue,
+                                "query": run.state.modules["query"],
+                                "key": run.state.key,
+                                "queue": run.state.queue,
                                 "keys": out.k,
                                 "finite": bool(out.finite),
                                 "applied": out.applied,
@@ -139,17 +116,11 @@ class _Run:
     config: TrainConfig
     run_dir: Path
     accelerator: Accelerator
-    views: Any
+    loader: PretrainingLoader
     steps_per_epoch: int
     total_steps: int
     last_step: int
-    query: torch.nn.Module  # prepared (DDP-wrapped when distributed)
-    key: Encoder
-    queue: NegativeQueue
-    optimizer: torch.optim.Optimizer
-    modules: dict[str, torch.nn.Module]
-    bn_splits: int
-    memory_format: torch.memory_format
+    state: TrainingState  # encoders, queue, optimiser: what a step needs
     batch_views: BatchViews
     metrics: MetricsLog
     info: dict[str, Any]
@@ -181,21 +152,17 @@ class _Run:
     def start(cls, config: TrainConfig, accelerator: Accelerator | None) -> _Run:
         run_dir = ensure_writable_dir(config.output, "--output")
         trackers = _trackers(config.report_to)
-        accelerator = launched_accelerator(
-            config.batch_size,
-            accelerator=accelerator,
-            mixed_precision=config.mixed_precision,
-            log_with=trackers or None,
-            project_dir=str(run_dir),
+        config, accelerator, device_choices = launch(
+            config, accelerator, log_with=trackers or None, project_dir=str(run_dir)
         )
         world = accelerator.num_processes
-        bn_splits = local_bn_splits(config.batchnorm_groups, world, config.batch_size)
-        resume_from = _resume_point(config, run_dir, world)
+        check_shared_folder(run_dir, accelerator, "--output")
+        # Decided once, on rank 0, from what rank 0 sees: every rank must resume from the same step.
+        resume_from = on_main_process(accelerator, lambda: _resume_point(config, run_dir, world))
 
         # Data: every image decoded lazily; undecodable ones replaced and reported (DecodedImages).
         source = resolve_dataset(config.dataset, "train")
-        augment_on = resolve_augment_on(config, accelerator.device)
-        views = pretraining_views(source, config, augment_on)
+        views = pretraining_views(source, config, config.augment_on)
         if len(views) < config.batch_size:
             raise ValueError(
                 f"--dataset {config.dataset}: {len(views)} images, fewer than one global batch "
@@ -208,22 +175,7 @@ class _Run:
         last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
 
         # Model: the same seeded initial weights on every rank (DDP would broadcast them anyway).
-        query, build = initial_encoder(config)
-        key = make_key_encoder(query)
-        queue = NegativeQueue(config.queue_size, config.proj_dim, generator=generator(config.seed, "queue_init"))
-        if config.compile:  # in place, so state dicts keep their names; Accelerate would compile only the query
-            query.compile()
-            key.compile()
-        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        query.to(memory_format=memory_format)
-        key.to(accelerator.device, memory_format=memory_format)
-        queue.to(accelerator.device)
-        optimizer = torch.optim.SGD(
-            query.parameters(), lr=config.base_lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
-        )
-        query, optimizer = accelerator.prepare(query, optimizer)
-        modules = {"query": accelerator.unwrap_model(query), "key": key, "queue": queue}
-
+        state = build_training_state(config, accelerator)
         info = {
             "config": config.to_dict(),
             "num_processes": world,
@@ -235,32 +187,29 @@ class _Run:
             "backbone": {
                 "architecture": config.model,
                 "init": config.init,
-                "model_args": structural_args(build),
-                "create_args": build,
+                "model_args": structural_args(state.backbone_args),
+                "create_args": state.backbone_args,
             },
             "shuffle_bn": (f"keys shuffled across {world} processes" if world > 1 else "keys shuffled within the batch")
-            + f"; BatchNorm in {bn_splits} group(s) of {config.batch_size // world // bn_splits} per process, "
-            "both encoders",
+            + f"; BatchNorm in {state.bn_splits} group(s) of {config.batch_size // world // state.bn_splits} "
+            "per process, both encoders",
             "dataset_images": len(views),
-            "augment_on": augment_on,
+            "augment_on": config.augment_on,
             "batchnorm_groups": config.batchnorm_groups,
+            "device_choices": device_choices,
         }
         run = cls(
             config=config,
             run_dir=run_dir,
             accelerator=accelerator,
-            views=views,
+            loader=PretrainingLoader(
+                views, config, rank=accelerator.process_index, world=world, pin_memory=accelerator.device.type == "cuda"
+            ),
             steps_per_epoch=steps_per_epoch,
             total_steps=total_steps,
             last_step=last_step,
-            query=query,
-            key=key,
-            queue=queue,
-            optimizer=optimizer,
-            modules=modules,
-            bn_splits=bn_splits,
-            memory_format=memory_format,
-            batch_views=BatchViews(config, augment_on, accelerator.device, memory_format),
+            state=state,
+            batch_views=BatchViews(config, config.augment_on, accelerator.device, state.memory_format),
             metrics=MetricsLog(run_dir),
             info=info,
             first_bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device),
@@ -285,8 +234,8 @@ class _Run:
         try:
             state = load_checkpoint(
                 resume_from,
-                modules=self.modules,
-                optimizer=self.optimizer,
+                modules=self.state.modules,
+                optimizer=self.state.optimizer,
                 rank=self.rank,
                 scaler=self.accelerator.scaler,
             )
@@ -337,6 +286,8 @@ class _Run:
             self.info["shuffle_bn"],
             self.info["augment_on"],
         )
+        if self.info["device_choices"]:
+            log.info("  chosen for %s: %s", self.device.type, "; ".join(self.info["device_choices"]))
 
     # --- per step ----------------------------------------------------------------------------------------
 
@@ -348,8 +299,7 @@ class _Run:
         lr = cosine_lr(
             self.step, self.total_steps, self.config.base_lr, self.config.lr_warmup_epochs * self.steps_per_epoch
         )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.state.set_lr(lr)
         return lr
 
     def report_bad_files(self, reasons: list[str]) -> None:
@@ -431,7 +381,7 @@ class _Run:
         if end_of_epoch and self.is_main:
             self.metrics.append({"kind": "epoch", "step": self.step, "epoch": epoch, **self.summary.to_dict()})
         if self.world > 1:
-            broadcast_buffers(self.modules["query"], self.key)
+            broadcast_buffers(self.state.modules["query"], self.state.key)
         state = {
             "step": self.step,
             "epoch": epoch + 1 if end_of_epoch else epoch,
@@ -442,8 +392,8 @@ class _Run:
         final = save_checkpoint(
             self.run_dir,
             self.step,
-            modules=self.modules,
-            optimizer=self.optimizer,
+            modules=self.state.modules,
+            optimizer=self.state.optimizer,
             state=state,
             is_main=self.is_main,
             rank=self.rank,
@@ -483,14 +433,6 @@ class _Run:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.run_dir
-
-
-def initial_encoder(config: TrainConfig) -> tuple[Encoder, dict[str, Any]]:
-    """The query encoder at step 0 and the arguments its backbone was built with. Its `.backbone` is the exact
-    untrained reference every claim of learning is measured against (same architecture, same init, same seed)."""
-    build = backbone_args(config.model, init=config.init, image_size=config.image_size)
-    torch.manual_seed(config.seed)  # timm initialises from the global generator
-    return Encoder(create_backbone(config.model, **build), config.proj_dim), build
 
 
 def _trackers(report_to: str) -> list[str]:

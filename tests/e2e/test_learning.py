@@ -11,7 +11,8 @@ import pytest
 from mochi_hub.config import resolve_train_config
 from mochi_hub.evaluate.probe import run_probe
 from mochi_hub.publish.sources import probe_config_for, weights_sha256
-from mochi_hub.training.pretrain import initial_encoder, train
+from mochi_hub.training.pretrain import train
+from mochi_hub.training.state import initial_encoder
 
 CASES = {  # options, probe images, kNN margin (points), whether the fast-linear probe must improve too
     # A tiny timm ResNet, 64 steps, in CI: kNN 56.3 -> 67.0 when written (its fast-linear probe, 69.2 untrained,

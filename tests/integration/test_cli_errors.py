@@ -59,7 +59,7 @@ def test_version_help_and_choices():
     assert mochi("--version").stdout.strip() == f"mochi-hub {__version__}"
     short = mochi("train", "-h")
     assert short.exit_code == 0 and "--mixed-precision" in short.stdout
-    assert "[no|bf16|fp16]" in short.stdout.replace(" ", "") or "<no|bf16|fp16>" in short.stdout  # choices
+    assert "[auto|no|bf16|fp16]" in short.stdout.replace(" ", "") or "<auto|no|bf16|fp16>" in short.stdout  # choices
     assert "--install-completion" in mochi("--help").stdout
 
 

@@ -19,7 +19,7 @@ from mochi_hub.core.distributed import local_bn_splits, shuffled_keys
 from mochi_hub.core.seeding import STREAMS, generator, stream_seed
 from mochi_hub.method.model import Encoder, GroupedBatchNorm2d, create_backbone, make_key_encoder, momentum_update
 from mochi_hub.method.queue import NegativeQueue
-from mochi_hub.method.step import training_step
+from mochi_hub.method.step import StepSettings, training_step
 
 # --- seed streams ------------------------------------------------------------------------------------------
 
@@ -286,7 +286,7 @@ def test_a_skipped_non_finite_step_updates_nothing():
         images,
         images.clone(),
         labels,
-        config=config,
+        settings=StepSettings.of(config),
         step=0,
         mixing=True,
         bn_splits=2,
@@ -300,7 +300,18 @@ def test_a_skipped_non_finite_step_updates_nothing():
     bad = images.clone()
     bad[0, 0, 0, 0] = float("nan")
     out = training_step(
-        query, key, queue, optimizer, accelerator, bad, images, labels, config=config, step=1, mixing=True, bn_splits=2
+        query,
+        key,
+        queue,
+        optimizer,
+        accelerator,
+        bad,
+        images,
+        labels,
+        settings=StepSettings.of(config),
+        step=1,
+        mixing=True,
+        bn_splits=2,
     )
     assert not out.applied and not bool(out.finite)
     for name, module in (("query", query), ("key", key), ("queue", queue)):

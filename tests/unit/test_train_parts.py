@@ -54,3 +54,36 @@ def test_no_saved_state_is_ever_unpickled():
     for path, text in sources.items():
         for line in text.splitlines():
             assert "torch.load(" not in line and "pickle.load" not in line, f"{path}: {line.strip()}"
+
+
+# --- device choices ---------------------------------------------------------------------------------------------
+
+
+def test_device_defaults_on_a_gpu_and_what_wins_over_them():
+    """auto/None fields are chosen for the device with a reason each; explicit values and accelerate launch's
+    mixed precision win; "no" from the launcher (its default) leaves the choice to the device."""
+    from mochi_hub.config import TrainConfig
+    from mochi_hub.training.state import resolve_device_defaults
+
+    gpu, reasons = resolve_device_defaults(TrainConfig(), "cuda", cpus=16, local_processes=1)
+    assert (gpu.mixed_precision, gpu.channels_last, gpu.workers, gpu.augment_on) == ("bf16", True, 15, "device")
+    assert len(reasons) == 4 and all("auto" in r for r in reasons)
+    eight, _ = resolve_device_defaults(TrainConfig(), "cuda", cpus=96, local_processes=8)
+    assert eight.workers == 11  # 96 CPUs / 8 local processes, one left for the process itself
+    many, _ = resolve_device_defaults(TrainConfig(), "cuda", cpus=256, local_processes=1)
+    assert many.workers == 16
+    old_gpu, _ = resolve_device_defaults(TrainConfig(), "cuda", cpus=4, local_processes=1, bf16_supported=False)
+    assert old_gpu.mixed_precision == "no"
+    launched, reasons = resolve_device_defaults(
+        TrainConfig(), "cuda", cpus=16, local_processes=1, launcher_precision="fp16"
+    )
+    assert launched.mixed_precision == "fp16" and "from accelerate launch" in reasons[0]
+    launcher_default, _ = resolve_device_defaults(
+        TrainConfig(), "cuda", cpus=16, local_processes=1, launcher_precision="no"
+    )
+    assert launcher_default.mixed_precision == "bf16"
+    explicit = TrainConfig(mixed_precision="no", channels_last=False, workers=2, augment_on="workers")
+    kept, reasons = resolve_device_defaults(explicit, "cuda", cpus=16, local_processes=1, launcher_precision="bf16")
+    assert kept == explicit and reasons == []
+    cpu, _ = resolve_device_defaults(TrainConfig(), "cpu", cpus=2, local_processes=1)
+    assert (cpu.mixed_precision, cpu.channels_last, cpu.workers, cpu.augment_on) == ("no", False, 2, "workers")
