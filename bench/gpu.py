@@ -1,24 +1,32 @@
-"""The GPU path of `mochi train`, measured on one GPU (issue 12), as one prepared script of at most 8 minutes.
+"""The GPU path of `mochi train` on one GPU (issue 29): one prepared command that always brings figures back.
 
-    PYTHONPATH=. python bench/gpu.py                  # on the GPU machine: writes bench/results/gpu.json
-    PYTHONPATH=. python bench/gpu.py --smoke          # seconds, on a CPU: every part at toy sizes (CI runs it)
-    PYTHONPATH=. python bench/gpu.py --parts data --workers 2 --photos 768 --data-batches 2   # the CPU figure
+    PYTHONPATH=. python3 bench/gpu.py                 # on the GPU machine: $OUT/gpu.json (else bench/results/)
+    PYTHONPATH=. python3 bench/gpu.py --smoke         # seconds on a CPU: every part at toy sizes (CI runs it)
+    PYTHONPATH=. python3 bench/gpu.py --parts data --workers 2 --photos 512   # the loader alone, e.g. on a CPU
 
-ResNet-50 at 224 px, bf16 autocast + channels_last, global batch 256, one process. Real photos: scikit-image's
-sample photos, cropped at random and resized to ImageNet-like 500x375 JPEGs, written on the spot. Parts:
+ResNet-50 at 224 px, global batch 256, one process, with the settings `mochi train` chooses on a GPU (bf16
+autocast, channels_last, cuDNN autotuner: mochi_hub.training.state). Everything is built by the library's own
+functions (launch, build_training_state, PretrainingLoader, BatchViews, train), so the figures are what
+`mochi train` runs. Images: ImageNet-like JPEGs written on the spot (scikit-image's colour photos, downscaled
+crops at 500x375 / 375x500 with sensor-like noise, quality 88-96: about 100 KB each, as ImageNet's ~110 KB).
 
-- step: one training step (mochi_hub.method.step.training_step, as the loop calls it) on pre-made device tensors,
-  MoCo-v2 and MoCHi (1024, 1024, 512) at K = 16384 and 65536, alternated; median ms, images/s, peak memory.
-- data: images/s of the data path alone for 2..15 workers: PIL views in the workers (the worker path) against
-  decode-only workers + the batched device views (`--augment-on device`).
-- train: end-to-end `train()` images/s (metrics.jsonl windows after the first), both augmentation paths, with
-  and without `--compile`; against the step part's tensors-only rate.
-- smoke: 2 CUDA steps of train, then probe (knn) and export of that run; peak memory of each.
+Parts, cheapest first; each row is written to the JSON as soon as it is measured, a failing row is recorded with
+its error and the rest go on, and a part that no longer fits the time budget (--budget-s, default 420 s after the
+photos) is recorded as skipped:
 
-Targets: end-to-end with device views >= 80 % of the tensors-only step and >= 3x the worker path; the MoCHi
-step <= 1.05x the MoCo-v2 step at K = 16384. Each part is written to the JSON as it finishes, so a run cut short
-still reports what it measured. Nothing is downloaded: only torch, timm, accelerate, safetensors, scikit-image
-and this checkout are needed.
+- smoke: 2 steps of train() with its defaults, then probe (knn) and export of that run; peak memory of each.
+- syncs: host synchronisations per steady-state step (device views + step): CUDA's sync debug mode on a GPU, a
+  count of host reads of tensor values on a CPU.
+- step: one training step on pre-made device tensors, MoCo-v2 and MoCHi (1024, 1024, 512) at K = 16384 and 65536,
+  alternated; median ms, images/s, peak memory.
+- profile: torch.profiler over MoCHi steps: the GPU's busy share of the wall time and the top kernels.
+- data: images/s of the loader + views alone for several worker counts: PIL views in the workers against
+  decode-only workers + views on the device; timed after the workers have filled their queues.
+- train: end-to-end train() images/s (metrics.jsonl windows after the first) and its data-wait share, views on
+  the device (eager and --compile, compile time apart) and in the workers.
+
+Targets (issue 29): MoCo-v2 step >= 3,000 images/s; MoCHi step <= 1.05x MoCo-v2 at K = 65,536; end-to-end
+with device views >= 80 % of the tensors-only step (MoCHi, K = 16384) and >= 3x the worker path; 0 syncs a step.
 """
 
 from __future__ import annotations
@@ -27,10 +35,15 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +54,17 @@ FULL = dict(
     model="resnet50",
     image_size=224,
     batch_size=256,
-    photos=256 * 44,
-    pairs=20,
+    photos=256 * 40,
+    pairs=15,
     warmup=5,
     mochi=(1024, 1024, 512),
     queues=(16384, 65536),
-    workers=(2, 4, 8, 12, 15),
-    data_batches=12,
+    workers=(4, 8, 15),
+    data_batches=10,
     train_steps=40,
     window=5,
-    photo_size=(500, 375),
+    sync_steps=5,
+    profile_steps=3,
 )
 SMOKE = dict(
     model="test_resnet",
@@ -65,8 +79,57 @@ SMOKE = dict(
     data_batches=2,
     train_steps=4,
     window=2,
-    photo_size=(50, 38),
+    sync_steps=2,
+    profile_steps=1,
 )
+PHOTO_SOURCES = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+
+
+# --- the record ------------------------------------------------------------------------------------------------
+
+
+class Record:
+    """The result as it grows: every row is written to `path` at once (atomically), so a run cut short keeps
+    what it measured."""
+
+    def __init__(self, path: Path, result: dict[str, Any], deadline: float):
+        self.path, self.result, self.deadline = path, result, deadline
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.write()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def row(self, part: str, row: dict[str, Any]) -> None:
+        self.result.setdefault(part, {}).setdefault("rows", []).append(row)
+        self.write()
+
+    def set(self, part: str, **values: Any) -> None:
+        self.result.setdefault(part, {}).update(values)
+        self.write()
+
+    def attempt(self, part: str, what: dict[str, Any], measure: Callable[[], dict[str, Any]], need_s: float) -> None:
+        """One row: measured, or its error, or skipped when less than `need_s` of the budget is left."""
+        if self.left() < need_s:
+            self.row(part, {**what, "skipped": f"{self.left():.0f} s of the budget left, about {need_s:.0f} needed"})
+            return
+        try:
+            self.row(part, {**what, **measure()})
+        except Exception as error:  # one row failing must not lose the others
+            self.row(part, {**what, "error": f"{type(error).__name__}: {error}", "where": _where(error)})
+        finally:
+            reset_accelerate()
+
+    def write(self) -> None:
+        self.result["targets"] = targets(self.result)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.result, indent=1, default=str))
+        tmp.replace(self.path)
+
+
+def _where(error: BaseException) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-3:][::-1])
 
 
 def now() -> float:
@@ -75,45 +138,60 @@ def now() -> float:
     return time.perf_counter()
 
 
-def peak_mib(reset: bool = True) -> float | None:
+def peak_mib() -> float | None:
     if not torch.cuda.is_available():
         return None
     peak = torch.cuda.max_memory_allocated() / 2**20
-    if reset:
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()
     return round(peak, 1)
 
 
 def reset_accelerate() -> None:
-    """Each part builds its own Accelerator; Accelerate keeps one state per process, reset between parts."""
+    """Each row builds its own Accelerator; Accelerate keeps one state per process, reset between rows."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def write_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
-    """`count` JPEGs, 500x375 (ImageNet's typical size) random crops of scikit-image's photos, in 4 classes."""
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+
+def _write_photo(job: tuple[int, str, int]) -> int:
+    """One ImageNet-like JPEG: a downscaled crop of a colour photo, with sensor-like noise; returns its bytes."""
     import numpy as np
     from PIL import Image
     from skimage import data as photos
 
-    sources = [
-        Image.fromarray(np.asarray(getattr(photos, name)())).convert("RGB")
-        for name in ("astronaut", "chelsea", "coffee", "rocket")
-    ]
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        image = sources[index % 4]
-        w, h = image.size
-        cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
-        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        target = folder / f"photo{index % 4}" / f"{index:06d}.jpg"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BILINEAR).save(target, quality=90)
-    return folder
+    index, folder, small = job
+    rng = np.random.default_rng(index)
+    source = np.asarray(getattr(photos, PHOTO_SOURCES[index % len(PHOTO_SOURCES)])())[..., :3]
+    h, w = source.shape[:2]
+    tw, th = (500, 375) if rng.random() < 0.75 else (375, 500)
+    if small:
+        tw, th = tw // 10, th // 10
+    scale = min(w / tw, h / th)
+    scale = rng.uniform(1.0, scale) if scale > 1 else scale  # never upscaled: the detail of a real photo
+    cw, ch = int(tw * scale), int(th * scale)
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = Image.fromarray(source[y : y + ch, x : x + cw]).resize((tw, th), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, 11.0, (th, tw, 3))
+    target = Path(folder) / f"photo{index % len(PHOTO_SOURCES)}" / f"{index:06d}.jpg"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(target, quality=int(rng.integers(88, 97)))
+    return target.stat().st_size
+
+
+def write_photos(folder: Path, count: int, small: bool) -> dict[str, Any]:
+    jobs = [(i, str(folder), int(small)) for i in range(count)]
+    with ProcessPoolExecutor(max_workers=max(1, min(16, (os.cpu_count() or 2) - 1))) as pool:
+        sizes = list(pool.map(_write_photo, jobs, chunksize=64))
+    return {"photos": count, "mean_kb": round(statistics.mean(sizes) / 1e3, 1)}
 
 
 def config_for(sizes: dict, **overrides: Any):
+    """The bench's TrainConfig: device settings left to `mochi train`'s own choices unless overridden."""
     from mochi_hub.config import TrainConfig
 
     values = dict(
@@ -125,132 +203,247 @@ def config_for(sizes: dict, **overrides: Any):
         mochi=sizes["mochi"],
         mixing_warmup_epochs=0,
         epochs=1,
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
-        channels_last=True,
         report_to="none",
-        workers=0,
         log_every_steps=sizes["window"],
     )
     return TrainConfig(**(values | overrides))
 
 
-# --- part 1: the step on pre-made tensors ---------------------------------------------------------------------
+def library_state(config):
+    """(resolved config, Accelerator, training state) exactly as train() builds them."""
+    from mochi_hub.training.state import build_training_state, launch
+
+    config, accelerator, _ = launch(config)
+    state = build_training_state(config, accelerator)
+    state.train()
+    return config, accelerator, state
 
 
-def part_step(sizes: dict) -> dict[str, Any]:
-    from accelerate import Accelerator
+# --- parts -----------------------------------------------------------------------------------------------------
 
-    from mochi_hub.core.distributed import local_bn_splits
-    from mochi_hub.core.seeding import generator
-    from mochi_hub.method.model import Encoder, backbone_args, create_backbone, make_key_encoder
-    from mochi_hub.method.queue import NegativeQueue
-    from mochi_hub.method.step import training_step
 
-    rows = []
-    for queue_size in sizes["queues"]:
-        reset_accelerate()
-        variants = {"MoCo-v2": (0, 0, 0), "MoCHi": config_for(sizes).mochi}
-        configs = {name: config_for(sizes, queue_size=queue_size, mochi=mochi) for name, mochi in variants.items()}
-        base = configs["MoCo-v2"]
-        accelerator = Accelerator(mixed_precision=base.mixed_precision)
-        device = accelerator.device
-        splits = local_bn_splits(base.batchnorm_groups, 1, base.batch_size)
-        images = torch.randn(base.batch_size, 3, base.image_size, base.image_size, device=device).contiguous(
-            memory_format=torch.channels_last
+def part_smoke(sizes: dict, photos: Path, out: Path, record: Record) -> None:
+    from mochi_hub.config import ProbeConfig
+    from mochi_hub.evaluate.probe import run_probe
+    from mochi_hub.publish.export import export_run
+    from mochi_hub.training.pretrain import train
+
+    run_dir = out / "smoke"
+
+    def trained() -> dict[str, Any]:
+        train(config_for(sizes, dataset=str(photos), output=str(run_dir), max_steps=2, workers=2))
+        run = json.loads((run_dir / "run.json").read_text())
+        return {"device_choices": run["device_choices"], "peak_mib": peak_mib()}
+
+    def probed() -> dict[str, Any]:
+        config = ProbeConfig(
+            dataset=str(photos),
+            protocol="knn",
+            split="train",
+            image_size=sizes["image_size"],
+            max_images=64,
+            workers=2,
+            batch_size=32,
+            cache_dir=str(out / "cache"),
+            mixed_precision="bf16" if torch.cuda.is_available() else "no",
         )
-        labels = torch.arange(base.batch_size, device=device) % 100
-        states = {}
-        for name, config in configs.items():
-            torch.manual_seed(0)
-            query = Encoder(create_backbone(config.model, **backbone_args(config.model)), config.proj_dim)
-            key = make_key_encoder(query)
-            queue = NegativeQueue(config.queue_size, config.proj_dim, generator=generator(0, "queue_init"))
-            query.to(memory_format=torch.channels_last)
-            key.to(device, memory_format=torch.channels_last)
-            queue.to(device)
-            optimizer = torch.optim.SGD(query.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-            query, optimizer = accelerator.prepare(query, optimizer)
-            states[name] = (config, query, key, queue, optimizer)
-        times: dict[str, list[float]] = {name: [] for name in configs}
-        for i in range(sizes["warmup"] + sizes["pairs"]):
-            for name in list(configs) if i % 2 == 0 else list(configs)[::-1]:
-                config, query, key, queue, optimizer = states[name]
-                start = now()
-                training_step(
-                    query,
-                    key,
-                    queue,
-                    optimizer,
-                    accelerator,
-                    images,
-                    images,
-                    labels,
-                    config=config,
-                    step=i,
-                    mixing=config.uses_mixing,
-                    bn_splits=splits,
-                )
-                if i >= sizes["warmup"]:
-                    times[name].append((now() - start) * 1e3)
-        for name in configs:
-            median = statistics.median(times[name])
-            rows.append(
-                {
-                    "variant": name,
-                    "K": queue_size,
-                    "median_ms": round(median, 2),
-                    "images_per_sec": round(base.batch_size / median * 1e3, 1),
-                }
-            )
-        rows[-1]["mochi_over_moco"] = round(rows[-1]["median_ms"] / rows[-2]["median_ms"], 4)
-        rows[-1]["peak_mib"] = peak_mib()
-        del states
-    return {"rows": rows}
+        return {"knn_top1": run_probe(str(run_dir), config, show=False)["top1"], "peak_mib": peak_mib()}
+
+    def exported() -> dict[str, Any]:
+        return {"files": sorted(p.name for p in export_run(run_dir).iterdir())}
+
+    for what, measure in (("train", trained), ("probe", probed), ("export", exported)):
+        record.attempt("smoke", {"what": what}, measure, need_s=30)
 
 
-# --- part 2: the data path alone ------------------------------------------------------------------------------
-
-
-def part_data(sizes: dict, photos: Path) -> dict[str, Any]:
+def part_syncs(sizes: dict, photos: Path, record: Record) -> None:
+    """Host synchronisations per steady-state step with views on the device, as the loop runs them."""
     from mochi_hub.data.datasets import resolve_dataset
-    from mochi_hub.data.views import BatchViews, epoch_loader, pretraining_views
+    from mochi_hub.data.views import BatchViews, PretrainingLoader, pretraining_views
+
+    def count() -> dict[str, Any]:
+        config, accelerator, state = library_state(config_for(sizes, dataset=str(photos), augment_on="device"))
+        views = pretraining_views(resolve_dataset(config.dataset, "train"), config, "device")
+        batch_views = BatchViews(config, "device", accelerator.device, state.memory_format)
+        batches = PretrainingLoader(views, config, pin_memory=accelerator.device.type == "cuda").epoch(0)
+        counts = []
+        for step in range(2 + sizes["sync_steps"]):
+            batch = next(batches)
+            with SyncCounter(enabled=step >= 2) as syncs:
+                images_q, images_k = batch_views.of(batch, step, 0)
+                labels = batch["labels"].to(accelerator.device, non_blocking=True)
+                state.step(images_q, images_k, labels, step=step, mixing=True)
+            now()  # the step's work done before the next is counted (our own synchronize, not counted)
+            if step >= 2:
+                counts.append(syncs.count)
+        return {"syncs_per_step": counts, "how": SyncCounter.how()}
+
+    record.attempt("syncs", {"what": "device views + step"}, count, need_s=40)
+
+
+class SyncCounter:
+    """On CUDA: the warnings of torch.cuda.set_sync_debug_mode("warn"), one per synchronising call. On a CPU:
+    reads of tensor values by the host (aten._local_scalar_dense), what would synchronise on a GPU."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.count = enabled, 0
+
+    @staticmethod
+    def how() -> str:
+        return "cuda sync debug mode" if torch.cuda.is_available() else "host reads (_local_scalar_dense)"
+
+    def __enter__(self) -> SyncCounter:
+        if not self.enabled:
+            return self
+        if torch.cuda.is_available():
+            self._warnings = warnings.catch_warnings(record=True)
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            from torch.utils._python_dispatch import TorchDispatchMode
+
+            counter = self
+
+            class Reads(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    counter.count += func.overloadpacket.__name__ == "_local_scalar_dense"
+                    return func(*args, **(kwargs or {}))
+
+            self._mode = Reads()
+            self._mode.__enter__()
+        return self
+
+    def stop(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+            self.count = sum("synchroniz" in str(w.message) for w in self._caught)
+            self._warnings.__exit__(None, None, None)
+        else:
+            self._mode.__exit__(None, None, None)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.stop()
+
+
+def _pre_made(config, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=accelerator.device)
+    return images.contiguous(memory_format=torch.channels_last), torch.arange(config.batch_size) % 100
+
+
+def part_step(sizes: dict, record: Record) -> None:
+    for queue_size in sizes["queues"]:
+
+        def measure(queue_size: int = queue_size) -> dict[str, Any]:
+            variants = {"MoCo-v2": (0, 0, 0), "MoCHi": tuple(sizes["mochi"])}
+            states = {}
+            for name, mochi in variants.items():
+                config, accelerator, state = library_state(config_for(sizes, queue_size=queue_size, mochi=mochi))
+                states[name] = state
+            images, labels = _pre_made(config, accelerator)
+            labels = labels.to(accelerator.device)
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for i in range(sizes["warmup"] + sizes["pairs"]):
+                for name in list(variants) if i % 2 == 0 else list(variants)[::-1]:
+                    start = now()
+                    states[name].step(images, images, labels, step=i, mixing=name == "MoCHi")
+                    if i >= sizes["warmup"]:
+                        times[name].append((now() - start) * 1e3)
+            ms = {name: statistics.median(t) for name, t in times.items()}
+            return {
+                "moco_ms": round(ms["MoCo-v2"], 2),
+                "mochi_ms": round(ms["MoCHi"], 2),
+                "moco_images_per_sec": round(config.batch_size / ms["MoCo-v2"] * 1e3, 1),
+                "mochi_images_per_sec": round(config.batch_size / ms["MoCHi"] * 1e3, 1),
+                "mochi_over_moco": round(ms["MoCHi"] / ms["MoCo-v2"], 4),
+                "mixed_precision": config.mixed_precision,
+                "peak_mib": peak_mib(),
+            }
+
+        record.attempt("step", {"K": queue_size}, measure, need_s=45)
+
+
+def part_profile(sizes: dict, record: Record) -> None:
+    """Where a MoCHi step's time goes: the GPU's busy share of the wall time and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def measure() -> dict[str, Any]:
+        config, accelerator, state = library_state(config_for(sizes))
+        images, labels = _pre_made(config, accelerator)
+        labels = labels.to(accelerator.device)
+        for i in range(3):
+            state.step(images, images, labels, step=i, mixing=True)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        start = now()
+        with profile(activities=activities) as prof:
+            for i in range(sizes["profile_steps"]):
+                state.step(images, images, labels, step=3 + i, mixing=True)
+            now()
+        wall_ms = (now() - start) * 1e3 / sizes["profile_steps"]
+        gpu = torch.cuda.is_available()
+        events = prof.key_averages()
+        key = "self_device_time_total" if gpu else "self_cpu_time_total"
+        top = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
+        busy_ms = sum(getattr(e, key, 0) for e in events) / 1e3 / sizes["profile_steps"]
+        return {
+            "wall_ms_per_step": round(wall_ms, 2),
+            "busy_ms_per_step": round(busy_ms, 2),
+            "top": [
+                {
+                    "op": e.key[:80],
+                    "ms_per_step": round(getattr(e, key, 0) / 1e3 / sizes["profile_steps"], 3),
+                    "calls": e.count,
+                }
+                for e in top
+            ],
+        }
+
+    record.attempt("profile", {"what": "MoCHi step"}, measure, need_s=40)
+
+
+def part_data(sizes: dict, photos: Path, record: Record) -> None:
+    from mochi_hub.data.datasets import resolve_dataset
+    from mochi_hub.data.views import BatchViews, PretrainingLoader, pretraining_views
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_dataset(str(photos), "train")
-    rows = []
     for workers in sizes["workers"]:
-        for path in ("workers", "device"):
-            config = config_for(sizes, dataset=str(photos), workers=workers, augment_on=path)
-            views = pretraining_views(source, config, path)
-            batch_views = BatchViews(config, path, device, torch.channels_last)
-            loader = iter(epoch_loader(views, config, 0, pin_memory=device.type == "cuda"))
-            batch_views.of(next(loader), 0, 0)  # workers started, first batch out
-            start, images = now(), 0
-            for step, batch in zip(range(1, sizes["data_batches"] + 1), loader):
-                batch_views.of(batch, step, 0)
-                images += len(batch["labels"])
-            rows.append({"augment_on": path, "workers": workers, "images_per_sec": round(images / (now() - start), 1)})
-    return {"rows": rows}
+        for path in ("device", "workers"):
+
+            def measure(workers: int = workers, path: str = path) -> dict[str, Any]:
+                config = config_for(sizes, dataset=str(photos), workers=workers, augment_on=path)
+                views = pretraining_views(source, config, path)
+                batch_views = BatchViews(config, path, device, torch.channels_last)
+                loader = PretrainingLoader(views, config, pin_memory=device.type == "cuda")
+                batches = loader.epoch(0)
+                fill = max(1, 2 * workers)  # the workers' queues filled before the clock starts
+                for step in range(fill):
+                    batch_views.of(next(batches), step, 0)
+                start, images = now(), 0
+                for step in range(fill, fill + sizes["data_batches"]):
+                    batch = next(batches)
+                    batch_views.of(batch, step, 0)
+                    images += len(batch["labels"])
+                rate = images / (now() - start)
+                del batches, loader
+                return {"images_per_sec": round(rate, 1), "per_worker": round(rate / max(1, workers), 1)}
+
+            record.attempt("data", {"augment_on": path, "workers": workers}, measure, need_s=25)
 
 
-# --- part 3: end-to-end train() -------------------------------------------------------------------------------
-
-
-def part_train(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
+def part_train(sizes: dict, photos: Path, out: Path, record: Record) -> None:
     from mochi_hub.training.pretrain import train
 
-    rows = []
-    workers = sizes["workers"][-1]
-    for path in ("device", "workers"):
-        for compiled in (False, True):
-            if compiled and (args_smoke(sizes) or path == "workers"):
-                continue  # compile changes the GPU side only; the worker path is bound by the CPUs
-            reset_accelerate()
+    for path, compiled in (("device", False), ("workers", False), ("device", True)):
+        if compiled and sizes["model"] == SMOKE["model"]:
+            continue  # compile on a CPU smoke costs minutes for nothing
+
+        def measure(path: str = path, compiled: bool = compiled) -> dict[str, Any]:
             run_dir = out / f"train-{path}-{'compiled' if compiled else 'eager'}"
             config = config_for(
                 sizes,
                 dataset=str(photos),
-                workers=workers,
                 augment_on=path,
                 compile=compiled,
                 output=str(run_dir),
@@ -261,157 +454,156 @@ def part_train(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
             train(config)
             wall = now() - start
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            windows = [r["images_per_sec"] for r in records if r["kind"] == "step"][1:]  # the first holds start-up
-            rows.append(
-                {
-                    "augment_on": path,
-                    "compile": compiled,
-                    "workers": workers,
-                    "images_per_sec": round(statistics.median(windows), 1) if windows else None,
-                    "wall_s": round(wall, 1),
-                    "peak_mib": peak_mib(),
-                }
+            steps = [r for r in records if r["kind"] == "step"]
+            steady = steps[1:]  # the first window holds start-up (and compilation)
+            run = json.loads((run_dir / "run.json").read_text())
+            first_window_s = sizes["window"] * sizes["batch_size"] / steps[0]["images_per_sec"] if steps else None
+            steady_window_s = (
+                sizes["window"] * sizes["batch_size"] / statistics.median(r["images_per_sec"] for r in steady)
+                if steady
+                else None
             )
-    return {"rows": rows}
+            return {
+                "workers": run["config"]["workers"],
+                "images_per_sec": round(statistics.median(r["images_per_sec"] for r in steady), 1) if steady else None,
+                "data_wait_share": round(statistics.median(r["data_wait_share"] for r in steady), 3)
+                if steady
+                else None,
+                "start_up_s": round(first_window_s - steady_window_s, 1) if steady else None,
+                "wall_s": round(wall, 1),
+                "peak_mib": peak_mib(),
+            }
+
+        record.attempt("train", {"augment_on": path, "compile": compiled}, measure, need_s=90 if compiled else 45)
 
 
-# --- part 4: 2-step smoke of train + probe + export -----------------------------------------------------------
-
-
-def part_smoke(sizes: dict, photos: Path, out: Path) -> dict[str, Any]:
-    from mochi_hub.config import ProbeConfig
-    from mochi_hub.evaluate.probe import run_probe
-    from mochi_hub.publish.export import export_run
-    from mochi_hub.training.pretrain import train
-
-    reset_accelerate()
-    run_dir = train(
-        config_for(sizes, dataset=str(photos), output=str(out / "smoke"), max_steps=2, workers=2, augment_on="device")
-    )
-    memory = {"train_peak_mib": peak_mib()}
-    reset_accelerate()
-    result = run_probe(
-        str(run_dir),
-        ProbeConfig(
-            dataset=str(photos),
-            protocol="knn",
-            split="train",
-            image_size=sizes["image_size"],
-            max_images=64,
-            workers=2,
-            batch_size=32,
-            cache_dir=str(out / "cache"),
-            mixed_precision="bf16" if torch.cuda.is_available() else "no",
-        ),
-        show=False,
-    )
-    memory["probe_peak_mib"] = peak_mib()
-    export = export_run(run_dir)
-    return {"knn_top1": result["top1"], "export_files": sorted(p.name for p in export.iterdir()), **memory}
-
-
-def args_smoke(sizes: dict) -> bool:
-    return sizes["model"] == SMOKE["model"]
+# --- targets and the table -------------------------------------------------------------------------------------
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
+    def rows(part: str) -> list[dict]:
+        return [r for r in result.get(part, {}).get("rows", []) if "error" not in r and "skipped" not in r]
+
     out: dict[str, Any] = {}
-    steps = result.get("step", {}).get("rows", [])
-    first_k = [r for r in steps if r["variant"] == "MoCHi" and r["K"] == (steps[0]["K"] if steps else None)]
-    if first_k:
-        out["mochi_step_over_moco"] = {
-            "value": first_k[0]["mochi_over_moco"],
-            "target": "<= 1.05",
-            "met": first_k[0]["mochi_over_moco"] <= 1.05,
-        }
-    runs = {(r["augment_on"], r["compile"]): r["images_per_sec"] for r in result.get("train", {}).get("rows", [])}
-    tensors = next((r["images_per_sec"] for r in steps if r["variant"] == "MoCHi"), None)
+    steps = {r["K"]: r for r in rows("step")}
+
+    def target(name: str, value: float | None, goal: str, met: bool) -> None:
+        if value is not None:
+            out[name] = {"value": value, "target": goal, "met": met}
+
+    first = steps.get(min(steps)) if steps else None
+    largest = steps.get(max(steps)) if steps else None
+    if first:
+        target(
+            "moco_step_images_per_sec", first["moco_images_per_sec"], ">= 3000", first["moco_images_per_sec"] >= 3000
+        )
+    if largest:
+        ratio = largest["mochi_over_moco"]
+        target(f"mochi_over_moco_at_K{largest['K']}", ratio, "<= 1.05", ratio <= 1.05)
+    runs = {(r["augment_on"], r["compile"]): r["images_per_sec"] for r in rows("train")}
     device, workers = runs.get(("device", False)), runs.get(("workers", False))
-    if device and tensors:
-        out["device_over_tensors_only"] = {
-            "value": round(device / tensors, 3),
-            "target": ">= 0.8",
-            "met": device / tensors >= 0.8,
-        }
+    if device and first:
+        share = device / first["mochi_images_per_sec"]
+        target("train_device_over_tensors_only", round(share, 3), ">= 0.8", share >= 0.8)
     if device and workers:
-        out["device_over_workers"] = {
-            "value": round(device / workers, 2),
-            "target": ">= 3",
-            "met": device / workers >= 3,
-        }
+        target("train_device_over_workers", round(device / workers, 2), ">= 3", device / workers >= 3)
+    syncs = rows("syncs")
+    if syncs:
+        worst = max(syncs[0]["syncs_per_step"])
+        target("syncs_per_step", worst, "== 0", worst == 0)
     return out
 
 
 def machine() -> dict[str, Any]:
+    import accelerate
     import timm
 
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
         "cpu_count": os.cpu_count(),
         "command": " ".join(sys.argv),
     }
+    if Path("/dev/shm").exists():
+        info["dev_shm_gib"] = round(shutil.disk_usage("/dev/shm").total / 2**30, 1)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
 def print_table(result: dict[str, Any]) -> None:
-    for part in ("step", "data", "train"):
+    for part in ("smoke", "syncs", "step", "data", "train"):
         rows = result.get(part, {}).get("rows", [])
         if rows:
             keys = list(dict.fromkeys(k for r in rows for k in r))
             print(f"\n## {part}\n\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
             for r in rows:
                 print("| " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
-    if "smoke" in result:
-        print(f"\n## smoke\n\n{json.dumps(result['smoke'])}")
+    for r in result.get("profile", {}).get("rows", []):
+        print(f"\n## profile\n\n{json.dumps({k: v for k, v in r.items() if k != 'top'})}")
+        for e in r.get("top", [])[:12]:
+            print(f"  {e['ms_per_step']:9.3f} ms  x{e['calls']:<5} {e['op']}")
     print(f"\n## targets\n\n{json.dumps(result.get('targets', {}), indent=1)}")
+
+
+PARTS = ("smoke", "syncs", "step", "profile", "data", "train")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="toy sizes, seconds on a CPU (what CI runs)")
-    parser.add_argument("--parts", default="step,data,train,smoke")
-    parser.add_argument("--photos", type=int, default=None, help="JPEGs to write (default: 44 batches' worth)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    parser.add_argument("--photos", type=int, default=None, help="JPEGs to write (default: 40 batches' worth)")
     parser.add_argument("--workers", default=None, help="comma-separated worker counts of the data part")
-    parser.add_argument("--data-batches", type=int, default=None, help="batches timed per data-part setting")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for the parts, after the photos")
+    default_out = Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else ROOT / "bench/results/gpu.json"
+    parser.add_argument("--out", type=Path, default=default_out, help=f"the JSON (default: {default_out})")
     args = parser.parse_args(argv)
-    sizes = dict(SMOKE if args.smoke else FULL)  # FULL on a CPU is possible (e.g. --parts data), only slow
+    sizes = dict(SMOKE if args.smoke else FULL)
     if args.photos:
         sizes["photos"] = args.photos
     if args.workers:
         sizes["workers"] = tuple(int(w) for w in args.workers.split(","))
-    if args.data_batches:
-        sizes["data_batches"] = args.data_batches
-    torch.backends.cudnn.benchmark = True
-    result: dict[str, Any] = {"machine": machine(), "smoke": args.smoke, "sizes": dict(sizes)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    result: dict[str, Any] = {"machine": machine(), "toy_sizes": args.smoke, "sizes": dict(sizes)}
     with tempfile.TemporaryDirectory(prefix="mochi-gpu-bench-") as tmp:
-        photos = write_photos(Path(tmp) / "photos" / "train", sizes["photos"], sizes["photo_size"]).parent
-        result["photos_written_s"] = round(time.perf_counter() - started, 1)
-        for part in args.parts.split(","):
-            t = time.perf_counter()
+        started = time.monotonic()
+        photos = Path(tmp) / "photos" / "train"
+        result["photos"] = {**write_photos(photos, sizes["photos"], small=args.smoke), "written_s": 0.0}
+        result["photos"]["written_s"] = round(time.monotonic() - started, 1)
+        record = Record(args.out, result, deadline=time.monotonic() + args.budget_s)
+        for part in (p for p in PARTS if p in args.parts.split(",")):
+            t = time.monotonic()
             try:
-                if part == "step":
-                    result["step"] = part_step(sizes)
+                if part == "smoke":
+                    part_smoke(sizes, photos, Path(tmp), record)
+                elif part == "syncs":
+                    part_syncs(sizes, photos, record)
+                elif part == "step":
+                    part_step(sizes, record)
+                elif part == "profile":
+                    part_profile(sizes, record)
                 elif part == "data":
-                    result["data"] = part_data(sizes, photos / "train")
+                    part_data(sizes, photos, record)
                 elif part == "train":
-                    result["train"] = part_train(sizes, photos / "train", Path(tmp))
-                elif part == "smoke":
-                    result["smoke"] = part_smoke(sizes, photos / "train", Path(tmp))
-            except Exception as error:
-                result[part] = {"error": f"{type(error).__name__}: {error}"}
-            result.setdefault("seconds", {})[part] = round(time.perf_counter() - t, 1)
-            result["targets"] = targets(result)
-            args.out.write_text(json.dumps(result, indent=2))
-            print(f"[{time.perf_counter() - started:.0f}s] {part} done", flush=True)
+                    part_train(sizes, photos, Path(tmp), record)
+            except Exception as error:  # a part's own set-up failed: say so, go on
+                record.set(part, error=f"{type(error).__name__}: {error}", where=_where(error))
+            result.setdefault("seconds", {})[part] = round(time.monotonic() - t, 1)
+            record.write()
+            print(f"[{time.monotonic() - started:.0f}s] {part} done", flush=True)
     print_table(result)
+    print(f"\nwritten: {args.out}")
     return result
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ def train(
                 epoch, first_batch = divmod(run.step, run.steps_per_epoch)
                 mixing = config.uses_mixing and epoch >= config.mixing_warmup_epochs
                 run.state.train()
-                for batch in run.loader.epoch(epoch, start=first_batch):
+                for batch in run.waited(run.loader.epoch(epoch, start=first_batch)):
                     lr = run.set_lr()
                     images_q, images_k = run.batch_views.of(batch, run.step, run.rank)
                     labels = batch["labels"].to(run.device, non_blocking=True)
@@ -129,6 +129,7 @@ class _Run:
     first_bad_step: Tensor | None = None  # [] long on the device, -1 until a loss is non-finite (on_nonfinite stop)
     clock: float = field(default_factory=time.perf_counter)
     window: tuple[int, float] = (0, 0.0)  # first step and start time of the throughput window
+    data_wait: float = 0.0  # seconds the loop waited for the loader in this window
 
     @property
     def device(self) -> torch.device:
@@ -291,6 +292,17 @@ class _Run:
 
     # --- per step ----------------------------------------------------------------------------------------
 
+    def waited(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The batches, counting the time the loop waits for each: the share of the window spent waiting says
+        whether the loader or the device sets the pace."""
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.data_wait += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
     def phase(self, epoch: int, mixing: bool) -> str:
         what = "mixing" if mixing else "warm-up (no mixing)" if self.config.uses_mixing else "MoCo-v2"
         return f"epoch {epoch + 1}/{self.config.epochs} {what}"
@@ -338,7 +350,8 @@ class _Run:
     ) -> str:
         self.require_finite()
         first, since = self.window
-        images_per_sec = (self.step - first) * self.config.batch_size / (time.perf_counter() - since)
+        elapsed = time.perf_counter() - since
+        images_per_sec = (self.step - first) * self.config.batch_size / elapsed
         analysis_n = self.config.mochi[0] or min(1024, self.config.queue_size)  # hard-set size of the FN analysis
         with torch.no_grad():
             fnr = false_negative_rate(
@@ -356,8 +369,9 @@ class _Run:
                 "uniformity": uniformity(out.q),
                 "false_negative_rate": fnr,
                 "images_per_sec": images_per_sec,
+                "data_wait_share": min(1.0, self.data_wait / elapsed),
             }
-        self.window = (self.step, time.perf_counter())
+        self.window, self.data_wait = (self.step, time.perf_counter()), 0.0
         if self.is_main:
             self.metrics.append(record)
             if self.accelerator.log_with:
