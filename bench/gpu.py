@@ -61,7 +61,7 @@ FULL = dict(
     queues=(16384, 65536),
     workers=(4, 8, 15),
     data_batches=10,
-    train_steps=40,
+    train_steps=100,  # past the loader's prefetch (2 batches a worker), so the rate is the steady one
     window=5,
     sync_steps=5,
     profile_steps=3,
@@ -363,6 +363,21 @@ def part_step(sizes: dict, record: Record) -> None:
 
         record.attempt("step", {"K": queue_size}, measure, need_s=45)
 
+    def one_group() -> dict[str, Any]:
+        """MoCo-v2 with one BatchNorm group (bn_splits 1): what the groups cost, for reference."""
+        config, accelerator, state = library_state(config_for(sizes, mochi=(0, 0, 0), bn_splits=1))
+        images, labels = _pre_made(config, accelerator)
+        labels = labels.to(accelerator.device)
+        times = []
+        for i in range(sizes["warmup"] + sizes["pairs"]):
+            start = now()
+            state.step(images, images, labels, step=i, mixing=False)
+            times.append((now() - start) * 1e3)
+        ms = statistics.median(times[sizes["warmup"] :])
+        return {"moco_ms": round(ms, 2), "moco_images_per_sec": round(config.batch_size / ms * 1e3, 1)}
+
+    record.attempt("step", {"K": sizes["queues"][0], "bn_groups": 1}, one_group, need_s=30)
+
 
 def part_profile(sizes: dict, record: Record) -> None:
     """Where a MoCHi step's time goes: the GPU's busy share of the wall time and the top kernels."""
@@ -416,18 +431,24 @@ def part_data(sizes: dict, photos: Path, record: Record) -> None:
                 views = pretraining_views(source, config, path)
                 batch_views = BatchViews(config, path, device, torch.channels_last)
                 loader = PretrainingLoader(views, config, pin_memory=device.type == "cuda")
-                batches = loader.epoch(0)
-                fill = max(1, 2 * workers)  # the workers' queues filled before the clock starts
+                batches = (batch for epoch in range(1000) for batch in loader.epoch(epoch))  # workers persist
+                # DataLoader keeps 2 batches a worker in flight: start the clock once they are queued, and time
+                # at least twice that many more, so the rate is the workers' own, not the queue's.
+                fill, timed = max(1, 2 * workers), max(sizes["data_batches"], 4 * workers)
                 for step in range(fill):
                     batch_views.of(next(batches), step, 0)
                 start, images = now(), 0
-                for step in range(fill, fill + sizes["data_batches"]):
+                for step in range(fill, fill + timed):
                     batch = next(batches)
                     batch_views.of(batch, step, 0)
                     images += len(batch["labels"])
                 rate = images / (now() - start)
                 del batches, loader
-                return {"images_per_sec": round(rate, 1), "per_worker": round(rate / max(1, workers), 1)}
+                return {
+                    "images_per_sec": round(rate, 1),
+                    "per_worker": round(rate / max(1, workers), 1),
+                    "batches_timed": timed,
+                }
 
             record.attempt("data", {"augment_on": path, "workers": workers}, measure, need_s=25)
 
@@ -485,7 +506,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         return [r for r in result.get(part, {}).get("rows", []) if "error" not in r and "skipped" not in r]
 
     out: dict[str, Any] = {}
-    steps = {r["K"]: r for r in rows("step")}
+    steps = {r["K"]: r for r in rows("step") if "bn_groups" not in r}
 
     def target(name: str, value: float | None, goal: str, met: bool) -> None:
         if value is not None:
@@ -563,6 +584,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--photos", type=int, default=None, help="JPEGs to write (default: 40 batches' worth)")
     parser.add_argument("--workers", default=None, help="comma-separated worker counts of the data part")
+    parser.add_argument("--queues", default=None, help="comma-separated queue sizes K of the step part")
+    parser.add_argument("--train-steps", type=int, default=None, help="steps of each train() run")
     parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for the parts, after the photos")
     default_out = Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else ROOT / "bench/results/gpu.json"
     parser.add_argument("--out", type=Path, default=default_out, help=f"the JSON (default: {default_out})")
@@ -572,6 +595,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes["photos"] = args.photos
     if args.workers:
         sizes["workers"] = tuple(int(w) for w in args.workers.split(","))
+    if args.queues:
+        sizes["queues"] = tuple(int(k) for k in args.queues.split(","))
+    if args.train_steps:
+        sizes["train_steps"] = args.train_steps
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
