@@ -7,7 +7,7 @@ import typer
 from .detect import detect
 from .presets import presets
 from .probe import probe
-from .publish import export, push
+from .publish import export, import_, push
 from .train import train
 
 
@@ -48,6 +48,9 @@ app.command("probe", help="Evaluate a frozen backbone: the paper's linear protoc
 app.command("detect", help="Fine-tune Faster R-CNN + FPN on a backbone (COCO layout data) and report box AP.")(detect)
 app.command("export", help="Export a run's backbone as a timm folder (or detectron2 / torchvision weights).")(export)
 app.command("push", help="Upload an export, with its model card, to the Hugging Face Hub.")(push)
+app.command("import", help="Bring a MoCo / MoCHi, Lightning, torchvision or timm checkpoint in as a timm folder.")(
+    import_
+)
 app.command("presets", help="List the presets of train, probe and detect with their resolved values.")(presets)
 
 

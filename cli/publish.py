@@ -1,4 +1,5 @@
-"""`mochi export` and `mochi push`: options mapped onto mochi_hub.publish.export.export_run and mochi_hub.publish.hub.push.
+"""`mochi export`, `mochi push` and `mochi import`: options mapped onto mochi_hub.publish.export.export_run,
+mochi_hub.publish.hub.push and mochi_hub.publish.importer.import_checkpoint.
 
 User errors (a run without weights, a token that may not write, a lost connection) print one clear line on
 stderr and exit 1; the token is never echoed.
@@ -12,13 +13,19 @@ from typing import Annotated
 
 import typer
 
-from .options import fail
+from .options import USAGE, fail
 
 
 class ExportFormat(StrEnum):
     timm = "timm"
     detectron2 = "detectron2"
     torchvision = "torchvision"
+
+
+LICENSE_HELP = (
+    "License of the weights, a Hub license id (e.g. apache-2.0, cc-by-nc-4.0: MoCo's released weights); "
+    "it goes into config.json's pretrained_cfg and the card."
+)
 
 
 def _size(n: int) -> str:
@@ -32,7 +39,11 @@ def _size(n: int) -> str:
 def export(
     run_dir: Annotated[
         Path,
-        typer.Argument(help="A run directory written by `mochi train` (run.json, checkpoints/).", show_default=False),
+        typer.Argument(
+            help="A run directory written by `mochi train` (run.json, checkpoints/), or a timm folder (`mochi import`) "
+            "for --format detectron2 / torchvision.",
+            show_default=False,
+        ),
     ],
     output: Annotated[
         Path | None,
@@ -40,7 +51,7 @@ def export(
             "--output",
             "-o",
             help="Output folder. Default: RUN_DIR/export (timm), RUN_DIR/export-detectron2, "
-            "RUN_DIR/export-torchvision.",
+            "RUN_DIR/export-torchvision (a timm folder: FOLDER-detectron2, FOLDER-torchvision beside it).",
             show_default=False,
         ),
     ] = None,
@@ -53,12 +64,15 @@ def export(
             "state dict for torchvision.models.resnet*().",
         ),
     ] = ExportFormat.timm,
+    license: Annotated[
+        str | None, typer.Option("--license", help=LICENSE_HELP + " [default: apache-2.0; a timm folder's own]")
+    ] = None,
 ) -> None:
-    """Export the newest checkpoint's query backbone."""
+    """Export the newest checkpoint's query backbone (or an imported timm folder's, to detectron2 / torchvision)."""
     from mochi_hub.publish.export import ExportError, export_run
 
     try:
-        written = export_run(run_dir, output, format.value)
+        written = export_run(run_dir, output, format.value, license=license)
     except (ExportError, FileNotFoundError) as error:
         fail(error)
     files = sorted(p for p in written.iterdir() if p.is_file()) if written.is_dir() else [written]
@@ -106,6 +120,10 @@ def push(
             help="Also upload files that are not part of an export (refused by default: optimizer state, checkpoints).",
         ),
     ] = False,
+    license: Annotated[
+        str | None,
+        typer.Option("--license", help=LICENSE_HELP + " Overrides the export's for this upload.", show_default=False),
+    ] = None,
 ) -> None:
     """Upload an export, with its model card, in one commit; then verify the remote files."""
     from mochi_hub.publish.export import ExportError
@@ -123,6 +141,7 @@ def push(
             commit_message=commit_message,
             dry_run=dry_run,
             allow_extra=allow_extra,
+            license=license,
             log=lambda message: typer.echo(message, err=True),
         )
     except (PushError, ExportError) as error:
@@ -146,3 +165,127 @@ def push(
         typer.echo(f"note: the repository also holds files from earlier pushes: {', '.join(result.remote_extra)}")
     typer.echo(f"url: {result.url}")
     typer.echo(f"load it with: {result.timm_line}")
+
+
+def import_(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="A MoCo / MoCHi .pth.tar (main_moco.py), a Lightning .ckpt (lightly, solo-learn: backbone.*), or a "
+            "torchvision / timm state dict (.pth, .safetensors).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="The timm folder to write (new, empty, or an earlier import).", show_default=False
+        ),
+    ],
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            "--arch",
+            help="timm architecture of the backbone. [default: the file's 'arch', else the torchvision ResNet "
+            "whose every weight the file fills]",
+            show_default=False,
+        ),
+    ] = None,
+    image_size: Annotated[int, typer.Option("--image-size", help="Input size the weights were trained at.")] = 224,
+    keep_head: Annotated[
+        bool,
+        typer.Option(
+            "--keep-head", help="Keep the projection head, as projection_head.safetensors beside the backbone."
+        ),
+    ] = False,
+    allow_unsafe_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unsafe-pickle",
+            help="Read a file that holds Python objects beyond tensors by full unpickling, which runs any code in "
+            "it. Only for files you trust; off by default.",
+        ),
+    ] = False,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method", help="How it was pretrained: mochi | moco-v2 | moco | another name.", show_default=False
+        ),
+    ] = None,
+    mochi: Annotated[
+        str | None,
+        typer.Option("--mochi", help="MoCHi (N, s, s') it was trained with, e.g. 512,1024,512.", show_default=False),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", help="Pretraining epochs. [default: a MoCo file's 'epoch']", show_default=False),
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Pretraining data, e.g. imagenet-1k.", show_default=False)
+    ] = None,
+    source_url: Annotated[
+        str | None, typer.Option("--source-url", help="Where the file was published.", show_default=False)
+    ] = None,
+    license: Annotated[str, typer.Option("--license", help=LICENSE_HELP)] = "unknown",
+    quote: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--quote",
+            help="A published figure for this checkpoint, METRIC=VALUE (e.g. 'ImageNet-1K linear top-1 (%)=68.0'); "
+            "repeatable; shown as quoted, with --quote-source.",
+            show_default=False,
+        ),
+    ] = None,
+    quote_source: Annotated[
+        str | None, typer.Option("--quote-source", help="Where the --quote figures were published.", show_default=False)
+    ] = None,
+    results: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--results",
+            help="A result JSON of `mochi probe --output` or `mochi detect` measured on these weights; repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Bring another project's checkpoint in as a timm folder: weights, config.json and an honest card."""
+    from mochi_hub.config import parse_mochi
+    from mochi_hub.publish.importer import Declared, Quote, import_checkpoint
+
+    try:
+        quoted = tuple(Quote.parse(text, quote_source) for text in quote or ())
+        declared = Declared(
+            method=method,
+            mochi=parse_mochi(mochi) if mochi else None,
+            epochs=epochs,
+            dataset=dataset,
+            source_url=source_url,
+            license=license,
+            quoted=quoted,
+        )
+        declared.method_label()
+    except ValueError as error:
+        fail(error, USAGE)
+    try:
+        report = import_checkpoint(
+            checkpoint,
+            output,
+            arch=arch,
+            image_size=image_size,
+            keep_head=keep_head,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+            declared=declared,
+            results=results or (),
+        )
+    except ValueError as error:
+        fail(error)
+    read = ", ".join(f"{k} {v}" for k, v in report.from_file.items() if not isinstance(v, dict))
+    typer.echo(f"read {checkpoint.name}: {report.layout}" + (f"; {read}" if read else ""))
+    for part in report.parts:
+        typer.echo(f"  {part.line()}")
+    for note in report.notes:
+        typer.echo(f"  note: {note}")
+    typer.echo(f"imported as timm's {report.architecture} to {report.output}")
+    for path in sorted(p for p in report.output.iterdir() if p.is_file()):
+        typer.echo(f"  {path.name:<28} {_size(path.stat().st_size):>10}")
+    typer.echo(f'load it with: timm.create_model("local-dir:{report.output}", pretrained=True)')

@@ -257,6 +257,38 @@ def _detection_eval_results(detection_results: Iterable[Mapping[str, Any]]) -> l
     return results
 
 
+def _probe_rows(probes: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The card's rows of `mochi probe` results."""
+    return [
+        dict(
+            protocol=protocol_label(p),
+            dataset=p.get("dataset"),
+            split=_split(p),
+            epochs=_fmt(p.get("epochs", (p.get("hyperparameters") or {}).get("epochs")))
+            if p.get("protocol") != "knn"
+            else "-",
+            images=f"{_fmt(p.get('train_images'))} / {_fmt(p.get('eval_images'))}",
+            top1=_pct(p.get("top1")),
+            top5=_pct(p.get("top5")),
+        )
+        for p in probes
+    ]
+
+
+def _detection_rows(detections: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The card's rows of `mochi detect` results."""
+    return [
+        dict(
+            dataset=r.get("dataset_name") or r.get("dataset"),
+            split=r.get("split") or "val",
+            setting=detection_setting(r),
+            images=f"{_fmt(r.get('train_images'))} / {_fmt(r.get('val_images'))}",
+            **{key: _pct(r.get(key)) for key, _, _ in DETECTION_METRICS},
+        )
+        for r in detections
+    ]
+
+
 def _paper_rows(config: Mapping[str, Any], architecture: str) -> list[dict[str, Any]]:
     key = _DATASET_KEYS.get(str(config.get("dataset", "")).lower())
     mochi = tuple(config.get("mochi", ()))
@@ -347,30 +379,8 @@ def generate_model_card(
         max_steps=config.get("max_steps"),
         short_run=bool(config.get("max_steps")) or (isinstance(epochs, int) and epochs < 20),
         hyperparameters=_hyperparameters(config, run),
-        results=[
-            dict(
-                protocol=protocol_label(p),
-                dataset=p.get("dataset"),
-                split=_split(p),
-                epochs=_fmt(p.get("epochs", (p.get("hyperparameters") or {}).get("epochs")))
-                if p.get("protocol") != "knn"
-                else "-",
-                images=f"{_fmt(p.get('train_images'))} / {_fmt(p.get('eval_images'))}",
-                top1=_pct(p.get("top1")),
-                top5=_pct(p.get("top5")),
-            )
-            for p in probes
-        ],
-        detection=[
-            dict(
-                dataset=r.get("dataset_name") or r.get("dataset"),
-                split=r.get("split") or "val",
-                setting=detection_setting(r),
-                images=f"{_fmt(r.get('train_images'))} / {_fmt(r.get('val_images'))}",
-                **{key: _pct(r.get(key)) for key, _, _ in DETECTION_METRICS},
-            )
-            for r in detections
-        ],
+        results=_probe_rows(probes),
+        detection=_detection_rows(detections),
         paper_rows=_paper_rows(config, architecture),
         has_curves=has_curves,
         num_processes=run.get("num_processes"),
@@ -386,6 +396,8 @@ def model_card_from_export(
     export_config: Mapping[str, Any], *, repo_id: str | None = None, has_curves: bool = False
 ) -> ModelCard:
     """The card of an export folder, from its config.json alone (used again at push time with the repo id)."""
+    if export_config.get("provenance"):
+        return imported_model_card(export_config, repo_id=repo_id)
     pretrained = export_config.get("pretrained_cfg", {})
     run = dict(export_config.get("run") or {})
     run.setdefault("mochi_hub_version", export_config.get("mochi_hub_version"))
@@ -408,6 +420,78 @@ def model_card_from_export(
         license=pretrained.get("license", DEFAULT_LICENSE),
         has_curves=has_curves,
     )
+
+
+IMPORTED_TEMPLATE = "imported_timm.md"
+METHOD_TAGS = {"MoCHi": ["moco", "mochi"], "MoCo-v2": ["moco"], "MoCo": ["moco"]}
+
+
+def imported_model_card(export_config: Mapping[str, Any], *, repo_id: str | None = None) -> ModelCard:
+    """The card of a `mochi import` folder, from its config.json alone: where the weights come from (file, sha256,
+    URL, layout, what was kept and dropped), what the file records and what the importer stated, each marked as
+    such; measured numbers only from `mochi probe` / `mochi detect` on these weights, and quoted ones with their
+    source."""
+    config = redact_local_paths(dict(export_config))
+    provenance = config["provenance"]
+    pretrained = config.get("pretrained_cfg") or {}
+    probes, detections = config.get("probe_results") or [], config.get("detection_results") or []
+    architecture = config.get("architecture", "unknown")
+    method = config.get("method")
+    dataset = config.get("dataset")
+    hub_dataset = hub_dataset_id(dataset) if dataset else None
+    model_name = repo_id.split("/")[-1] if repo_id else f"{architecture}-{(method or 'imported').lower()}"
+    eval_results = _eval_results(probes) + _detection_eval_results(detections)
+    card_data = ModelCardData(
+        library_name="timm",
+        license=pretrained.get("license", "unknown"),
+        tags=["self-supervised", "image-feature-extraction", "timm", *METHOD_TAGS.get(method, [])],
+        pipeline_tag="image-feature-extraction",
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    feature_info = config.get("feature_info") or {}
+    params = config.get("num_params")
+    head = config.get("projection_head")
+    template = resources.files("mochi_hub.model_cards").joinpath(IMPORTED_TEMPLATE).read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=model_name,
+        model_ref=f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/NAME",
+        architecture=architecture,
+        num_features=config.get("pooled_features") or config.get("num_features", "?"),
+        global_pool=config.get("global_pool", "avg"),
+        params=f"{params / 1e6:.1f}M" if params else "?",
+        input_size=list(pretrained.get("input_size") or (3, 224, 224)),
+        mean=_fmt(pretrained.get("mean")),
+        std=_fmt(pretrained.get("std")),
+        feature_channels=_fmt(feature_info.get("channels")) if feature_info.get("channels") else None,
+        feature_strides=_fmt(feature_info.get("reduction")) if feature_info.get("reduction") else None,
+        method=method,
+        settings=f"{method} (N, s, s') = {_fmt(config['mochi'])}" if config.get("mochi") else method,
+        epochs=config.get("epochs"),
+        dataset=dataset,
+        paper=pretrained.get("paper_ids"),
+        paper_name=pretrained.get("paper_name"),
+        license=pretrained.get("license", "unknown"),
+        provenance=provenance,
+        size=f"{provenance.get('size_bytes', 0) / 1e6:.1f} MB",
+        from_file=", ".join(f"{k} {_fmt(v)}" for k, v in provenance.get("from_file", {}).items() if _scalar(v)),
+        file_settings=provenance.get("from_file", {}).get("hyper_parameters")
+        or provenance.get("from_file", {}).get("args"),
+        stated=", ".join(f"{k} {_fmt(v)}" for k, v in provenance.get("declared", {}).items()),
+        parts=provenance.get("kept", []) + provenance.get("dropped", []),
+        head=head,
+        results=_probe_rows(probes),
+        detection=_detection_rows(detections),
+        quoted=config.get("quoted_results") or [],
+        mochi_hub_version=config.get("mochi_hub_version") or __version__,
+    )
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool))
 
 
 def usage_snippet(card_text: str) -> str:

@@ -108,16 +108,29 @@ model.load_state_dict(load_file("{file}"))
 Inputs: RGB, normalised with mean {mean} and std {std}.
 """
 
+LICENSE_NOTE = "\nLicense of the weights: {license}.\n"
 
-def write_torchvision(state: dict[str, torch.Tensor], architecture: str, output: Path, name: str) -> Path:
+
+def write_torchvision(
+    state: dict[str, torch.Tensor],
+    architecture: str,
+    output: Path,
+    name: str,
+    license: str | None = None,
+    paper: str | None = PAPER_ID,
+) -> Path:
     target = output / f"torchvision_{architecture}.safetensors"
-    save_tensors(target, state, metadata={"format": "pt", "torchvision_architecture": architecture, "paper": PAPER_ID})
+    metadata = {"format": "pt", "torchvision_architecture": architecture, "paper": paper, "license": license}
+    save_tensors(target, state, metadata={k: v for k, v in metadata.items() if v})
     notes = TORCHVISION_NOTES.format(name=name, file=target.name, arch=architecture, mean=MEAN, std=STD)
+    notes += LICENSE_NOTE.format(license=license) if license else ""
     atomic_write(output / "README.md", lambda p: p.write_text(notes))
     return target
 
 
-def write_detectron2(state: dict[str, torch.Tensor], architecture: str, output: Path, name: str) -> Path:
+def write_detectron2(
+    state: dict[str, torch.Tensor], architecture: str, output: Path, name: str, license: str | None = None
+) -> Path:
     target = output / DETECTRON2_FILE
     converted = to_detectron2(state)
 
@@ -127,7 +140,7 @@ def write_detectron2(state: dict[str, torch.Tensor], architecture: str, output: 
 
     atomic_write(target, write_pickle)
     depth = "".join(ch for ch in architecture.split("_")[0] if ch.isdigit()) or "50"
-    atomic_write(
-        output / "README.md", lambda p: p.write_text(DETECTRON2_NOTES.format(name=name, file=target.name, depth=depth))
-    )
+    notes = DETECTRON2_NOTES.format(name=name, file=target.name, depth=depth)
+    notes += LICENSE_NOTE.format(license=license) if license else ""
+    atomic_write(output / "README.md", lambda p: p.write_text(notes))
     return target

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from mochi_hub.config import TrainConfig
-from mochi_hub.core.persist import atomic_write, ensure_writable_dir, save_tensors, write_json
+from mochi_hub.core.persist import atomic_write, ensure_writable_dir, read_json, save_tensors, write_json
 from mochi_hub.data.augment import MEAN, STD
 from mochi_hub.method.model import pooled_width
 from mochi_hub.publish import plots
@@ -43,6 +43,7 @@ from mochi_hub.training.runs import (
     PROBES,
     RunError,
     default_export,
+    is_run_dir,
     load_run_backbone,
     read_metrics,
     read_results,
@@ -57,7 +58,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
 CURVES = "training_curves.png"
-EXPORT_FILES = (WEIGHTS, CONFIG, CARD, CURVES)
+HEAD = "projection_head.safetensors"  # `mochi import --keep-head`: the source's projection head, beside the backbone
+EXPORT_FILES = (WEIGHTS, CONFIG, CARD, CURVES, HEAD)
 
 
 class ExportError(ValueError):
@@ -72,13 +74,19 @@ def _global_pool(model: nn.Module) -> str | None:
 
 
 def clean_pretrained_cfg(
-    backbone: nn.Module, image_size: int, *, license: str = DEFAULT_LICENSE, description: str | None = None
+    backbone: nn.Module,
+    image_size: int,
+    *,
+    license: str = DEFAULT_LICENSE,
+    description: str | None = None,
+    paper: tuple[str, str] | None = (PAPER_ID, PAPER_NAME),
 ) -> dict[str, Any]:
     """Our pretrained_cfg: only the architecture's structural keys survive from timm's default cfg.
 
     A fresh `timm.create_model("resnet50")` carries the cfg of timm's supervised `a1_in1k` weights (tag,
     url, hf_hub_id, license, paper ids, test/crop sizes); none of that describes our weights.
     Every key is a `timm.models.PretrainedCfg` field: timm builds PretrainedCfg(**cfg) and raises on others.
+    `paper`: (paper_ids, paper_name) of the method that trained the weights; None when it is not known.
     """
     from timm.models import PretrainedCfg
 
@@ -96,8 +104,8 @@ def clean_pretrained_cfg(
         "first_conv": source.get("first_conv"),
         "classifier": source.get("classifier"),
         "license": license,
-        "paper_ids": PAPER_ID,
-        "paper_name": PAPER_NAME,
+        "paper_ids": paper[0] if paper else None,
+        "paper_name": paper[1] if paper else None,
     }
     if description:
         cfg["description"] = description
@@ -110,6 +118,49 @@ def clean_pretrained_cfg(
     return cfg
 
 
+def timm_keys(
+    backbone: nn.Module,
+    architecture: str,
+    image_size: int,
+    *,
+    license: str = DEFAULT_LICENSE,
+    description: str | None = None,
+    paper: tuple[str, str] | None = (PAPER_ID, PAPER_NAME),
+    model_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The keys timm reads from config.json: architecture, num_classes, num_features, global_pool, pretrained_cfg,
+    model_args (what timm must pass the constructor to rebuild this backbone, e.g. a ViT's img_size)."""
+    out: dict[str, Any] = {
+        "architecture": architecture,
+        "num_classes": 0,
+        "num_features": int(backbone.num_features),
+    }
+    pool = _global_pool(backbone)
+    if pool:
+        out["global_pool"] = pool
+    out["pretrained_cfg"] = clean_pretrained_cfg(
+        backbone, image_size, license=license, description=description, paper=paper
+    )
+    if model_args:
+        out["model_args"] = dict(model_args)
+    return out
+
+
+def network_info(backbone: nn.Module) -> dict[str, Any]:
+    """What the network gives, for the card: pooled width, parameter count, the feature maps' channels and strides."""
+    info = getattr(backbone, "feature_info", None)
+    return {
+        "pooled_features": pooled_width(backbone),  # what backbone(images) returns: after a conv head, if any
+        "num_params": sum(p.numel() for p in backbone.parameters()),
+        "feature_info": {
+            "channels": [int(f["num_chs"]) for f in info],
+            "reduction": [int(f["reduction"]) for f in info],
+        }
+        if info
+        else None,
+    }
+
+
 def timm_config(
     backbone: nn.Module,
     config: TrainConfig,
@@ -119,40 +170,23 @@ def timm_config(
     license: str = DEFAULT_LICENSE,
     model_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """config.json: timm's keys first, then ours (method, MoCHi (N, s, s'), training config, probes).
-    `model_args`: what timm must pass the constructor to rebuild this backbone (a ViT's img_size)."""
+    """config.json: timm's keys first, then ours (method, MoCHi (N, s, s'), training config, probes)."""
     method = method_name(config.mochi)
     dataset = redact_local_paths(config.dataset)
     description = (
         f"{method} (N, s, s') = {tuple(config.mochi)} self-supervised pretraining on {dataset}, "
         f"{config.epochs} epochs; backbone only"
     )
-    out: dict[str, Any] = {
-        "architecture": config.model,
-        "num_classes": 0,
-        "num_features": int(backbone.num_features),
-    }
-    pool = _global_pool(backbone)
-    if pool:
-        out["global_pool"] = pool
-    out["pretrained_cfg"] = clean_pretrained_cfg(backbone, config.image_size, license=license, description=description)
-    if model_args:
-        out["model_args"] = dict(model_args)
-    info = getattr(backbone, "feature_info", None)
+    out = timm_keys(
+        backbone, config.model, config.image_size, license=license, description=description, model_args=model_args
+    )
     out.update(
         {
             "method": method,
             "mochi": list(config.mochi),
             "epochs": config.epochs,
             "dataset": dataset,
-            "pooled_features": pooled_width(backbone),  # what backbone(images) returns: after a conv head, if any
-            "num_params": sum(p.numel() for p in backbone.parameters()),
-            "feature_info": {
-                "channels": [int(f["num_chs"]) for f in info],
-                "reduction": [int(f["reduction"]) for f in info],
-            }
-            if info
-            else None,
+            **network_info(backbone),
             "training_config": redact_local_paths(config.to_dict()),
             "probe_results": [redact_local_paths(dict(p)) for p in probe_results],
             "mochi_hub_version": __version__,
@@ -176,14 +210,22 @@ def save_timm_folder(
     license: str = DEFAULT_LICENSE,
     model_args: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write model.safetensors + config.json + README.md (+ training_curves.png) into `output`."""
+    """Write a run's backbone into `output` as a timm folder (write_timm_folder)."""
+    hf_config = timm_config(
+        backbone, config, probe_results=probe_results, extra=extra, license=license, model_args=model_args
+    )
+    return write_timm_folder(backbone, hf_config, output, metrics_file=metrics_file)
+
+
+def write_timm_folder(
+    backbone: nn.Module, hf_config: Mapping[str, Any], output: Path, *, metrics_file: Path | None = None
+) -> Path:
+    """The one writer of a timm folder (`mochi export` and `mochi import`): model.safetensors + config.json +
+    README.md (+ training_curves.png), each file written atomically."""
     output = ensure_writable_dir(output, "--output")
-    probes = [dict(p) for p in probe_results]
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
     if getattr(backbone, "num_classes", 0):
         raise ExportError("the backbone has a classifier; export the backbone created with num_classes=0")
-    hf_config = timm_config(backbone, config, probe_results=probes, extra=extra, license=license, model_args=model_args)
-
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
     save_tensors(output / WEIGHTS, state, metadata={"format": "pt"})
     write_json(output / CONFIG, hf_config)
     has_curves = _write_curves(metrics_file, output / CURVES)
@@ -204,14 +246,18 @@ def _write_curves(metrics_file: Path | None, path: Path) -> bool:
     return drawn
 
 
-def export_run(run_dir: Path, output: Path | None = None, format: str = "timm") -> Path:
+def export_run(run_dir: Path, output: Path | None = None, format: str = "timm", license: str | None = None) -> Path:
     """Export the newest checkpoint of a run. Returns the folder (timm) or the weights file (others).
 
-    Default output: RUN/export (timm), RUN/export-detectron2, RUN/export-torchvision.
+    Default output: RUN/export (timm), RUN/export-detectron2, RUN/export-torchvision. A timm folder (what
+    `mochi import` writes) converts to detectron2 / torchvision, by default into FOLDER-detectron2 / -torchvision.
+    `license`: the weights' license (default: apache-2.0 for a run, a timm folder's own).
     """
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     run_dir = Path(run_dir)
+    if not is_run_dir(run_dir) and (run_dir / CONFIG).is_file():
+        return _convert_timm_folder(run_dir, output, format, license)
     try:
         backbone, config, run, checkpoint = load_run_backbone(run_dir)
         output = ensure_writable_dir(output if output is not None else default_export(run_dir, format), "--output")
@@ -234,11 +280,37 @@ def export_run(run_dir: Path, output: Path | None = None, format: str = "timm") 
                 probe_results=read_results(run_dir, PROBES),
                 metrics_file=run_dir / METRICS,
                 extra=extra,
+                license=license or DEFAULT_LICENSE,
                 model_args=run_backbone_args(config, run),
             )
         state = torchvision_state_dict(backbone, config.model)
         name = f"{config.model} {method_name(config.mochi)} {tuple(config.mochi)}"
         write = write_torchvision if format == "torchvision" else write_detectron2
-        return write(state, config.model, output, name)
+        return write(state, config.model, output, name, license=license or DEFAULT_LICENSE)
     except (RunError, ConversionError, ValueError) as error:
         raise ExportError(str(error)) from None
+
+
+def _convert_timm_folder(folder: Path, output: Path | None, format: str, license: str | None) -> Path:
+    """A timm folder's backbone (`mochi import`'s, or an export) as detectron2 / torchvision weights."""
+    import timm
+
+    if format == "timm":
+        raise ExportError(f"{folder} is already a timm folder: use --format detectron2 or torchvision")
+    try:
+        hf_config = read_json(folder / CONFIG)
+        architecture = hf_config["architecture"]
+        backbone = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True, num_classes=0)
+        output = ensure_writable_dir(
+            output if output is not None else folder.with_name(f"{folder.name}-{format}"), "--output"
+        )
+        state = torchvision_state_dict(backbone, architecture)
+    except (ConversionError, ValueError, KeyError, RuntimeError) as error:
+        raise ExportError(f"{folder}: {error}") from None
+    name = f"{architecture} {hf_config.get('method') or 'backbone'}"
+    cfg = hf_config.get("pretrained_cfg") or {}
+    if format == "torchvision":
+        return write_torchvision(
+            state, architecture, output, name, license=license or cfg.get("license"), paper=cfg.get("paper_ids")
+        )
+    return write_detectron2(state, architecture, output, name, license=license or cfg.get("license"))

@@ -107,8 +107,11 @@ def _exported_step(export: Path) -> int | None:
         return None
 
 
-def plan_upload(folder: Path, repo_id: str, *, allow_extra: bool = False) -> list[UploadFile]:
-    """The files of one commit. The card is re-rendered with the repo id when it is ours."""
+def plan_upload(
+    folder: Path, repo_id: str, *, allow_extra: bool = False, license: str | None = None
+) -> list[UploadFile]:
+    """The files of one commit. The card is re-rendered with the repo id when it is ours; `license` replaces the
+    export's in the uploaded config.json and card."""
     folder = Path(folder)
     try:
         config = json.loads((folder / CONFIG).read_text())
@@ -137,6 +140,11 @@ def plan_upload(folder: Path, repo_id: str, *, allow_extra: bool = False) -> lis
             "(optimizer, checkpoints) is never published by accident: move them out, or pass "
             "--allow-extra to upload them too"
         )
+    if license:
+        config["pretrained_cfg"]["license"] = license
+        upload = next(f for f in files if f.path_in_repo == CONFIG)
+        upload.content = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+        upload.size = len(upload.content)
     card = next((f for f in files if f.path_in_repo == CARD), None)
     if card is not None and GENERATED_MARK in Path(card.content).read_text(encoding="utf-8", errors="replace"):
         text = str(model_card_from_export(config, repo_id=repo_id, has_curves=(folder / CURVES).is_file()))
@@ -184,6 +192,7 @@ def push(
     commit_message: str | None = None,
     dry_run: bool = False,
     allow_extra: bool = False,
+    license: str | None = None,
     endpoint: str | None = None,
     token: str | None = None,
     log: Callable[[str], None] = lambda message: None,
@@ -197,7 +206,7 @@ def push(
     folder, exported = resolve_source(source)
     if exported:
         log(f"exported the newest checkpoint to {folder}")
-    files = plan_upload(folder, repo_id, allow_extra=allow_extra)
+    files = plan_upload(folder, repo_id, allow_extra=allow_extra, license=license)
     if not any(f.path_in_repo == WEIGHTS for f in files):
         raise PushError(f"{folder} holds no {WEIGHTS}: nothing to push")
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -224,9 +233,9 @@ def push(
         )
     api = HfApi(endpoint=endpoint, token=token, library_name="mochi-hub", library_version=__version__)
     config = json.loads((folder / CONFIG).read_text())
+    method = config.get("method", method_name(config.get("mochi", (0, 0, 0))))  # None: an import that does not say
     message = commit_message or (
-        f"Upload {config.get('architecture')} {method_name(config.get('mochi', (0, 0, 0)))} "
-        f"backbone (mochi-hub {__version__})"
+        f"Upload {config.get('architecture')} {method + ' ' if method else ''}backbone (mochi-hub {__version__})"
     )
     stage = "checking the token"
     try:
