@@ -1,6 +1,6 @@
 """mochi-hub: MoCHi (Kalantidis et al., NeurIPS 2020) for timm backbones.
 
-    from mochi_hub import TrainConfig, train, ProbeConfig, run_probe, export_run, push
+    from mochi_hub import TrainConfig, train, ProbeConfig, run_probe, export_run, push, import_checkpoint
 
 Importing the package is light: each name loads its module (and torch, timm, accelerate) on first use,
 as huggingface_hub's own package does.
@@ -32,6 +32,7 @@ _LAZY = {
     "run_probe": "evaluate.probe",
     "export_run": "publish.export",
     "push": "publish.hub",
+    "import_checkpoint": "publish.importer",
     "run_detect": "evaluate.detect",
 }
 __all__ = ["__version__", *_LAZY]
@@ -63,4 +64,5 @@ if TYPE_CHECKING:
     from .evaluate.probe import run_probe
     from .publish.export import export_run
     from .publish.hub import push
+    from .publish.importer import import_checkpoint
     from .training.pretrain import train
