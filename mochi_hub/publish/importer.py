@@ -203,7 +203,7 @@ def read_checkpoint(path: Path, *, allow_unsafe_pickle: bool = False) -> tuple[A
     refused the file and `allow_unsafe_pickle` is set (see the module's docstring)."""
     name = path.name
     if not path.is_file():
-        raise CheckpointImportError(f"CHECKPOINT {path}: no such file")
+        raise CheckpointImportError(f"CHECKPOINT {path}: {'not a file' if path.exists() else 'no such file'}")
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(64)
@@ -641,12 +641,15 @@ def _write_folder(output: Path, backbone: nn.Module, hf_config: dict[str, Any], 
     """Write the folder as OUTPUT.tmp/ and rename it into place (persist's state folders): a failure on the way
     leaves no half-written OUTPUT."""
     shutil.rmtree(output.with_name(output.name + ".tmp"), ignore_errors=True)  # an earlier, interrupted import
-    tmp = staging(output)
     try:
-        write_timm_folder(backbone, hf_config, tmp)
-        if head is not None:
-            save_tensors(tmp / HEAD, head, metadata={"format": "pt"})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish(output)
+        tmp = staging(output)
+        try:
+            write_timm_folder(backbone, hf_config, tmp)
+            if head is not None:
+                save_tensors(tmp / HEAD, head, metadata={"format": "pt"})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish(output)
+    except OSError as error:
+        raise CheckpointImportError(f"--output {output}: not writable ({error.strerror or error})") from None

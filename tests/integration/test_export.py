@@ -256,3 +256,12 @@ def test_cli_export(run_dir, tmp_path):
     assert "no complete checkpoint" in result.stderr and "Traceback" not in result.output
     result = runner.invoke(app, ["export", str(run_dir), "--format", "onnx"])
     assert result.exit_code == 2  # click's own usage error names the allowed values
+
+
+def test_license_option_reaches_config_and_card(run_dir, tmp_path):
+    result = CliRunner().invoke(
+        app, ["export", str(run_dir), "--output", str(tmp_path / "e"), "--license", "cc-by-4.0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["pretrained_cfg"]["license"] == "cc-by-4.0"
+    assert "license: cc-by-4.0" in (tmp_path / "e" / "README.md").read_text()

@@ -249,6 +249,7 @@ def _bad_files(tmp_path: Path, moco: Path) -> dict[str, tuple[Path, list[str], s
     torch.save(state, tmp_path / "cifar-stem.pth")
     return {
         "missing": (tmp_path / "absent.pth", [], "no such file"),
+        "a folder": (tmp_path, [], "not a file"),
         "text": (tmp_path / "notes.txt", [], "not a checkpoint (neither a file torch.save wrote nor safetensors"),
         "truncated zip": (tmp_path / "cut.pth.tar", [], "truncated or damaged"),
         "truncated legacy": (tmp_path / "cut-legacy.pth", [], "truncated or damaged"),
