@@ -1,10 +1,12 @@
 """Other projects' checkpoints, written at test time the way their training code writes them, from real torchvision
 and timm networks with random weights; and those networks loaded the way their own evaluation code loads them.
 
-- MoCo / MoCHi: facebookresearch/moco at 132aea9 (MIT). `MoCo.__init__` below is moco/builder.py's (the encoders,
-  the --mlp head, the queue buffers); main_moco.py wraps it in DistributedDataParallel, builds SGD over
-  `model.parameters()` and saves `{"epoch": epoch + 1, "arch", "state_dict": model.state_dict(), "optimizer":
-  optimizer.state_dict()}` with torch.save; `main_lincls_backbone` is main_lincls.py's loading, assertion included.
+- MoCo / MoCHi: the layout of facebookresearch/moco at 132aea9 (read there, written here in our own words):
+  `MoCoLayout` has the state dict of moco/builder.py's module (two torchvision ResNets `encoder_q` / `encoder_k`
+  whose fc is the projection, with --mlp Sequential(Linear, ReLU, Linear); the queue as a D x K buffer of unit
+  columns; `queue_ptr`); main_moco.py wraps that module in DistributedDataParallel, builds SGD over its parameters
+  and saves {"epoch": epoch + 1, "arch", "state_dict", "optimizer"} with torch.save; `main_lincls_backbone` takes
+  the backbone as main_lincls.py does (encoder_q minus fc, prefix removed, only fc may be missing).
 - Lightning: the dict `_CheckpointConnector.dump_checkpoint` writes ("epoch", "global_step",
   "pytorch-lightning_version", "state_dict", "loops", "callbacks", "optimizer_states", "lr_schedulers",
   "hyper_parameters") around the LightningModule's state dict: lightly's MoCo example (backbone =
@@ -24,32 +26,27 @@ import torchvision
 from torch import nn
 
 
-class MoCo(nn.Module):
-    """moco/builder.py's MoCo, as far as its state dict goes (the forward pass plays no part in a checkpoint)."""
+class MoCoLayout(nn.Module):
+    """A module with the state dict of MoCo's (key names, shapes, buffers); its forward plays no part here."""
 
-    def __init__(self, base_encoder, dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.07, mlp=False):
+    def __init__(self, arch: str, dim: int = 128, queue_size: int = 256, mlp: bool = False, temperature: float = 0.2):
         super().__init__()
-        self.K, self.m, self.T = K, m, T
-        self.encoder_q = base_encoder(num_classes=dim)
-        self.encoder_k = base_encoder(num_classes=dim)
-        if mlp:  # hack: brute-force replacement
-            dim_mlp = self.encoder_q.fc.weight.shape[1]
-            self.encoder_q.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc)
-            self.encoder_k.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc)
-        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            param_k.data.copy_(param_q.data)
-            param_k.requires_grad = False
-        self.register_buffer("queue", torch.randn(dim, K))
-        self.queue = nn.functional.normalize(self.queue, dim=0)
+        self.temperature = temperature
+        self.encoder_q = torchvision.models.get_model(arch, num_classes=dim)
+        if mlp:  # the MLP head: a hidden layer as wide as the pooled features, before the projection
+            width = self.encoder_q.fc.in_features
+            self.encoder_q.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), self.encoder_q.fc)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)  # starts as a copy, never trained
+        self.register_buffer("queue", nn.functional.normalize(torch.randn(dim, queue_size), dim=0))  # [D, K]
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
 
-def _one_sgd_step(model: nn.Module, moco: MoCo) -> torch.optim.Optimizer:
+def _one_sgd_step(model: nn.Module, moco: MoCoLayout) -> torch.optim.Optimizer:
     """main_moco.py's optimizer after one step of a contrastive loss (queries against the queue), so that its state
     holds momentum buffers as a trained run's does."""
     optimizer = torch.optim.SGD(model.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
     q = nn.functional.normalize(moco.encoder_q(torch.randn(4, 3, 32, 32)), dim=1)  # N x C
-    logits = q @ moco.queue.clone().detach() / moco.T  # N x K
+    logits = q @ moco.queue.detach() / moco.temperature  # [N, K]
     nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long)).backward()
     optimizer.step()
     return optimizer
@@ -61,7 +58,7 @@ def save_moco_checkpoint(
     """main_moco.py's save_checkpoint after `epoch`: under DistributedDataParallel (a real gloo group of one
     process), or the single-process variant. `legacy`: the pre-1.6 serialization of the released 2020 files."""
     torch.manual_seed(0)
-    model = MoCo(torchvision.models.__dict__[arch], K=256, mlp=mlp)
+    model = MoCoLayout(arch, mlp=mlp)
     if ddp:
         dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
         try:
@@ -79,18 +76,14 @@ def save_moco_checkpoint(
 
 
 def main_lincls_backbone(path: Path, arch: str = "resnet18") -> nn.Module:
-    """main_lincls.py's loading of a MoCo checkpoint, its assertion included; fc replaced by Identity to give the
-    pooled features."""
-    model = torchvision.models.__dict__[arch]()
-    checkpoint = torch.load(path, map_location="cpu")  # main_lincls.py's own call; the file is the test's own
-    state_dict = checkpoint["state_dict"]
-    for k in list(state_dict.keys()):
-        # retain only encoder_q up to before the embedding layer
-        if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc"):
-            state_dict[k[len("module.encoder_q.") :]] = state_dict[k]
-        del state_dict[k]
-    msg = model.load_state_dict(state_dict, strict=False)
-    assert set(msg.missing_keys) == {"fc.weight", "fc.bias"}
+    """The backbone as MoCo's linear evaluation takes it from a DDP checkpoint: encoder_q's weights without its fc,
+    prefix removed, loaded non-strictly with only the classifier missing; fc then Identity, for pooled features."""
+    model = torchvision.models.get_model(arch)
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # the test's own file
+    prefix = "module.encoder_q."
+    kept = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    kept = {k: v for k, v in kept.items() if not k.startswith("fc.")}  # the projection head goes
+    assert set(model.load_state_dict(kept, strict=False).missing_keys) == {"fc.weight", "fc.bias"}
     model.fc = nn.Identity()
     return model.eval()
 
