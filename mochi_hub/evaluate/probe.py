@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from mochi_hub.config import PAPER_PROTOCOL_DATASETS, PROBE_PRESETS, ProbeConfig, complete_probe_config
 from mochi_hub.core import persist
 from mochi_hub.core.console import progress_bar
-from mochi_hub.core.distributed import launched_accelerator
+from mochi_hub.core.distributed import all_ranks_true, launched_accelerator, on_main_process
 from mochi_hub.data.augment import MEAN, STD, eval_transform, probe_train_transform
 from mochi_hub.data.datasets import (
     IMAGENET100_CMC_CLASSES,
@@ -372,7 +372,7 @@ class _Probe:
             "mixed_precision": self.config.mixed_precision,
         }
         key = cache_key(parts)
-        hit = load_cached(self.cache_dir, key)
+        hit = self._cache_hit(key)
         self.extra.setdefault("feature_cache", {})[split] = {
             "key": key,
             "hit": hit is not None,
@@ -395,6 +395,22 @@ class _Probe:
             save_cached(self.cache_dir, key, features, labels, parts)
         self.accelerator.wait_for_everyone()
         return features, labels
+
+    def _cache_hit(self, key: str) -> tuple[Tensor, Tensor] | None:
+        """Whether the cache holds `key` is decided by rank 0 (every rank must then extract, or none); every rank
+        reads the entry, and a rank that cannot (a --cache-dir not shared between nodes) stops them all."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return load_cached(self.cache_dir, key)
+        if not on_main_process(accelerator, lambda: load_cached(self.cache_dir, key) is not None):
+            return None
+        hit = load_cached(self.cache_dir, key)
+        if not bool(all_ranks_true(torch.tensor(hit is not None, device=accelerator.device), accelerator)):
+            raise ValueError(
+                f"--cache-dir {self.cache_dir}: process 0 found cached features that other processes cannot read; "
+                "with several nodes --cache-dir must be one folder every node shares"
+            )
+        return hit
 
 
 def _prepare(

@@ -251,3 +251,43 @@ def test_nodes_that_do_not_share_the_output_fail_at_once_with_one_line(tmp_path)
         assert process.returncode != 0
         lines = [line for line in stderr.splitlines() if line.startswith("Error: --output run:")]
         assert len(lines) == 1 and "process(es) 1 do not see the folder process 0 writes" in lines[0], stderr[-2000:]
+
+
+@pytest.mark.ci
+def test_a_feature_cache_one_node_cannot_read_stops_every_rank_with_one_line(tmp_path, tiny_export):
+    """The cache hit is rank 0's decision; a node that cannot read the entry (its own --cache-dir) stops them all
+    at once with one line, instead of extracting while the others train (a hang)."""
+    options = ["--dataset=fashion-mnist", "--protocol=fast", "--max-images=32", "--batch-size=16", "--workers=0"]
+    options += ["--epochs=1", "--cache-dir=cache"]
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_"))}
+    warm = subprocess.run(
+        [sys.executable, "-m", "mochi_hub.cli", "probe", str(tiny_export), *options, "--output=alone.json"],
+        cwd=tmp_path / "node0",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert warm.returncode == 0, warm.stderr[-2000:]  # node 0's cache now holds the features
+    port, started = free_port(), time.monotonic()
+    nodes = [
+        torchrun(
+            "-m",
+            "mochi_hub.cli",
+            "probe",
+            str(tiny_export),
+            *options,
+            node_rank=r,
+            cwd=tmp_path / f"node{r}",
+            port=port,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=120) for process in nodes]
+    assert time.monotonic() - started < 60
+    for process, (_, stderr) in zip(nodes, outputs):
+        assert process.returncode != 0
+        lines = [line for line in stderr.splitlines() if line.startswith("Error: --cache-dir cache:")]
+        assert len(lines) == 1 and "every node shares" in lines[0], stderr[-2000:]
