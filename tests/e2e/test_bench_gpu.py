@@ -27,8 +27,9 @@ def test_gpu_bench_smoke_runs_every_part(tmp_path):
     assert [r["what"] for r in rows(result, "smoke")] == ["train", "probe", "export"]
     assert "model.safetensors" in rows(result, "smoke")[2]["files"] and 0 <= rows(result, "smoke")[1]["knn_top1"] <= 100
     assert rows(result, "syncs")[0]["syncs_per_step"] == [0, 0]
-    (step,) = rows(result, "step")
+    step, one_group = rows(result, "step")
     assert step["K"] == 64 and step["moco_images_per_sec"] > 0 and step["mochi_images_per_sec"] > 0
+    assert one_group["bn_groups"] == 1 and one_group["moco_images_per_sec"] > 0  # the reference without groups
     assert rows(result, "profile")[0]["top"] and rows(result, "profile")[0]["busy_ms_per_step"] > 0
     assert {(r["augment_on"], r["workers"]) for r in rows(result, "data")} == {
         (a, w) for a in ("workers", "device") for w in (0, 2)
