@@ -70,6 +70,9 @@ def run(*, print_config: bool = False, **options: Any) -> None:
         )
     with exit_on(ValueError, code=USAGE):
         config = resolve_train_config(**options)
+        from mochi_hub.training.preflight import preflight  # timm and the data layer: not for --help
+
+        preflight(config)
     if print_config:
         return show_config(config)
     from mochi_hub.data.datasets import BadImageError

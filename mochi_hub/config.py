@@ -3,6 +3,8 @@
 A config is resolved once, in this order: dataclass defaults <- preset <- config file <- explicit options,
 then validated as a whole in `__post_init__`, so an error names the option and its allowed range.
 The resolved config (`to_dict`) is saved with every run, checkpoint, export and model card.
+This module is a leaf: it imports nothing of the package (whether a dataset or a model exists is checked by
+mochi_hub.training.preflight), so every layer can read it.
 """
 
 from __future__ import annotations
@@ -326,21 +328,9 @@ def resolve_config(
 
 
 def resolve_train_config(**kwargs: Any) -> TrainConfig:
-    """A new run's config. Beyond the values, what they name must exist here: the dataset and the model.
-    (A saved config is rebuilt without that check: its local dataset may be gone.)"""
-    from mochi_hub.data.datasets import check_dataset_spec
-    from mochi_hub.method.model import backbone_args, min_image_size
-
-    config = resolve_config(TrainConfig, TRAIN_PRESETS, **kwargs)
-    check_dataset_spec(config.dataset)
-    args = backbone_args(config.model, init=config.init, image_size=config.image_size)  # checks the name too
-    smallest = min_image_size(config.model, **args)
-    if config.image_size < smallest:
-        raise ValueError(
-            f"--image-size {config.image_size}: {config.model} reduces its input {smallest}x, so it "
-            f"needs at least {smallest} px"
-        )
-    return config
+    """A new run's config from its values alone; whether its dataset and model exist here is
+    mochi_hub.training.preflight's to check (the commands call it)."""
+    return resolve_config(TrainConfig, TRAIN_PRESETS, **kwargs)
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:

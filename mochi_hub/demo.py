@@ -28,12 +28,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     from mochi_hub.evaluate.probe import run_probe
     from mochi_hub.publish.export import export_run
     from mochi_hub.publish.sources import probe_config_for, weights_sha256
+    from mochi_hub.training.preflight import preflight
     from mochi_hub.training.pretrain import train
     from mochi_hub.training.state import initial_encoder
 
     print("== 1/3 pretrain: MoCo-v2 + MoCHi on Fashion-MNIST (preset 'demo')", flush=True)
     # resume="auto": a second `make demo` finishes or re-exports the same run instead of refusing its folder.
-    config = resolve_train_config(preset="demo", output=args.output, resume="auto")
+    config = preflight(resolve_train_config(preset="demo", output=args.output, resume="auto"))
     run_dir = train(config)
 
     print("== 2/3 probe the trained backbone and the same network untrained, the same way", flush=True)

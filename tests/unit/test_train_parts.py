@@ -12,6 +12,7 @@ from mochi_hub.config import resolve_train_config
 from mochi_hub.data.datasets import to_rgb
 from mochi_hub.data.sampling import GlobalBatches
 from mochi_hub.method.step import cosine_lr
+from mochi_hub.training.preflight import preflight
 
 
 def test_cosine_schedule_and_global_batches():
@@ -43,9 +44,10 @@ def test_to_rgb_rescales_16_bit_grayscale():
         (dict(mixing_warmup_epochs=20, epochs=10), "--mixing-warmup-epochs"),
     ],
 )
-def test_bad_settings_fail_when_the_config_is_built(options, match):
+def test_bad_settings_fail_before_any_work(options, match):
+    """Values are checked when the config is built, what they name (model, dataset) by the preflight."""
     with pytest.raises(ValueError, match=re.escape(match) if "'" in match else match):
-        resolve_train_config(**options)
+        preflight(resolve_train_config(**options))
 
 
 LOADERS = {"torch.load", "pickle.load", "pickle.loads"}
