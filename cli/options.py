@@ -27,21 +27,43 @@ def _option_type(annotation: Any) -> Any:
     return AS_TEXT.get(origin, annotation)
 
 
-def config_options(
-    cls: type, help_texts: dict[str, str], aliases: dict[str, tuple[str, ...]] | None = None
-) -> list[inspect.Parameter]:
-    """One keyword parameter per dataclass field (Literal fields become choices), plus --config FILE and
-    --print-config. `aliases`: older option names a field still answers to."""
+def _shown(value: Any) -> str:
+    """A value as the command line writes it: 30,40,50; on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def help_text(field: dataclasses.Field, presets: dict[str, dict[str, Any]]) -> str:
+    """The field's help, then "[default: D; preset V; ...]": its default (or what a None default means) and the
+    value of every preset that sets another. A preset named after the value it sets (--dataset imagenet-100)
+    says nothing new and is left out; the presets themselves are listed under --preset."""
+    if field.name == "preset":
+        return f"{field.metadata['help']} [one of: {', '.join(presets)}; `mochi presets` shows their values]"
+    said = field.metadata["default_text"]
+    parts = [f"default: {said if said is not None else _shown(field.default)}"]
+    if field.default is None and said is None:
+        parts = []
+    for name, values in presets.items():
+        if field.name in values and values[field.name] != field.default and values[field.name] != name:
+            parts.append(f"{name} {_shown(values[field.name])}")
+    return field.metadata["help"] + (f" [{'; '.join(parts)}]" if parts else "")
+
+
+def config_options(cls: type, presets: dict[str, dict[str, Any]]) -> list[inspect.Parameter]:
+    """One keyword parameter per dataclass field (Literal fields become choices), its help and older names from
+    the field's declaration (mochi_hub.config.option), plus --config FILE and --print-config."""
     params = []
     hints = typing.get_type_hints(cls)  # the annotations are strings (from __future__ import annotations)
     for f in dataclasses.fields(cls):
-        if f.name not in help_texts:
-            raise KeyError(f"{cls.__name__}.{f.name} has no help text")
         kind = _option_type(hints[f.name])
         flag = f"--{f.name.replace('_', '-')}"
         if kind is bool:
             flag = f"{flag}/--no-{f.name.replace('_', '-')}"
-        option = typer.Option(flag, *(aliases or {}).get(f.name, ()), help=help_texts[f.name], show_default=False)
+        aliases = [f"--{old.replace('_', '-')}" for old in f.metadata["aliases"]]
+        option = typer.Option(flag, *aliases, help=help_text(f, presets), show_default=False)
         params.append(
             inspect.Parameter(
                 f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]

@@ -1,5 +1,10 @@
 """Typed configuration: the single source of truth for every command.
 
+Each option is declared once, as a field made by `option(...)`: its default, help text, allowed range, what a resumed
+job may change, the value older saved configs meant, its old names and its row on the model card. Everything else
+reads that declaration: `__post_init__`'s checks, the CLI's options and help (mochi_hub.cli.options), the resume
+check (`resume_differences`), the names of results and the model card.
+
 A config is resolved once, in this order: dataclass defaults <- preset <- config file <- explicit options,
 then validated as a whole in `__post_init__`, so an error names the option and its allowed range.
 The resolved config (`to_dict`) is saved with every run, checkpoint, export and model card.
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -25,6 +32,161 @@ OnNonFinite = Literal["stop", "skip"]
 AugmentOn = Literal["auto", "workers", "device"]
 Protocol = Literal["linear", "knn", "fast"]
 Split = Literal["val", "train"]
+BatchNormMode = Literal["frozen", "train", "sync"]
+
+# What a field changes, which decides what a resumed job may change and what a result's name covers.
+RUNS = "runs"  # where and how the work runs (output, workers): free on resume, not in a result's name
+REPORTS = "reports"  # what is measured of the trained state (the split): free on resume, in a result's name
+COMPUTES = "computes"  # the trained state itself: must match on resume, in a result's name
+_NO_LEGACY = object()
+
+
+@dataclass(frozen=True)
+class Range:
+    """An allowed range in interval notation: "(0, inf)" is > 0, "[0, 1)" is 0 <= x < 1."""
+
+    text: str
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        low, high = self.text[1:-1].split(",")
+        return float(low), float(high)
+
+    def __contains__(self, value: float) -> bool:
+        low, high = self.bounds
+        above = value >= low if self.text[0] == "[" else value > low
+        below = value <= high if self.text[-1] == "]" else value < high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = self.bounds
+        if math.isinf(high):
+            return f"{'>=' if self.text[0] == '[' else '>'} {low:g}"
+        return f"in {self.text}"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    within: str | None = None,
+    affects: str = COMPUTES,
+    legacy: Any = _NO_LEGACY,
+    default_text: str | None = None,
+    aliases: tuple[str, ...] = (),
+    card: str | None = None,
+    parse: Callable[[Any], Any] | None = None,
+) -> Any:
+    """A config field and everything said about it, in one place.
+
+    help: the option's help text (the CLI adds "[default: ...]" and the presets' values); within: the allowed range
+    of a number, in interval notation ("(0, inf)", "[0, 1)"; NaN and infinities are always refused); affects: RUNS,
+    REPORTS or COMPUTES (what a resumed job may change); legacy: what a saved config without this field meant (the
+    behaviour of the version before it existed); default_text: the default in words (a None default that means
+    something); aliases: older names, still accepted; card: the model card's row for it; parse: text -> value.
+    """
+    metadata = dict(
+        help=help,
+        within=Range(within) if within else None,
+        affects=affects,
+        legacy=legacy,
+        default_text=default_text,
+        aliases=aliases,
+        card=card,
+        parse=parse,
+    )
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _number_kind(hint: Any) -> type | None:
+    """int or float for a field of that type (optional or not), else None."""
+    kinds = set(get_args(hint)) if get_origin(hint) in (Union, UnionType) else {hint}
+    return int if int in kinds else float if float in kinds else None
+
+
+def config_class(cls: type) -> type:
+    """@dataclass, and refuse at import time a field not made by `option` or a number without a range, so a new
+    field cannot miss its help text or its range check."""
+    cls = dataclass(cls)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name}: declare it with option(default, help, ...)")
+        if _number_kind(hints[f.name]) and f.metadata["within"] is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: a number needs its range (within=...)")
+    return cls
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _number(name: str, value: Any, kind: type) -> int | float:
+    """A number of `kind`, finite. A numeric string becomes one: YAML 1.1 (PyYAML, so config files and `--set`)
+    reads `5e-4` as the string '5e-4'."""
+    if isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        try:
+            number = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            number = None
+        if number is None or (kind is int and math.isfinite(number) and not number.is_integer()):
+            raise ValueError(f"{_flag(name)} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+    return kind(number)
+
+
+def check_fields(config: Any) -> None:
+    """Each field as its declaration says: parsed, a number of its type within its range, one of its choices."""
+    for f in dataclasses.fields(config):
+        hint, value = get_type_hints(type(config))[f.name], getattr(config, f.name)
+        if f.metadata["parse"] is not None:
+            value = f.metadata["parse"](value)
+        kind = _number_kind(hint)
+        if kind is not None and value is not None:
+            value = _number(f.name, value, kind)
+            if value not in f.metadata["within"]:
+                raise ValueError(f"{_flag(f.name)} must be {f.metadata['within']}, got {value}")
+        choices = get_args(hint) if get_origin(hint) is Literal else ()
+        if choices and value not in choices:
+            raise ValueError(f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        setattr(config, f.name, value)
+
+
+class _Config:
+    """What every config class shares: checks from the declarations, then its own checks across fields."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Checks that involve more than one field (each field alone is checked from its declaration)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def resume_settings(config: _Config) -> dict[str, Any]:
+    """What a resumed job must share with the state it continues: every field that affects what it computes."""
+    fields = {f.name for f in dataclasses.fields(config) if f.metadata["affects"] == COMPUTES}
+    return {k: v for k, v in config.to_dict().items() if k in fields}
+
+
+def result_settings(config: _Config) -> dict[str, Any]:
+    """Every setting that moves a result's number (a result's name carries their digest)."""
+    fields = {f.name for f in dataclasses.fields(config) if f.metadata["affects"] != RUNS}
+    return {k: v for k, v in config.to_dict().items() if k in fields}
+
+
+def resume_differences(saved: _Config | Mapping[str, Any], now: _Config | Mapping[str, Any]) -> list[str]:
+    """The one resume check of train, probe and detect: every setting of `now` that `saved` holds otherwise, as
+    "name: saved X, now Y". Configs compare by `resume_settings`; a job adds what else it keeps (weights, data) as a
+    mapping of the same shape."""
+    saved, now = (resume_settings(c) if isinstance(c, _Config) else c for c in (saved, now))
+    return [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
 
 
 def parse_mochi(value: str | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
@@ -60,112 +222,164 @@ def check_mochi_settings(
         raise ValueError(f"MoCHi beta_max must lie in (0, 1), got {beta_max}")
 
 
-def _check_choices(config: Any) -> None:
-    """Every Literal-typed field holds one of its choices."""
-    for name, hint in get_type_hints(type(config)).items():
-        choices = get_args(hint) if get_origin(hint) is Literal else ()
-        if choices and getattr(config, name) not in choices:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
-                f"got {getattr(config, name)!r}"
-            )
+def parse_milestones(value: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """'30,40,50' or (30, 40, 50) -> (30, 40, 50); '' or 'none' -> () (a constant lr)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace("(", "").replace(")", "").split(",")]
+        parts = [p for p in parts if p and p.lower() != "none"]
+    else:
+        parts = list(value)
+    try:
+        milestones = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--lr-milestones takes epochs separated by commas (e.g. 30,40,50), got {value!r}") from None
+    if any(m <= 0 for m in milestones) or list(milestones) != sorted(set(milestones)):
+        raise ValueError(f"--lr-milestones must be increasing positive epochs, got {value!r}")
+    return milestones
 
 
-def _check_numbers(config: Any) -> None:
-    """Every int- or float-typed field (optional or not) holds a number. A numeric string becomes one: YAML 1.1
-    (PyYAML, so config files and `--set`) reads `5e-4` as the string '5e-4'."""
-    for name, hint in get_type_hints(type(config)).items():
-        kinds = set(get_args(hint)) if get_origin(hint) in (Union, UnionType) else {hint}
-        kind = int if int in kinds else float if float in kinds else None
-        value = getattr(config, name)
-        if kind is None or value is None:
-            continue
-        if isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool):
-            continue
-        try:
-            number = float(value) if isinstance(value, (str, float)) else None
-        except ValueError:
-            number = None
-        if number is None or (kind is int and not number.is_integer()):
-            article = "an integer" if kind is int else "a number"
-            raise ValueError(f"--{name.replace('_', '-')} must be {article}, got {value!r}")
-        setattr(config, name, kind(number))
+# --- Pretraining: `mochi train` ------------------------------------------------------------------------------
 
 
-def _positive(name: str, value: float | int | None, *, allow_none: bool = False, zero: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value < 0 or (value == 0 and not zero):
-        bound = ">= 0" if zero else "> 0"
-        raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
-
-
-@dataclass
-class TrainConfig:
+@config_class
+class TrainConfig(_Config):
     """MoCo-v2 + MoCHi pretraining. Field names are the CLI option names (`--queue-size` is queue_size)."""
 
-    dataset: str = "fashion-mnist"  # Hub dataset id, local imagefolder, or a named source
-    model: str = "resnet50"  # any timm architecture, created with num_classes=0
-    image_size: int = 224
-    epochs: int = 200
-    batch_size: int = 256  # global batch, split over processes
-    queue_size: int = 16384  # K
-    mochi: tuple[int, int, int] = (1024, 1024, 512)  # (N, s, s'); (0, 0, 0) is MoCo-v2
-    mixing_warmup_epochs: int = 10  # MoCHi's warm-up: epochs of plain MoCo-v2 before mixing starts
-    lr: float | None = None  # None: 0.03 x batch_size / 256
-    temperature: float = 0.2
-    key_momentum: float = 0.999
-    seed: int = 0
-    workers: int | None = None  # None: from the CPUs per local process on a GPU, else min(4, CPUs)
-    output: str = "runs/mochi"
-    max_steps: int | None = None  # stop early (smoke runs); still exports
-    save_every_steps: int | None = None  # checkpoints also every N steps (always at each epoch end)
-    resume: str | None = None  # a checkpoint folder, or "auto" for the newest in output
-    mixed_precision: TrainPrecision = "auto"  # auto: bf16 on a GPU that has it (or accelerate launch's), else no
-    preset: str | None = None
-    # Not in the paper's options list but part of the recipe; each is still an option.
-    init: Init = "moco"  # moco: MoCo's reference init (timm ResNets: zero_init_last=False); timm: timm's default
-    bn_splits: int | None = None  # BatchNorm groups over the global batch, both encoders; None: groups of 32, at most 8
-    lr_warmup_epochs: int = 0  # linear learning-rate warm-up before the cosine schedule (MoCo-v2: none)
-    proj_dim: int = 128
-    weight_decay: float = 1e-4
-    sgd_momentum: float = 0.9
-    beta_max: float = 0.5
-    channels_last: bool | None = None  # None: on a GPU
-    log_every_steps: int = 10
-    keep_checkpoints: int = 2
-    strict_data: bool = False
-    max_train_images: int | None = None  # subset for smoke runs and the CPU study
-    report_to: Reporter = (
-        "auto"  # Accelerate trackers: auto (TensorBoard when installed), none, tensorboard, wandb, trackio
+    dataset: str = option(
+        "fashion-mnist",
+        "Hub dataset id (org/name), local imagefolder (train/ [val/]), or imagenet-100 | imagenet-1k | fashion-mnist.",
+        default_text="none: `mochi train` needs --dataset, --preset or --config",
     )
-    on_nonfinite: OnNonFinite = "stop"  # a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step
-    augment_on: AugmentOn = "auto"  # MoCo-v2's views drawn by the loader workers (PIL) or batched on the device
-    compile: bool = False  # torch.compile both encoders (in place: the state dict keeps its names)
+    model: str = option("resnet50", "timm architecture of the backbone (created with num_classes=0).")
+    image_size: int = option(224, "Crop size of the augmented views, in pixels.", within="(0, inf)", card="Image size")
+    epochs: int = option(200, "Training epochs.", within="(0, inf)", card="Epochs")
+    batch_size: int = option(
+        256, "Global batch size, split evenly over processes.", within="(0, inf)", card="Global batch size"
+    )
+    queue_size: int = option(
+        16384, "K, the number of negatives in the queue.", within="(0, inf)", card="Queue size (K)"
+    )
+    mochi: tuple[int, int, int] = option(
+        (1024, 1024, 512),
+        "MoCHi N,s,s' (hardest negatives, pair mixes, query mixes); 0,0,0 is plain MoCo-v2.",
+        card="MoCHi (N, s, s')",
+        parse=parse_mochi,
+    )
+    mixing_warmup_epochs: int = option(
+        10,
+        "MoCHi's warm-up: epochs of plain MoCo-v2 before mixing starts (not a learning-rate "
+        "warm-up; see --lr-warmup-epochs).",
+        within="[0, inf)",
+        aliases=("warmup_epochs",),
+        card="Mixing warm-up (epochs without mixing)",
+    )
+    lr: float | None = option(
+        None,
+        "Base learning rate.",
+        within="(0, inf)",
+        default_text="0.03 x batch-size / 256",
+        card="Base learning rate (SGD)",
+    )
+    temperature: float = option(0.2, "Softmax temperature tau.", within="(0, inf)", card="Temperature (tau)")
+    key_momentum: float = option(
+        0.999, "Momentum m of the key encoder update.", within="[0, 1)", card="Key-encoder momentum"
+    )
+    seed: int = option(
+        0, "Seed of every random draw (data order, augmentation, plans).", within="[0, inf)", card="Seed"
+    )
+    workers: int | None = option(
+        None,
+        "Data-loading worker processes per training process.",
+        within="[0, inf)",
+        affects=RUNS,
+        default_text="on a GPU, the CPUs each local process gets minus one (at most 16); on a CPU, up to 4",
+    )
+    output: str = option("runs/mochi", "Run directory: run.json, metrics.jsonl, checkpoints/, export/.", affects=RUNS)
+    max_steps: int | None = option(
+        None,
+        "Stop after this many steps (smoke runs); still checkpoints and exports.",
+        within="(0, inf)",
+        affects=RUNS,
+        card="Stopped after (steps)",
+    )
+    save_every_steps: int | None = option(
+        None, "Also checkpoint every N steps (always at each epoch end).", within="(0, inf)", affects=RUNS
+    )
+    resume: str | None = option(
+        None, "Continue from a checkpoint folder, or 'auto' for the newest complete one in --output.", affects=RUNS
+    )
+    mixed_precision: TrainPrecision = option(
+        "auto",
+        "Autocast (logits, loss and queue stay in fp32). auto: what accelerate launch --mixed_precision asked for, "
+        "else bf16 on a GPU that has it, else no.",
+        card="Mixed precision",
+    )
+    preset: str | None = option(None, "Start from a preset.", affects=RUNS)
+    # Not in the paper's options list but part of the recipe; each is still an option.
+    init: Init = option(
+        "moco",
+        "Initial weights: moco (MoCo's reference init: timm ResNets with zero_init_last=False) | timm "
+        "(timm's default, zero-initialised last BatchNorm of each residual block).",
+        legacy="timm",
+        card="Initialisation",
+    )
+    bn_splits: int | None = option(
+        None,
+        "BatchNorm groups over the global batch, in both encoders (the paper's 8 GPUs; the key "
+        "encoder's groups come from the shuffled batch).",
+        within="(0, inf)",
+        default_text="groups of 32 images, at most 8",
+        card="BatchNorm groups (global batch)",
+    )
+    lr_warmup_epochs: int = option(
+        0,
+        "Linear learning-rate warm-up epochs before the cosine schedule (MoCo-v2: none).",
+        within="[0, inf)",
+        card="Learning-rate warm-up (epochs)",
+    )
+    proj_dim: int = option(
+        128, "Output width of the MLP projection head.", within="(0, inf)", card="Projection head output dim"
+    )
+    weight_decay: float = option(1e-4, "SGD weight decay.", within="[0, inf)", card="Weight decay")
+    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, inf)", card="SGD momentum")
+    beta_max: float = option(
+        0.5,
+        "Upper bound of the query's weight beta in query mixes.",
+        within="(0, 1)",
+        card="Max share of the query in s' mixes (beta max)",
+    )
+    channels_last: bool | None = option(
+        None, "Use channels_last memory format (faster on tensor cores and CPUs).", default_text="on a GPU"
+    )
+    log_every_steps: int = option(10, "Write a metrics.jsonl line every N steps.", within="(0, inf)", affects=RUNS)
+    keep_checkpoints: int = option(2, "Number of newest checkpoints kept.", within="(0, inf)", affects=RUNS)
+    strict_data: bool = option(False, "Stop at the first unusable image instead of reporting and skipping it.")
+    max_train_images: int | None = option(
+        None,
+        "Use only the first N training images, in the source's order (smoke runs, CPU studies); a warning says "
+        "when they leave out classes.",
+        within="(0, inf)",
+        default_text="every image",
+        card="Training images used (subset)",
+    )
+    report_to: Reporter = option("auto", "Accelerate trackers (auto: TensorBoard when installed).", affects=RUNS)
+    on_nonfinite: OnNonFinite = option(
+        "stop", "On a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step."
+    )
+    augment_on: AugmentOn = option(
+        "auto",
+        "Where MoCo-v2's views are drawn: workers (PIL, per image) | device (batched on the training device, "
+        "per-image parameters; workers only decode) | auto (device on a GPU).",
+        legacy="workers",
+    )
+    compile: bool = option(
+        False,
+        "torch.compile both encoders (the key encoder too; off by default until measured on your GPU).",
+        affects=RUNS,
+    )
 
-    def __post_init__(self) -> None:
-        _check_numbers(self)
-        _check_choices(self)
-        self.mochi = parse_mochi(self.mochi)
+    def check_together(self) -> None:
         n_hard, s, s_prime = self.mochi
-        for name in (
-            "image_size",
-            "epochs",
-            "batch_size",
-            "queue_size",
-            "temperature",
-            "proj_dim",
-            "log_every_steps",
-            "keep_checkpoints",
-        ):
-            _positive(name, getattr(self, name))
-        for name in ("mixing_warmup_epochs", "lr_warmup_epochs", "weight_decay", "sgd_momentum"):
-            _positive(name, getattr(self, name), zero=True)
-        _positive("workers", self.workers, allow_none=True, zero=True)
-        for name in ("lr", "max_steps", "save_every_steps", "max_train_images", "bn_splits"):
-            _positive(name, getattr(self, name), allow_none=True)
-        if not 0.0 <= self.key_momentum < 1.0:
-            raise ValueError(f"--key-momentum must lie in [0, 1), got {self.key_momentum}")
         if self.bn_splits is not None and (self.batch_size % self.bn_splits or self.batch_size // self.bn_splits < 2):
             raise ValueError(
                 f"--bn-splits ({self.bn_splits}) must divide --batch-size ({self.batch_size}) into "
@@ -201,11 +415,6 @@ class TrainConfig:
     @property
     def uses_mixing(self) -> bool:
         return self.mochi[1] + self.mochi[2] > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["mochi"] = list(self.mochi)
-        return data
 
 
 # The paper's settings (Sec. 4 and Appendix) and a CPU-sized demo. Values are TrainConfig fields.
@@ -283,18 +492,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# Older names of fields, still accepted in config files, saved configs and on the command line.
-TRAIN_ALIASES = {"warmup_epochs": "mixing_warmup_epochs"}
-# What a config saved before a field existed meant by it (the behaviour of that older version).
-TRAIN_LEGACY_DEFAULTS = {"init": "timm", "bn_splits": None, "augment_on": "workers"}
-
-
-def _apply_aliases(values: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+def _apply_aliases(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Older names of fields (their `aliases`), still accepted in config files, saved configs and options."""
     out = dict(values)
-    for old, new in aliases.items():
-        if old in out:
-            value = out.pop(old)
-            out.setdefault(new, value)
+    for f in dataclasses.fields(cls):
+        for old in f.metadata["aliases"]:
+            if old in out:
+                out.setdefault(f.name, out.pop(old))
     return out
 
 
@@ -319,7 +523,7 @@ def resolve_config(
     if config_file is not None:
         values.update(load_config_file(config_file))
     values.update({k: v for k, v in options.items() if v is not None})
-    values = _apply_aliases(values, TRAIN_ALIASES if cls is TrainConfig else {})
+    values = _apply_aliases(cls, values)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -335,38 +539,15 @@ def resolve_train_config(**kwargs: Any) -> TrainConfig:
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a saved config (run.json, checkpoint), ignoring fields this version does not know; a field the
-    saved version did not have takes the value that reproduces that version's behaviour."""
-    data = _apply_aliases(data, TRAIN_ALIASES)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in data.items() if k in known}
-    for name, legacy in TRAIN_LEGACY_DEFAULTS.items():
-        if name not in values and legacy is not None:
-            values[name] = legacy
+    saved version did not have takes its `legacy` value, which reproduces that version's behaviour."""
+    data = _apply_aliases(TrainConfig, data)
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in data:
+            values[f.name] = data[f.name]
+        elif f.metadata["legacy"] is not _NO_LEGACY:
+            values[f.name] = f.metadata["legacy"]
     return TrainConfig(**values)
-
-
-# Fields a resumed run may change: where and how it runs, not what it computes (`preset` is only a label).
-RESUME_MAY_CHANGE = (
-    "output",
-    "resume",
-    "workers",
-    "max_steps",
-    "save_every_steps",
-    "keep_checkpoints",
-    "log_every_steps",
-    "report_to",
-    "preset",
-    "compile",
-)
-
-
-def resume_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:
-    """Every field outside RESUME_MAY_CHANGE that differs, as "name: checkpoint X, now Y"."""
-    return [
-        f"{f.name}: checkpoint {getattr(saved, f.name)!r}, now {getattr(now, f.name)!r}"
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(now, f.name)
-    ]
 
 
 # --- Evaluation: `mochi probe` --------------------------------------------------------------------------
@@ -374,71 +555,81 @@ def resume_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:
 PROBE_PROTOCOLS = get_args(Protocol)
 
 
-def parse_milestones(value: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    """'30,40,50' or (30, 40, 50) -> (30, 40, 50); '' or 'none' -> () (a constant lr)."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.replace("(", "").replace(")", "").split(",")]
-        parts = [p for p in parts if p and p.lower() != "none"]
-    else:
-        parts = list(value)
-    try:
-        milestones = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"--lr-milestones takes epochs separated by commas (e.g. 30,40,50), got {value!r}") from None
-    if any(m <= 0 for m in milestones) or list(milestones) != sorted(set(milestones)):
-        raise ValueError(f"--lr-milestones must be increasing positive epochs, got {value!r}")
-    return milestones
-
-
-@dataclass
-class ProbeConfig:
+@config_class
+class ProbeConfig(_Config):
     """Evaluation of a frozen backbone. Field names are the CLI option names; SOURCE is not a field
     (it is what is evaluated, not how). Defaults are the paper's ImageNet-100 linear protocol."""
 
-    dataset: str | None = None  # Hub dataset id, local imagefolder (train/ + val/), a named source; None: the SOURCE's
-    protocol: Protocol = "linear"  # linear (the paper's), knn, or fast (cached features; not the paper's)
-    split: Split = "val"  # the split reported; the classifier / kNN memory is always fitted on train
-    epochs: int = 60
-    batch_size: int = 128  # global batch, split over processes
-    lr: float = 10.0
-    lr_milestones: tuple[int, ...] = (30, 40, 50)  # epochs at which lr is multiplied by lr_gamma
-    lr_gamma: float = 0.1
-    sgd_momentum: float = 0.9
-    weight_decay: float = 0.0
-    augment: bool = True  # RandomResizedCrop + flip for training (off: the evaluation transform)
-    crop_min_scale: float = 0.08  # RandomResizedCrop's smallest area share (torchvision's and MoCo's 0.08)
-    image_size: int | None = None  # crop size (eval: resize 256/224 of it, centre crop); None: the SOURCE's input size
-    knn_k: int = 200
-    knn_temperature: float = 0.07
-    seed: int = 0
-    workers: int = 4
-    output: str | None = None  # a JSON file of the results
-    resume: bool = False  # continue the classifier from its last per-epoch state
-    cache_dir: str | None = None  # feature cache (fast, knn); None: $MOCHI_HUB_CACHE or ~/.cache/mochi-hub
-    max_images: int | None = None  # a seeded subset of each split (smoke runs)
-    mixed_precision: MixedPrecision = "no"  # autocast of the backbone's forward: no, bf16, fp16
-    strict_data: bool = False
-    preset: str | None = None
-
-    def __post_init__(self) -> None:
-        self.lr_milestones = parse_milestones(self.lr_milestones)
-        _check_numbers(self)
-        _check_choices(self)
-        for name in ("epochs", "batch_size", "lr", "knn_k", "knn_temperature"):
-            _positive(name, getattr(self, name))
-        _positive("image_size", self.image_size, allow_none=True)
-        for name in ("sgd_momentum", "weight_decay", "workers"):
-            _positive(name, getattr(self, name), zero=True)
-        _positive("max_images", self.max_images, allow_none=True)
-        if not 0.0 < self.crop_min_scale <= 1.0:
-            raise ValueError(f"--crop-min-scale must lie in (0, 1], got {self.crop_min_scale}")
-        if not 0.0 < self.lr_gamma <= 1.0:
-            raise ValueError(f"--lr-gamma must lie in (0, 1], got {self.lr_gamma}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["lr_milestones"] = list(self.lr_milestones)
-        return data
+    dataset: str | None = option(
+        None,
+        "Hub dataset id (org/name), local imagefolder (train/ + val/), or imagenet-100 | imagenet-1k | "
+        "fashion-mnist (each also selects its preset). A local folder of ImageNet-100 synsets takes "
+        "CMC's class order.",
+        default_text="the dataset SOURCE was trained on",
+    )
+    protocol: Protocol = option(
+        "linear",
+        "linear (the paper's: frozen backbone, augmented images every epoch) | knn (weighted kNN) | "
+        "fast (linear classifier on cached, un-augmented features; not the paper's).",
+    )
+    split: Split = option(
+        "val",
+        "Split reported: val (Hub: validation) or train; the classifier is always fitted on train.",
+        affects=REPORTS,
+    )
+    epochs: int = option(60, "Classifier epochs (linear, fast).", within="(0, inf)")
+    batch_size: int = option(128, "Global batch size, split evenly over processes.", within="(0, inf)")
+    lr: float = option(10.0, "Initial learning rate.", within="(0, inf)")
+    lr_milestones: tuple[int, ...] = option(
+        (30, 40, 50), "Epochs at which lr is multiplied by --lr-gamma, e.g. 30,40,50.", parse=parse_milestones
+    )
+    lr_gamma: float = option(0.1, "Factor applied to lr at each milestone.", within="(0, 1]")
+    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, inf)")
+    weight_decay: float = option(0.0, "SGD weight decay.", within="[0, inf)")
+    augment: bool = option(
+        True, "Train the linear protocol on RandomResizedCrop + flip (--no-augment: the evaluation crop)."
+    )
+    crop_min_scale: float = option(
+        0.08,
+        "Smallest area share of the training crops (RandomResizedCrop; torchvision's and MoCo's 0.08).",
+        within="(0, 1]",
+    )
+    image_size: int | None = option(
+        None,
+        "Crop size in pixels; evaluation resizes to 256/224 of it and centre-crops.",
+        within="(0, inf)",
+        default_text="SOURCE's input size (pretrained_cfg), else the preset's",
+    )
+    knn_k: int = option(200, "Neighbours voting in kNN.", within="(0, inf)", affects=REPORTS)
+    knn_temperature: float = option(0.07, "kNN vote weight exp(similarity / T).", within="(0, inf)", affects=REPORTS)
+    seed: int = option(
+        0, "Seed of the classifier's initialisation, data order, augmentation and subsets.", within="[0, inf)"
+    )
+    workers: int = option(4, "Data-loading worker processes per process.", within="[0, inf)", affects=RUNS)
+    output: str | None = option(
+        None, "Write the results (top1, top5, source, hyperparameters, time) as JSON to this file.", affects=RUNS
+    )
+    resume: bool = option(
+        False,
+        "Continue the classifier from its last per-epoch state (in RUN/probes/, or next to --output).",
+        affects=RUNS,
+    )
+    cache_dir: str | None = option(
+        None,
+        "Feature cache of fast and knn.",
+        affects=RUNS,
+        default_text="$MOCHI_HUB_CACHE or ~/.cache/mochi-hub, /features",
+    )
+    max_images: int | None = option(
+        None, "Use a seeded random subset of N images of each split (smoke runs).", within="(0, inf)"
+    )
+    mixed_precision: MixedPrecision = option("no", "Autocast of the backbone's forward.")
+    strict_data: bool = option(
+        False, "Stop at the first unusable image instead of reporting and skipping it.", affects=RUNS
+    )
+    preset: str | None = option(
+        None, "Start from a preset.", affects=RUNS, default_text="the one --dataset names, if any"
+    )
 
 
 PAPER_PROTOCOL_DATASETS = ("imagenet-100", "imagenet-1k")  # presets that are the paper's linear protocol
@@ -503,63 +694,74 @@ def complete_probe_config(config: ProbeConfig, trained_on: dict[str, Any], sourc
 
 # --- Downstream detection: `mochi detect` (DetectConfig; mochi_hub.evaluate.detect) --------------------------------
 
-BatchNormMode = Literal["frozen", "train", "sync"]
 
-
-@dataclass
-class DetectConfig:
+@config_class
+class DetectConfig(_Config):
     """Fine-tuning torchvision's Faster R-CNN + FPN on a timm backbone (mochi_hub.evaluate.detect). Field names are the
     CLI option names; SOURCE is not a field. Defaults are torchvision's COCO reference schedule at 1x
     (12 epochs, lr 0.02 for 16 images, x0.1 at epochs 8 and 11, 1000 warm-up iterations, 800 px)."""
 
-    data: str | None = None  # a folder in the COCO layout (annotations/instances_{train,val}.json, train/, val/)
-    epochs: int = 12
-    batch_size: int = 16  # global batch, split over processes
-    lr: float | None = None  # None: 0.02 x batch_size / 16 (torchvision's reference, linearly scaled)
-    lr_milestones: tuple[int, ...] = (8, 11)  # epochs at which lr is multiplied by lr_gamma
-    lr_gamma: float = 0.1
-    warmup_iters: int = 1000  # linear lr warm-up from 0.1 % over the first iterations (capped at one epoch)
-    sgd_momentum: float = 0.9
-    weight_decay: float = 1e-4
-    image_size: int = 800  # shorter image side (torchvision's min_size); the longer side at most 1333/800 of it
-    batch_norm: BatchNormMode = "frozen"  # the trained stages' BatchNorm: frozen, train (per process) or sync
-    trainable_layers: int = 3  # how many of the backbone's last stages train (torchvision's default 3)
-    fpn_channels: int = 256  # the FPN's out_channels
-    hflip: bool = True  # random horizontal flips of the training images (p 0.5)
-    max_images: int | None = None  # a seeded subset of each split (smoke runs)
-    seed: int = 0
-    workers: int = 4
-    output: str = "runs/detect"  # a folder: results.json, detector.safetensors, the per-epoch state
-    resume: bool = False  # continue from the last per-epoch state in --output
-    mixed_precision: MixedPrecision = "no"
-    preset: str | None = None
-
-    def __post_init__(self) -> None:
-        self.lr_milestones = parse_milestones(self.lr_milestones)
-        _check_numbers(self)
-        _check_choices(self)
-        for name in ("epochs", "batch_size", "image_size", "fpn_channels"):
-            _positive(name, getattr(self, name))
-        for name in ("warmup_iters", "sgd_momentum", "weight_decay", "trainable_layers", "workers", "seed"):
-            _positive(name, getattr(self, name), zero=True)
-        for name in ("lr", "max_images"):
-            _positive(name, getattr(self, name), allow_none=True)
-        if not 0.0 < self.lr_gamma <= 1.0:
-            raise ValueError(f"--lr-gamma must lie in (0, 1], got {self.lr_gamma}")
-        if self.image_size < 32:
-            raise ValueError(
-                f"--image-size must be at least 32 (the FPN's coarsest map has stride 32), got {self.image_size}"
-            )
+    data: str | None = option(
+        None,
+        "A folder in the COCO layout: annotations/instances_train.json, annotations/instances_val.json, "
+        "images under train/ and val/ (file names in the JSON relative to those folders). Required.",
+    )
+    epochs: int = option(12, "Fine-tuning epochs (torchvision's 1x schedule: 12).", within="(0, inf)")
+    batch_size: int = option(16, "Global batch size (images), split evenly over processes.", within="(0, inf)")
+    lr: float | None = option(
+        None,
+        "Initial SGD learning rate (torchvision's reference, linearly scaled).",
+        within="(0, inf)",
+        default_text="0.02 x batch-size / 16",
+    )
+    lr_milestones: tuple[int, ...] = option(
+        (8, 11), "Epochs at which lr is multiplied by --lr-gamma, e.g. 8,11.", parse=parse_milestones
+    )
+    lr_gamma: float = option(0.1, "Factor applied to lr at each milestone.", within="(0, 1]")
+    warmup_iters: int = option(
+        1000, "Linear lr warm-up from 0.1 % over this many iterations (at most one epoch).", within="[0, inf)"
+    )
+    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, inf)")
+    weight_decay: float = option(1e-4, "SGD weight decay.", within="[0, inf)")
+    image_size: int = option(
+        800,
+        "Shorter image side in pixels (torchvision's min_size; at least 32, the FPN's coarsest stride); the longer "
+        "side is capped at 1333/800 of it.",
+        within="[32, inf)",
+    )
+    batch_norm: BatchNormMode = option(
+        "frozen",
+        "BatchNorm of the trained backbone stages: frozen (FrozenBatchNorm, torchvision's default) | "
+        "train (per-process batch statistics) | sync (SyncBatchNorm over GPUs, as MoCo's detection transfer). "
+        "Stages that do not train are always frozen.",
+    )
+    trainable_layers: int = option(
+        3,
+        "How many of the backbone's last stages train (a ResNet has 5: stem, layer1-4; 0 freezes the backbone).",
+        within="[0, inf)",
+    )
+    fpn_channels: int = option(256, "Channels of every FPN level (out_channels).", within="(0, inf)")
+    hflip: bool = option(True, "Random horizontal flips of the training images (--no-hflip: none).")
+    max_images: int | None = option(
+        None, "Use a seeded random subset of N images of each split (smoke runs).", within="(0, inf)"
+    )
+    seed: int = option(
+        0, "Seed of the heads' initialisation, data order, flips and the detector's box sampling.", within="[0, inf)"
+    )
+    workers: int = option(4, "Data-loading worker processes per process.", within="[0, inf)", affects=RUNS)
+    output: str = option(
+        "runs/detect", "Folder for results.json, detector.safetensors and the per-epoch state.", affects=RUNS
+    )
+    resume: bool = option(
+        False, "Continue from the last per-epoch state in --output (after a crash or kill).", affects=RUNS
+    )
+    mixed_precision: MixedPrecision = option("no", "Autocast of the detector's forward.")
+    preset: str | None = option(None, "Start from a preset.", affects=RUNS)
 
     @property
     def base_lr(self) -> float:
         """The lr actually used: torchvision's 0.02 for 16 images, scaled linearly, unless given."""
         return self.lr if self.lr is not None else 0.02 * self.batch_size / 16
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["lr_milestones"] = list(self.lr_milestones)
-        return data
 
 
 DETECT_PRESETS: dict[str, dict[str, Any]] = {

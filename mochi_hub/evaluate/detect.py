@@ -46,7 +46,7 @@ from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from mochi_hub.config import DetectConfig
+from mochi_hub.config import DetectConfig, result_settings, resume_differences, resume_settings
 from mochi_hub.core import persist
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, launched_accelerator
@@ -74,8 +74,6 @@ RESULTS = "results.json"
 DETECTIONS = "detections.json"  # the val predictions in COCO's results format: any COCO tool can re-score them
 WEIGHTS = "detector.safetensors"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-# Settings that do not change what is computed: a resumed run may change them.
-RESUME_MAY_CHANGE = ("output", "resume", "workers", "preset")
 DETECTOR = "torchvision Faster R-CNN + FPN (LastLevelMaxPool), timm features_only C2-C5"
 
 
@@ -252,8 +250,7 @@ def _resume_from(root: Path, must_match: dict[str, Any]) -> Path | None:
     states = persist.complete_folders(root, STATE_PREFIX)
     if not states:
         return None
-    saved = persist.read_json(states[-1] / persist.STATE).get("settings", {})
-    different = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in must_match.items() if saved.get(k) != v]
+    different = resume_differences(persist.read_json(states[-1] / persist.STATE).get("settings", {}), must_match)
     if different:
         raise ValueError(
             f"--resume {states[-1]}: the saved detector was trained differently ({'; '.join(different)}); "
@@ -387,8 +384,7 @@ def predict(d: _Detect, model: nn.Module, progress: Any) -> list[dict[str, Any]]
 
 def result_name(config: DetectConfig) -> str:
     """faster-rcnn-fpn-<data folder>-<size>px-<digest>: the digest covers every setting that moves the number."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps(result_settings(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
     slug = re.sub(r"[^a-z0-9.]+", "-", Path(str(config.data)).expanduser().resolve().name.lower()).strip("-")
     return f"faster-rcnn-fpn-{slug or 'data'}-{config.image_size}px-{digest}"
 
@@ -443,7 +439,7 @@ def _prepare(
     if config.batch_norm == "sync" and accelerator.num_processes > 1:
         model = timm.layers.convert_sync_batchnorm(model)
     settings = {
-        **{k: v for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE},
+        **resume_settings(config),
         "weights_sha256": info["weights_sha256"],
         "data": {"train": train.fingerprint(), "val": val.fingerprint()},
     }

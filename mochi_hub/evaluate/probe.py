@@ -37,7 +37,15 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from mochi_hub.config import PAPER_PROTOCOL_DATASETS, PROBE_PRESETS, ProbeConfig, complete_probe_config
+from mochi_hub.config import (
+    PAPER_PROTOCOL_DATASETS,
+    PROBE_PRESETS,
+    ProbeConfig,
+    complete_probe_config,
+    result_settings,
+    resume_differences,
+    resume_settings,
+)
 from mochi_hub.core import persist
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, launched_accelerator, on_main_process
@@ -75,24 +83,6 @@ FAST_NOTE = (
     "NOT the paper's linear protocol (use --protocol linear for that)"
 )
 KNN_NOTE = "knn: weighted k-nearest-neighbour vote on L2-normalised features; not the paper's linear protocol"
-# Settings a resumed classifier must share with the state it continues.
-RESUME_MUST_MATCH = (
-    "protocol",
-    "dataset",
-    "epochs",
-    "batch_size",
-    "lr",
-    "lr_milestones",
-    "lr_gamma",
-    "sgd_momentum",
-    "weight_decay",
-    "augment",
-    "crop_min_scale",
-    "image_size",
-    "seed",
-    "max_images",
-    "mixed_precision",
-)
 STATE_PREFIX = "epoch"
 
 
@@ -128,10 +118,7 @@ def _resume_from(root: Path, meta: dict[str, Any]) -> Path | None:
     states = persist.complete_folders(root, STATE_PREFIX)
     if not states:
         return None
-    saved = persist.read_json(states[-1] / persist.STATE)
-    different = [
-        f"{name}: saved {saved.get(name)!r}, now {meta[name]!r}" for name in meta if saved.get(name) != meta[name]
-    ]
+    different = resume_differences(persist.read_json(states[-1] / persist.STATE), meta)
     if different:
         raise ValueError(
             f"--resume {states[-1]}: the saved classifier was trained differently ({'; '.join(different)}); "
@@ -266,8 +253,7 @@ def dataset_slug(spec: str) -> str:
 def result_name(config: ProbeConfig) -> str:
     """<protocol>-<dataset>-<split>-<size>px[-max<N>]-<digest>: the digest covers every setting that moves the
     number, so a probe with other settings never overwrites another's result (the same settings do)."""
-    settings = {k: config.to_dict()[k] for k in (*RESUME_MUST_MATCH, "knn_k", "knn_temperature", "split")}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps(result_settings(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = f"{config.protocol}-{dataset_slug(str(config.dataset))}-{config.split}-{config.image_size}px"
     return name + (f"-max{config.max_images}" if config.max_images is not None else "") + f"-{digest}"
 
@@ -455,7 +441,7 @@ def _prepare(
     else:
         state_root = default_cache_dir() / "probe-state" / f"{name}-{info['weights_sha256'][:12]}"
     state_meta = {
-        **{k: config.to_dict()[k] for k in RESUME_MUST_MATCH},
+        **resume_settings(config),
         "weights_sha256": info["weights_sha256"],
         "train_data": dataset_fingerprint(train_source, config.dataset),
     }

@@ -11,6 +11,7 @@ config.json must not carry the absolute paths of the machine that trained the mo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from mochi_hub.config import TrainConfig
 from mochi_hub.version import __version__
 
 TEMPLATE = "mochi_timm.md"
@@ -158,38 +160,23 @@ def _duration(seconds: float | None) -> str | None:
 
 
 def _hyperparameters(config: Mapping[str, Any], run_info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """One row per TrainConfig field that declares its `card` row, in field order; a field left at None (or that
+    an older config lacks) shows what its declaration says None means, else has no row."""
     mochi = list(config.get("mochi", (0, 0, 0)))
     batch = run_info.get("global_batch_size") or config.get("batch_size")
-    lr = config.get("lr")
-    if lr is None and batch:  # TrainConfig.base_lr: the paper's linear scaling
-        lr = 0.03 * batch / 256
-    rows = [
-        ("Method", method_name(mochi)),
-        ("MoCHi (N, s, s')", _fmt(mochi)),
-        (
-            "Mixing warm-up (epochs without mixing)",
-            _fmt(config.get("mixing_warmup_epochs")) if method_name(mochi) == "MoCHi" else "n/a",
-        ),
-        ("Max share of the query in s' mixes (beta max)", _fmt(config.get("beta_max"))),
-        ("Epochs", _fmt(config.get("epochs"))),
-        ("Global batch size", _fmt(batch)),
-        ("Processes", _fmt(run_info.get("num_processes"))),
-        ("Base learning rate (SGD)", _fmt(lr)),
-        ("SGD momentum", _fmt(config.get("sgd_momentum"))),
-        ("Weight decay", _fmt(config.get("weight_decay"))),
-        ("Temperature (tau)", _fmt(config.get("temperature"))),
-        ("Queue size (K)", _fmt(config.get("queue_size"))),
-        ("Key-encoder momentum", _fmt(config.get("key_momentum"))),
-        ("Projection head output dim", _fmt(config.get("proj_dim"))),
-        ("Image size", _fmt(config.get("image_size"))),
-        ("Augmentation", "MoCo-v2 (random resized crop 0.2-1, colour jitter, grayscale, blur, flip)"),
-        ("Mixed precision", _fmt(config.get("mixed_precision"))),
-        ("Seed", _fmt(config.get("seed"))),
-    ]
-    if config.get("max_steps"):
-        rows.append(("Stopped after (steps)", _fmt(config["max_steps"])))
-    if config.get("max_train_images"):
-        rows.append(("Training images used (subset)", _fmt(config["max_train_images"])))
+    shown = {
+        "batch_size": batch,
+        "lr": config.get("lr") or (0.03 * batch / 256 if batch else None),  # TrainConfig.base_lr
+        "mixing_warmup_epochs": config.get("mixing_warmup_epochs") if method_name(mochi) == "MoCHi" else "n/a",
+    }
+    rows = [("Method", method_name(mochi))]
+    for f in dataclasses.fields(TrainConfig):
+        value = shown[f.name] if f.name in shown else config.get(f.name)
+        value = f.metadata["default_text"] if value is None else value
+        if f.metadata["card"] is not None and value is not None:
+            rows.append((f.metadata["card"], _fmt(value)))
+    rows.append(("Processes", _fmt(run_info.get("num_processes"))))
+    rows.append(("Augmentation", "MoCo-v2 (random resized crop 0.2-1, colour jitter, grayscale, blur, flip)"))
     return rows
 
 

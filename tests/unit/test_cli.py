@@ -1,128 +1,90 @@
-"""The CLI maps every option onto its config field and reports bad input in one line."""
+"""The CLI maps every option onto its config field, its help comes from the field's declaration, and bad input is
+reported in one line."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
+import pytest
+from fields import command_line, other_values
 from typer.testing import CliRunner
 
+from mochi_hub.cli import detect as cli_detect
 from mochi_hub.cli import probe as cli_probe
+from mochi_hub.cli import train as cli_train
 from mochi_hub.cli.app import app
-from mochi_hub.config import ProbeConfig, TrainConfig
+from mochi_hub.cli.options import help_text
+from mochi_hub.config import (
+    DETECT_PRESETS,
+    PROBE_PRESETS,
+    TRAIN_PRESETS,
+    DetectConfig,
+    ProbeConfig,
+    TrainConfig,
+    _Config,
+    config_class,
+    option,
+)
+from mochi_hub.evaluate import detect as detect_module
 from mochi_hub.evaluate import probe as probe_module
 from mochi_hub.training import pretrain as train_module
 
-
-def test_cli_options_map_one_to_one_onto_probe_config(monkeypatch):
-    import inspect
-
-    params = inspect.signature(cli_probe.probe).parameters
-    fields = {f.name for f in dataclasses.fields(ProbeConfig)}
-    assert set(params) - {"source", "config_file", "print_config"} == fields
-
-    # Every option given a value that is not its default must arrive in the field of the same name.
-    values = dict(
-        dataset="org/data",
-        protocol="fast",
-        split="train",
-        epochs=7,
-        batch_size=12,
-        lr=0.25,
-        lr_milestones=(3, 5),
-        lr_gamma=0.5,
-        sgd_momentum=0.8,
-        weight_decay=0.001,
-        augment=False,
-        crop_min_scale=0.3,
-        image_size=48,
-        knn_k=20,
-        knn_temperature=0.1,
-        seed=3,
-        workers=1,
-        output="o.json",
-        resume=True,
-        cache_dir="c",
-        max_images=99,
-        mixed_precision="bf16",
-        strict_data=True,
-        preset="imagenet-1k",
-    )
-    assert set(values) == fields
-    defaults = ProbeConfig()
-    assert all(values[f] != getattr(defaults, f) for f in fields)
-    args = ["probe", "SRC"]
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else f"--no-{name.replace('_', '-')}")
-        else:
-            args += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    seen = {}
-    monkeypatch.setattr(probe_module, "run_probe", lambda source, config: seen.update(source=source, config=config))
-    outcome = CliRunner().invoke(app, args)
-    assert outcome.exit_code == 0, outcome.output
-    assert seen["source"] == "SRC"
-    assert seen["config"].to_dict() == {**values, "lr_milestones": [3, 5]}
-
-    outcome = CliRunner().invoke(app, ["probe", "SRC", "--protocol", "svm"])
-    assert outcome.exit_code == 2 and "--protocol" in outcome.output and "'linear', 'knn', 'fast'" in outcome.output
-
-
-CLI_VALUES = {  # a non-default value for every TrainConfig field
-    "dataset": "some/dataset",
-    "model": "resnet18",
-    "image_size": "64",
-    "epochs": "3",
-    "batch_size": "32",
-    "queue_size": "512",
-    "mochi": "16,8,4",
-    "mixing_warmup_epochs": "1",
-    "lr": "0.5",
-    "temperature": "0.1",
-    "key_momentum": "0.99",
-    "seed": "7",
-    "workers": "1",
-    "output": "out/dir",
-    "max_steps": "11",
-    "save_every_steps": "5",
-    "resume": "auto",
-    "mixed_precision": "bf16",
-    "preset": "demo",
-    "proj_dim": "64",
-    "weight_decay": "0.0005",
-    "sgd_momentum": "0.8",
-    "beta_max": "0.4",
-    "channels_last": None,
-    "log_every_steps": "3",
-    "keep_checkpoints": "4",
-    "strict_data": None,
-    "max_train_images": "100",
-    "report_to": "none",
-    "on_nonfinite": "skip",
-    "init": "timm",
-    "bn_splits": "4",
-    "lr_warmup_epochs": "1",
-    "augment_on": "device",
-    "compile": None,
+COMMANDS = {  # command: config class, presets, the command's function, where it is called, fields that must agree
+    "train": (TrainConfig, TRAIN_PRESETS, cli_train.train, (train_module, "train"), {"batch_size": 32, "bn_splits": 4}),
+    "probe": (ProbeConfig, PROBE_PRESETS, cli_probe.probe, (probe_module, "run_probe"), {}),
+    "detect": (DetectConfig, DETECT_PRESETS, cli_detect.detect, (detect_module, "run_detect"), {}),
 }
+# What the train preflight checks must exist here.
+REAL = {"dataset": "some/dataset", "model": "resnet18"}
 
 
-def test_cli_maps_onto_the_config_one_to_one(monkeypatch):
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    assert set(CLI_VALUES) == set(fields)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_reaches_its_field(command, monkeypatch):
+    cls, presets, function, (module, name), together = COMMANDS[command]
+    params = inspect.signature(function).parameters
+    assert set(params) - {"source", "config_file", "print_config"} == {f.name for f in dataclasses.fields(cls)}
+    values = other_values(cls, presets, **together, **(REAL if cls is TrainConfig else {}))
+    assert all(values[f.name] != f.default for f in dataclasses.fields(cls))
     received = []
-    monkeypatch.setattr(train_module, "train", received.append)
-    args = ["train"]
-    for name, value in CLI_VALUES.items():
-        args += [f"--{name.replace('_', '-')}"] + ([value] if value is not None else [])
-    result = CliRunner().invoke(app, args)
+    monkeypatch.setattr(module, name, lambda *args: received.append(args))
+    source = [] if cls is TrainConfig else ["SRC"]
+    result = CliRunner().invoke(app, [command, *source, *command_line(values)])
     assert result.exit_code == 0, result.output
-    (config,) = received
-    for name, value in CLI_VALUES.items():
-        default = getattr(TrainConfig(), name)
-        got = getattr(config, name)
-        assert got != default, name  # the option reached its field
-        assert str(got).replace(" ", "").strip("()") == (value or "True"), name
+    (args,) = received
+    assert list(args[:-1]) == source
+    assert args[-1].to_dict() == cls(**values).to_dict()
+
+
+def test_help_shows_the_default_and_the_presets_that_differ():
+    probe = {f.name: f for f in dataclasses.fields(ProbeConfig)}
+    assert help_text(probe["epochs"], PROBE_PRESETS).endswith("[default: 60; imagenet-1k 100; fashion-mnist 20]")
+    assert help_text(probe["lr_milestones"], PROBE_PRESETS).endswith(
+        "[default: 30,40,50; imagenet-1k 60,80; fashion-mnist 12,16]"
+    )
+    assert help_text(probe["augment"], PROBE_PRESETS).endswith("[default: on]")
+    # A None default says what it means; a preset named after the value it sets is not repeated.
+    assert help_text(probe["dataset"], PROBE_PRESETS).endswith("[default: the dataset SOURCE was trained on]")
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert help_text(train["lr"], TRAIN_PRESETS).endswith(
+        "[default: 0.03 x batch-size / 256; fashion-mnist 0.015; demo 0.015]"
+    )
+    assert "imagenet-100, imagenet-1k, fashion-mnist, demo" in help_text(train["preset"], TRAIN_PRESETS)
+    assert "[" not in help_text(train["max_steps"], TRAIN_PRESETS)  # None, and no preset sets it
+
+
+def test_a_field_without_help_or_a_number_without_range_is_refused_where_it_is_declared():
+    with pytest.raises(TypeError, match=r"Broken.epochs: a number needs its range"):
+
+        @config_class
+        class Broken(_Config):
+            epochs: int = option(1, "Epochs.")
+
+    with pytest.raises(TypeError, match=r"Bare.name: declare it with option"):
+
+        @config_class
+        class Bare(_Config):
+            name: str = "x"
 
 
 def test_cli_reports_bad_options_without_a_traceback():
@@ -130,3 +92,10 @@ def test_cli_reports_bad_options_without_a_traceback():
     assert result.exit_code == 2
     assert "--queue-size (K = 8) must be at least the global --batch-size (16)" in result.output
     assert "Traceback" not in result.output
+    for value in ("nan", "inf", "-inf"):
+        result = CliRunner().invoke(app, ["probe", "SRC", "--dataset", "d", "--image-size", "32", "--lr", value])
+        assert result.exit_code == 2 and f"--lr must be a finite number, got {value}" in result.output
+    result = CliRunner().invoke(app, ["detect", "SRC", "--data", "d", "--batch-norm", "sync-ish"])
+    assert result.exit_code == 2 and "--batch-norm" in result.output
+    result = CliRunner().invoke(app, ["probe", "SRC", "--protocol", "svm"])
+    assert result.exit_code == 2 and "--protocol" in result.output and "'linear', 'knn', 'fast'" in result.output

@@ -10,10 +10,19 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from fields import other_values
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mochi_hub.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences, train_config_from_dict
+from mochi_hub.config import (
+    COMPUTES,
+    PROBE_PRESETS,
+    TRAIN_PRESETS,
+    ProbeConfig,
+    TrainConfig,
+    resume_differences,
+    train_config_from_dict,
+)
 from mochi_hub.core import persist
 from mochi_hub.core.distributed import local_bn_splits, shuffled_keys
 from mochi_hub.core.seeding import STREAMS, generator, stream_seed
@@ -324,33 +333,23 @@ def test_a_skipped_non_finite_step_updates_nothing():
 # --- what a resume may change -------------------------------------------------------------------------------
 
 
-def test_resume_compares_every_field_but_the_allow_list():
-    saved = TrainConfig()
-    allowed = dict(
-        output="elsewhere",
-        resume="auto",
-        workers=1,
-        max_steps=5,
-        save_every_steps=3,
-        keep_checkpoints=4,
-        log_every_steps=2,
-        report_to="none",
-        preset="imagenet-100",
-        compile=True,
-    )
-    assert set(allowed) == set(RESUME_MAY_CHANGE)
-    assert resume_differences(saved, dataclasses.replace(saved, **allowed)) == []
-    for name, value in dict(
-        beta_max=0.4,
-        weight_decay=5e-4,
-        sgd_momentum=0.8,
-        mixed_precision="bf16",
-        temperature=0.1,
-        init="timm",
-        bn_splits=4,
-    ).items():
-        (difference,) = resume_differences(saved, dataclasses.replace(saved, **{name: value}))
-        assert difference.startswith(f"{name}: checkpoint ")
+@pytest.mark.parametrize("cls, presets", [(TrainConfig, TRAIN_PRESETS), (ProbeConfig, PROBE_PRESETS)])
+def test_resume_compares_every_field_that_computes(cls, presets):
+    """One field changed at a time: a field declared to affect only how the job runs (or what it reports) passes,
+    every other one is named."""
+    saved = cls()
+    free = {f.name for f in dataclasses.fields(cls) if f.metadata["affects"] != COMPUTES}
+    assert {"output", "workers", "resume"} <= free  # where and how it runs
+    assert not free & {"dataset", "lr", "epochs", "seed", "mixed_precision", "mochi", "init", "protocol", "augment"}
+    for name, value in other_values(cls, presets).items():
+        if cls is TrainConfig and name in ("mochi", "bn_splits"):
+            value = {"mochi": (16, 16, 8), "bn_splits": 4}[name]  # values that agree with the others
+        now = dataclasses.replace(saved, **{name: value})
+        difference = resume_differences(saved, now)
+        if name in free:
+            assert difference == [], name
+        else:
+            assert difference == [f"{name}: saved {saved.to_dict()[name]!r}, now {now.to_dict()[name]!r}"], name
 
 
 def test_saved_configs_of_older_versions_keep_their_meaning():

@@ -50,7 +50,7 @@ def test_queue_starts_with_unit_rows_and_refuses_more_keys_than_rows():
         (dict(batch_size=0), "--batch-size"),
         (dict(key_momentum=1.0), "--key-momentum"),
         (dict(mixed_precision="fp8"), "--mixed-precision"),
-        (dict(beta_max=0.7 + 0.5), "beta_max"),
+        (dict(beta_max=0.7 + 0.5), "--beta-max"),
         (dict(preset="imagenet-22k"), "--preset"),
         (dict(color="blue"), "unknown config field"),
     ],
