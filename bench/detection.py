@@ -1,7 +1,7 @@
 """Detection transfer benchmark: box AP of backbones fine-tuned at equal budget on Fashion-MNIST canvases.
 
 The data is real: Fashion-MNIST items from Debian's idx files pasted onto canvases in the COCO layout
-(``mochi_hub.evaluate.coco.write_canvas_dataset``: train canvases from the training split, val canvases from the test
+(``bench/canvases.py``: train canvases from the training split, val canvases from the test
 split, each box the tight outline of the item's own pixels, no overlaps; ``--backgrounds`` puts them on crops of
 scikit-image's bundled photos). Every SOURCE given (a run directory, a timm folder, hf-hub:...) and an untrained
 backbone of the same architecture with the same init as pretraining (``backbone_args(arch, init="moco")``,
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, bench/canvases.py
 import common
 
 SIZED = dict(
@@ -83,9 +83,9 @@ def spread(values: list[float | None]) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
+    from canvases import write_canvas_dataset
 
     from mochi_hub.config import resolve_detect_config
-    from mochi_hub.evaluate.coco import write_canvas_dataset
     from mochi_hub.evaluate.detect import run_detect
     from mochi_hub.publish.sources import load_backbone
 

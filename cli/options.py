@@ -148,3 +148,19 @@ SOURCE = inspect.Parameter(
         ),
     ],
 )
+
+
+def print_table(title: str, row: dict[str, str], *, text_columns: int = 1, note: str = "") -> None:
+    """One result as a table on stdout: `row` maps each column's name to its value; the first `text_columns`
+    are left-aligned, the numbers after them right-aligned."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(row):
+        table.add_column(column, justify="left" if i < text_columns else "right", overflow="fold")
+    table.add_row(*row.values())
+    console = Console()
+    console.print(table)
+    if note:
+        console.print(note, markup=False, soft_wrap=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from mochi_hub.config import PROBE_PRESETS, ProbeConfig
 
-from .options import FAILURE, SOURCE, USAGE, config_options, exit_on, with_signature
+from .options import FAILURE, SOURCE, USAGE, config_options, exit_on, print_table, with_signature
 from .options import print_config as show_config
 
 
@@ -21,7 +21,12 @@ def run(source: str, *, print_config: bool = False, **options: Any) -> None:
     from mochi_hub.evaluate.probe import run_probe
 
     with exit_on(ValueError, BadImageError, code=FAILURE):  # FrozenBackboneError is a bug, not bad input: it raises
-        run_probe(source, config)
+        result = run_probe(source, config)
+    row = {k: str(result[k]) for k in ("protocol", "dataset", "split")}
+    row |= {"top-1 %": f"{result['top1']:.2f}", "top-5 %": f"{result['top5']:.2f}"}
+    row |= {"train": str(result["train_images"]), "eval": str(result["eval_images"])}
+    row["seconds"] = f"{result['time']['seconds']:.1f}"
+    print_table(f"mochi probe: {result['source']}", row, text_columns=3, note=result["note"])
 
 
 probe = with_signature(

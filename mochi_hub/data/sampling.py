@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,9 @@ from mochi_hub.core.seeding import generator, stream_seed
 
 class GlobalBatches(Sampler[list[int]]):
     """This process's share of each global batch: a seeded permutation per epoch, last partial batch
-    dropped, batches before `start` skipped (resume). Rank r takes rows [r*L, (r+1)*L) of every batch.
+    dropped (with `wrap`: filled from the start of the permutation, so every image is seen), batches before
+    `start` skipped (resume). Rank r takes rows [r*L, (r+1)*L) of every batch. The permutation is drawn from
+    (seed, stream, *parts, epoch).
 
     `epoch` and `start` may be set between iterations (the sampler is iterated in the main process); with
     `tag_epoch`, each index comes as (epoch, index), so a dataset in a persistent worker learns the epoch with it.
@@ -31,17 +34,24 @@ class GlobalBatches(Sampler[list[int]]):
         world: int,
         start: int = 0,
         tag_epoch: bool = False,
+        wrap: bool = False,
+        stream: str = "data_order",
+        parts: tuple[int, ...] = (),
     ):
         self.size, self.global_batch, self.seed, self.epoch = size, global_batch, seed, epoch
         self.rank, self.local = rank, global_batch // world
         self.start, self.tag_epoch = start, tag_epoch
+        self.wrap, self.stream, self.parts = wrap, stream, parts
+        self.batches = math.ceil(size / global_batch) if wrap else size // global_batch
 
     def __len__(self) -> int:
-        return self.size // self.global_batch - self.start
+        return self.batches - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.size, generator=generator(self.seed, "data_order", self.epoch)).tolist()
-        for b in range(self.start, self.size // self.global_batch):
+        order = torch.randperm(self.size, generator=generator(self.seed, self.stream, *self.parts, self.epoch)).tolist()
+        if self.wrap:
+            order *= math.ceil(self.batches * self.global_batch / self.size)
+        for b in range(self.start, self.batches):
             first = b * self.global_batch + self.rank * self.local
             batch = order[first : first + self.local]
             yield [(self.epoch, i) for i in batch] if self.tag_epoch else batch
@@ -83,9 +93,18 @@ class SeededItems(Dataset):
             torch.set_rng_state(state)
 
 
-def subset(size: int, max_images: int | None, seed: int, split: int) -> list[int]:
-    """All indices, or a seeded random subset of max_images of them (in dataset order)."""
+def subset(
+    size: int,
+    max_images: int | None,
+    seed: int,
+    split: int,
+    *,
+    stream: str = "probe_subset",
+    parts: tuple[int, ...] = (),
+) -> list[int]:
+    """All indices, or a seeded random subset of max_images of them (in dataset order), drawn from
+    (seed, stream, *parts, split)."""
     if max_images is None or max_images >= size:
         return list(range(size))
-    pick = torch.randperm(size, generator=generator(seed, "probe_subset", split))[:max_images]
+    pick = torch.randperm(size, generator=generator(seed, stream, *parts, split))[:max_images]
     return sorted(pick.tolist())

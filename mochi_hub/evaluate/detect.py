@@ -4,9 +4,9 @@
            -> SGD on DIR/train, a state per epoch -> predictions on DIR/val -> box AP (coco.evaluate_boxes)
            -> OUTPUT/results.json (+ RUN/detection/<name>.json for a run directory, which `mochi export` cards)
 
-- The feature maps are timm's own `features_only` maps: `FeatureGetterNet` around the loaded backbone gives the
-  same tensors as `timm.create_model(..., features_only=True, out_indices=(1, 2, 3, 4))` for a ResNet, for
-  every way SOURCE can come (a run's checkpoint has no timm folder to re-create from).
+- The feature maps are timm's own `features_only` maps: the loaded backbone's public `forward_intermediates` (its
+  pool and head pruned) gives the same tensors as `timm.create_model(..., features_only=True, out_indices=(1, 2, 3,
+  4))` for a ResNet, for every way SOURCE can come (a run's checkpoint has no timm folder to re-create from).
 - BatchNorm: the backbone's stages that do not train are always frozen (`timm.layers.freeze_batch_norm_2d`:
   statistics and affine fixed); in the trained ones --batch-norm decides: frozen (torchvision's and
   detectron2's default for a pretrained backbone), train (statistics of each process's batch), sync
@@ -16,6 +16,8 @@
   sampling use torch's global generator) come from seeds at (seed, epoch), so a run resumed from an epoch's
   state ends with the weights of an uninterrupted one.
 
+The per-epoch states, the result's name and envelope are job.py's (shared with probe).
+
 This is a torchvision approximation of a detection transfer, not the MoCo/MoCHi paper's detectron2 protocol
 (R50-C4, VOC07+12, SyncBN, 24k iterations): see the README's "Detection" section.
 """
@@ -23,17 +25,11 @@ This is a torchvision approximation of a detection transfer, not the MoCo/MoCHi 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
-import re
-import shutil
-import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +38,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from timm.layers import freeze_batch_norm_2d
-from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from mochi_hub.config import DetectConfig, result_settings, resume_differences, resume_settings
+from mochi_hub.config import DetectConfig, resume_settings
 from mochi_hub.core import persist
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, launched_accelerator
-from mochi_hub.core.seeding import generator, stream_seed
+from mochi_hub.core.seeding import stream_seed
+from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.data.sampling import GlobalBatches, subset
 from mochi_hub.evaluate.coco import (
     CocoSplit,
     DetectionImages,
@@ -60,16 +57,16 @@ from mochi_hub.evaluate.coco import (
     load_dataset,
     to_coco_detections,
 )
+from mochi_hub.evaluate.job import EpochStates, Job, slug
+from mochi_hub.evaluate.job import result_name as job_result_name
 from mochi_hub.publish.sources import load_backbone
 from mochi_hub.training.runs import DETECTION
-from mochi_hub.version import __version__
 
 log = logging.getLogger(__name__)
 
 STRIDES = (4, 8, 16, 32)  # C2..C5: what torchvision's FPN and its five default anchor sizes expect (+ P6)
 MAX_SIZE_RATIO = 1333 / 800  # torchvision's max_size / min_size
 WARMUP_FACTOR = 0.001  # torchvision's reference: the warm-up starts at 0.1 % of the lr
-STATE_PREFIX = "epoch"
 RESULTS = "results.json"
 DETECTIONS = "detections.json"  # the val predictions in COCO's results format: any COCO tool can re-score them
 WEIGHTS = "detector.safetensors"
@@ -152,13 +149,18 @@ class TimmFPN(nn.Module):
 
         indices = feature_indices(backbone)
         channels = [int(backbone.feature_info[i]["num_chs"]) for i in indices]
-        self.body = FeatureGetterNet(backbone, out_indices=indices, prune=True)  # drops the pool and head
+        self.indices = backbone.prune_intermediate_layers(indices)  # drops the pool and head
+        self.body = backbone
         # Named "0".."3": the default RoI pooler reads those four; LastLevelMaxPool adds "pool" for the 5th anchor size.
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
 
+    def features(self, images: Tensor) -> list[Tensor]:
+        """C2..C5: 4 x [B, C_i, H / s_i, W / s_i], timm's features_only maps."""
+        return self.body.forward_intermediates(images, indices=self.indices, intermediates_only=True)
+
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
-        maps = self.body(images)  # 4 x [B, C_i, H / s_i, W / s_i]
+        maps = self.features(images)  # 4 x [B, C_i, H / s_i, W / s_i]
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))  # 5 x [B, out_channels, ...]
 
 
@@ -177,8 +179,8 @@ def build_detector(
             num_classes=num_classes + 1,  # + background
             min_size=config.image_size,
             max_size=round(config.image_size * MAX_SIZE_RATIO),
-            image_mean=list(info.get("declared_mean", (0.485, 0.456, 0.406))),
-            image_std=list(info.get("declared_std", (0.229, 0.224, 0.225))),
+            image_mean=list(info.get("declared_mean", MEAN)),
+            image_std=list(info.get("declared_std", STD)),
         )
     return model, frozen
 
@@ -198,87 +200,18 @@ def lr_at_step(step: int, steps_per_epoch: int, config: DetectConfig) -> float:
     return lr
 
 
-class EpochBatches(Sampler[list[int]]):
-    """This process's share of each global batch of one epoch: a permutation from (seed, epoch); the last batch
-    is filled from the start of the permutation, so every image is seen and every batch is full."""
-
-    def __init__(self, size: int, global_batch: int, *, seed: int, epoch: int, rank: int, world: int):
-        self.size, self.global_batch, self.seed, self.epoch = size, global_batch, seed, epoch
-        self.rank, self.local = rank, global_batch // world
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.global_batch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.size, generator=generator(self.seed, "detect_order", 0, self.epoch)).tolist()
-        order = order * math.ceil(len(self) * self.global_batch / self.size)  # wrap around to fill the last batch
-        for b in range(len(self)):
-            first = b * self.global_batch + self.rank * self.local
-            yield order[first : first + self.local]
-
-
-# --- resumable state (mochi_hub.core.persist) ------------------------------------------------------------------
-
-
-def save_state(
-    root: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
-) -> Path:
-    """After `epoch` epochs: the detector's weights and the optimizer (safetensors + JSON), older states removed."""
-    final = root / f"{STATE_PREFIX}-{epoch:04d}"
-    tmp = persist.staging(final)
-    persist.save_tensors(tmp / WEIGHTS, model.state_dict())
-    tensors, opt_meta = persist.split_state(optimizer.state_dict())
-    persist.save_tensors(tmp / "optimizer.safetensors", tensors)
-    persist.write_json(tmp / persist.STATE, {**meta, "epoch": epoch, "optimizer": opt_meta})
-    persist.publish(final)
-    persist.prune(root, STATE_PREFIX, keep=1)
-    return final
-
-
-def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> dict[str, Any]:
-    meta = persist.read_json(path / persist.STATE)
-    model.load_state_dict(persist.load_tensors(path / WEIGHTS))
-    optimizer.load_state_dict(
-        persist.join_state(persist.load_tensors(path / "optimizer.safetensors"), meta["optimizer"])
-    )
-    if scaler is not None and meta.get("grad_scaler"):
-        scaler.load_state_dict(meta["grad_scaler"])
-    return meta
-
-
-def _resume_from(root: Path, must_match: dict[str, Any]) -> Path | None:
-    states = persist.complete_folders(root, STATE_PREFIX)
-    if not states:
-        return None
-    different = resume_differences(persist.read_json(states[-1] / persist.STATE).get("settings", {}), must_match)
-    if different:
-        raise ValueError(
-            f"--resume {states[-1]}: the saved detector was trained differently ({'; '.join(different)}); "
-            "run without --resume to start over"
-        )
-    return states[-1]
-
-
 # --- the loops --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Detect:
-    """One fine-tuning's inputs, resolved before any work."""
+class _Detect(Job):
+    """One fine-tuning's inputs, resolved before any work (SOURCE, config, processes and clock: job.Job)."""
 
-    source: str
-    config: DetectConfig
-    accelerator: Accelerator
-    info: dict[str, Any]
     train: CocoSplit
     val: CocoSplit
     output: Path
-    settings: dict[str, Any]  # what a resumed state must share
+    states: EpochStates  # under OUTPUT/state
     frozen: dict[str, Any]
-
-    @property
-    def state_root(self) -> Path:
-        return self.output / "state"
 
     def loader(self, dataset: Any, batch_sampler: Any) -> DataLoader:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.config.workers, collate_fn=collate)
@@ -296,24 +229,23 @@ def train_detector(d: _Detect, model: nn.Module, progress: Any) -> dict[str, Any
     model, optimizer = acc.prepare(model, optimizer)
     dataset_size = len(d.train.images)
     steps_per_epoch = math.ceil(dataset_size / c.batch_size)
-    start, resumed, history = 0, None, []
-    if c.resume:
-        path = _resume_from(d.state_root, d.settings)
-        if path is not None:
-            meta = load_state(path, acc.unwrap_model(model), optimizer, acc.scaler)
-            start = resumed = meta["epoch"]
-            history = meta["epoch_losses"]
-            if acc.is_main_process:
-                log.info("resumed the detector from %s (epoch %d of %d)", path, start, c.epochs)
-    if resumed is None and acc.is_main_process:
-        shutil.rmtree(d.state_root, ignore_errors=True)  # a fresh start: an older run's states are stale
-    acc.wait_for_everyone()
+    saved = d.states.start(acc.unwrap_model(model), optimizer, resume=c.resume)
+    start, history = saved["epoch"], saved.get("epoch_losses", [])
     devices = [acc.device] if acc.device.type == "cuda" else []
     epochs_bar = progress.add_task("epochs", total=c.epochs, completed=start, loss="")
     for epoch in range(start, c.epochs):
         dataset = DetectionImages(d.train, flip_seed=(c.seed, epoch) if c.hflip else None)
-        sampler = EpochBatches(
-            dataset_size, c.batch_size, seed=c.seed, epoch=epoch, rank=acc.process_index, world=acc.num_processes
+        # Every image every epoch: the last batch is filled from the start of the epoch's order.
+        sampler = GlobalBatches(
+            dataset_size,
+            c.batch_size,
+            seed=c.seed,
+            epoch=epoch,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            wrap=True,
+            stream="detect_order",
+            parts=(0,),
         )
         batches = progress.add_task(f"epoch {epoch + 1}", total=len(sampler), loss="")
         model.train()
@@ -331,7 +263,7 @@ def train_detector(d: _Detect, model: nn.Module, progress: Any) -> dict[str, Any
                 if not all_ranks_true(torch.isfinite(loss), acc):  # every rank stops together, none waits forever
                     raise NonFiniteLossError(
                         f"the detection loss is not finite at epoch {epoch + 1}, step {b + 1} (the last state is "
-                        f"in {d.state_root}): lower --lr or lengthen --warmup-iters"
+                        f"in {d.states.root}): lower --lr or lengthen --warmup-iters"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 acc.backward(loss)
@@ -341,21 +273,9 @@ def train_detector(d: _Detect, model: nn.Module, progress: Any) -> dict[str, Any
         progress.remove_task(batches)
         means = (acc.reduce(sums, "mean") / len(sampler)).tolist()
         history.append({"loss": means[0], **dict(zip(sorted(parts), means[1:]))})
-        if acc.is_main_process:
-            save_state(
-                d.state_root,
-                epoch + 1,
-                acc.unwrap_model(model),
-                optimizer,
-                {
-                    "settings": d.settings,
-                    "epoch_losses": history,
-                    "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                },
-            )
-        acc.wait_for_everyone()
+        d.states.save(epoch + 1, acc.unwrap_model(model), optimizer, epoch_losses=history)
         progress.update(epochs_bar, advance=1, loss=f"loss {means[0]:.3f}")
-    return {"model": acc.unwrap_model(model), "epoch_losses": history, "resumed_from_epoch": resumed}
+    return {"model": acc.unwrap_model(model), "epoch_losses": history, "resumed_from_epoch": start or None}
 
 
 @torch.no_grad()
@@ -379,40 +299,20 @@ def predict(d: _Detect, model: nn.Module, progress: Any) -> list[dict[str, Any]]
     return gather_object(found) if acc.num_processes > 1 else found
 
 
-# --- names, the table, putting it together -----------------------------------------------------------------
+# --- names, data, putting it together ----------------------------------------------------------------------
 
 
 def result_name(config: DetectConfig) -> str:
-    """faster-rcnn-fpn-<data folder>-<size>px-<digest>: the digest covers every setting that moves the number."""
-    digest = hashlib.sha256(json.dumps(result_settings(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
-    slug = re.sub(r"[^a-z0-9.]+", "-", Path(str(config.data)).expanduser().resolve().name.lower()).strip("-")
-    return f"faster-rcnn-fpn-{slug or 'data'}-{config.image_size}px-{digest}"
-
-
-def print_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"mochi detect: {result['source']}")
-    columns = ("dataset", *METRIC_KEYS, "epochs", "seconds")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "dataset" else "right", overflow="fold")
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    table.add_row(
-        result["dataset_name"],
-        *(fmt(result[k]) for k in METRIC_KEYS),
-        str(result["hyperparameters"]["epochs"]),
-        f"{result['time']['seconds']:.1f}",
-    )
-    Console().print(table)
+    """faster-rcnn-fpn-<data folder>-<size>px-<digest> (job.result_name)."""
+    return job_result_name(config, "faster-rcnn-fpn", slug(str(config.data)), f"{config.image_size}px")
 
 
 def _subset(split: CocoSplit, max_images: int | None, seed: int, number: int) -> CocoSplit:
     """A seeded subset of `max_images` images, its ground truth restricted to them (smoke runs)."""
-    if max_images is None or max_images >= len(split.images):
+    picked = subset(len(split.images), max_images, seed, number, stream="detect_order", parts=(3,))
+    if len(picked) == len(split.images):
         return split
-    pick = torch.randperm(len(split.images), generator=generator(seed, "detect_order", 3, number))[:max_images]
-    images = [split.images[i] for i in sorted(pick.tolist())]
+    images = [split.images[i] for i in picked]
     ids = {i["id"] for i in images}
     gt = {**split.gt, "images": images, "annotations": [a for a in split.gt["annotations"] if a["image_id"] in ids]}
     boxes = {i: split.boxes[i] for i in ids}
@@ -443,7 +343,8 @@ def _prepare(
         "weights_sha256": info["weights_sha256"],
         "data": {"train": train.fingerprint(), "val": val.fingerprint()},
     }
-    d = _Detect(source, config, accelerator, info, train, val, output, settings, frozen)
+    states = EpochStates(output / "state", settings, accelerator)
+    d = _Detect(source, config, accelerator, info, train, val, output, states, frozen)
     return d, model.to(accelerator.device)
 
 
@@ -457,49 +358,30 @@ def run_detect(
 ) -> dict[str, Any]:
     """Fine-tune a detector on SOURCE's backbone and evaluate it on config.data's val split. Returns the result
     written to OUTPUT/results.json (and, for a run directory, RUN/detection/<name>.json). `backbone`
-    (module, info as load_backbone returns it) replaces what SOURCE would load, for tests and library callers."""
-    started_at, clock = datetime.now(UTC), time.perf_counter()
+    (module, info as load_backbone returns it) replaces what SOURCE would load, for tests and library callers;
+    `show`: progress bars."""
     d, model = _prepare(source, config, accelerator, backbone)
-    acc = d.accelerator
-    timings: dict[str, float] = {}
-    with progress_bar(acc.is_main_process and show, fields="{task.fields[loss]}") as progress:
-        t = time.perf_counter()
-        fit = train_detector(d, model, progress)
-        timings["train_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        detections = predict(d, fit["model"], progress)
-        timings["predict_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scores = evaluate_boxes(d.val.gt, detections)
-    timings["evaluate_s"] = time.perf_counter() - t
-    result = _result(d, scores, fit, len(detections), started_at, clock, timings)
-    if acc.is_main_process:
+    with progress_bar(d.accelerator.is_main_process and show, fields="{task.fields[loss]}") as progress:
+        with d.timed("train"):
+            fit = train_detector(d, model, progress)
+        with d.timed("predict"):
+            detections = predict(d, fit["model"], progress)
+    with d.timed("evaluate"):
+        scores = evaluate_boxes(d.val.gt, detections)
+    result = _result(d, scores, fit, len(detections))
+    if d.accelerator.is_main_process:
         persist.save_tensors(d.output / WEIGHTS, fit["model"].state_dict())
         compact = json.dumps(detections, separators=(",", ":"))  # COCO val: half a million boxes
         persist.atomic_write(d.output / DETECTIONS, lambda path: path.write_text(compact))
-        persist.write_json(d.output / RESULTS, result)
-        if "run_dir" in d.info:
-            kept = Path(d.info["run_dir"]) / DETECTION
-            kept.mkdir(parents=True, exist_ok=True)
-            persist.write_json(kept / f"{result_name(config)}.json", result)
-        if show:
-            print_table(result)
-    acc.wait_for_everyone()
+    d.write(result, d.output / RESULTS, run_folder=DETECTION, name=result_name(config))
+    d.accelerator.wait_for_everyone()
     return result
 
 
-def _result(
-    d: _Detect,
-    scores: dict[str, Any],
-    fit: dict[str, Any],
-    detections: int,
-    started_at: datetime,
-    clock: float,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    c, elapsed = d.config, time.perf_counter() - clock
+def _result(d: _Detect, scores: dict[str, Any], fit: dict[str, Any], detections: int) -> dict[str, Any]:
+    c = d.config
     trained = (c.epochs - (fit["resumed_from_epoch"] or 0)) * math.ceil(len(d.train.images) / c.batch_size)
-    return {
+    numbers = {
         **{k: scores[k] for k in METRIC_KEYS},
         "metrics": {k: v for k, v in scores.items() if k != "evaluator"},  # with AR1..ARl
         "metric": "COCO box AP (%), IoU 0.50:0.95; AP50/AP75 at IoU 0.5/0.75; s/m/l by area 32^2 / 96^2",
@@ -507,19 +389,16 @@ def _result(
         "evaluator": scores["evaluator"],
         "detector": DETECTOR,
         "note": "torchvision fine-tuning; not the MoCo/MoCHi paper's detectron2 protocol (R50-C4, VOC07+12)",
-        "source": d.source,
-        "source_info": d.info,
         "weights_sha256": d.info["weights_sha256"],
         "dataset": str(c.data),
         "dataset_name": Path(str(c.data)).expanduser().resolve().name,
         "split": "val",
-        "dataset_fingerprint": d.settings["data"],
+        "dataset_fingerprint": d.states.settings["data"],
         "categories": [c_["name"] for c_ in sorted(d.train.categories, key=lambda c_: c_["id"])],
         "train_images": len(d.train.images),
         "val_images": len(d.val.images),
         "val_annotations": len(d.val.gt["annotations"]),
         "detections": detections,
-        "hyperparameters": c.to_dict(),
         "lr": c.base_lr,
         "max_size": round(c.image_size * MAX_SIZE_RATIO),
         "backbone_training": d.frozen,
@@ -527,26 +406,8 @@ def _result(
         "image_std": d.info.get("declared_std"),
         "epoch_losses": fit["epoch_losses"],
         "resumed_from_epoch": fit["resumed_from_epoch"],
-        "state_dir": str(d.state_root),
+        "state_dir": str(d.states.root),
         "weights": str(d.output / WEIGHTS),
         "detections_file": str(d.output / DETECTIONS),
-        "num_processes": d.accelerator.num_processes,
-        "device": str(d.accelerator.device),
-        "versions": {
-            "mochi_hub": __version__,
-            "torch": torch.__version__,
-            "torchvision": __import__("torchvision").__version__,
-            "timm": timm.__version__,
-        },
-        "summary": {
-            "steps_trained": trained,
-            "resumes": int(fit["resumed_from_epoch"] is not None),
-            "wall_time_s": round(elapsed, 2),
-        },
-        "time": {
-            "started": started_at.isoformat(timespec="seconds"),
-            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "seconds": round(elapsed, 3),
-            **{k: round(v, 3) for k, v in timings.items()},
-        },
     }
+    return d.result(numbers, {"steps_trained": trained})

@@ -13,21 +13,15 @@
 - fast: the features of un-augmented (centre-cropped) images, extracted once and cached on disk, then
   the same linear classifier and schedule on them. Not the paper's protocol (no augmentation); it says so.
 
-The math is in classify.py, the frozen check in frozen.py, the feature cache in features.py; this module
-runs them over processes and writes the result.
+The math is in classify.py, the frozen check in frozen.py, the feature cache in features.py, the states, the
+result's name and envelope in job.py (shared with detect); this module runs them over processes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +36,6 @@ from mochi_hub.config import (
     PROBE_PRESETS,
     ProbeConfig,
     complete_probe_config,
-    result_settings,
-    resume_differences,
     resume_settings,
 )
 from mochi_hub.core import persist
@@ -72,9 +64,10 @@ from mochi_hub.evaluate.features import (
     save_cached,
 )
 from mochi_hub.evaluate.frozen import check_frozen, freeze, snapshot
+from mochi_hub.evaluate.job import EpochStates, Job, slug
+from mochi_hub.evaluate.job import result_name as job_result_name
 from mochi_hub.publish.sources import load_backbone, source_defaults
 from mochi_hub.training.runs import PROBES
-from mochi_hub.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -83,49 +76,6 @@ FAST_NOTE = (
     "NOT the paper's linear protocol (use --protocol linear for that)"
 )
 KNN_NOTE = "knn: weighted k-nearest-neighbour vote on L2-normalised features; not the paper's linear protocol"
-STATE_PREFIX = "epoch"
-
-
-# --- resumable classifier state (mochi_hub.core.persist) ------------------------------------------------------
-
-
-def save_state(
-    root: Path, epoch: int, classifier: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
-) -> Path:
-    """After `epoch` epochs: classifier and optimizer (safetensors + JSON) in a state folder, older ones
-    removed. Main process only."""
-    final = root / f"{STATE_PREFIX}-{epoch:04d}"
-    tmp = persist.staging(final)
-    persist.save_tensors(tmp / "classifier.safetensors", classifier.state_dict())
-    tensors, opt_meta = persist.split_state(optimizer.state_dict())
-    persist.save_tensors(tmp / "optimizer.safetensors", tensors)
-    persist.write_json(tmp / persist.STATE, {**meta, "epoch": epoch, "optimizer": opt_meta})
-    persist.publish(final)
-    persist.prune(root, STATE_PREFIX, keep=1)
-    return final
-
-
-def load_state(path: Path, classifier: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    meta = persist.read_json(path / persist.STATE)
-    classifier.load_state_dict(persist.load_tensors(path / "classifier.safetensors"))
-    optimizer.load_state_dict(
-        persist.join_state(persist.load_tensors(path / "optimizer.safetensors"), meta["optimizer"])
-    )
-    return meta
-
-
-def _resume_from(root: Path, meta: dict[str, Any]) -> Path | None:
-    states = persist.complete_folders(root, STATE_PREFIX)
-    if not states:
-        return None
-    different = resume_differences(persist.read_json(states[-1] / persist.STATE), meta)
-    if different:
-        raise ValueError(
-            f"--resume {states[-1]}: the saved classifier was trained differently ({'; '.join(different)}); "
-            "run without --resume to start over"
-        )
-    return states[-1]
-
 
 # --- training and evaluation loops -----------------------------------------------------------------------
 
@@ -143,8 +93,7 @@ def fit_classifier(
     collate: Callable,
     config: ProbeConfig,
     accelerator: Accelerator,
-    state_root: Path,
-    state_meta: dict[str, Any],
+    states: EpochStates,
     workers: int,
     progress: Any,
 ) -> dict[str, Any]:
@@ -154,17 +103,7 @@ def fit_classifier(
         classifier.parameters(), lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
     )
     classifier, optimizer = accelerator.prepare(classifier, optimizer)
-    start, resumed = 0, None
-    if config.resume:
-        path = _resume_from(state_root, state_meta)
-        if path is not None:
-            start = load_state(path, accelerator.unwrap_model(classifier), optimizer)["epoch"]
-            resumed = start
-            if accelerator.is_main_process:
-                log.info("resumed the classifier from %s (epoch %d of %d)", path, start, config.epochs)
-    if resumed is None and accelerator.is_main_process:
-        shutil.rmtree(state_root, ignore_errors=True)  # a fresh start: states of an earlier probe are stale
-    accelerator.wait_for_everyone()
+    start = states.start(accelerator.unwrap_model(classifier), optimizer, resume=config.resume)["epoch"]
     losses: list[float] = []
     skipped: set[str] = set()  # the same bad image is met every epoch: report it once
     epochs_bar = progress.add_task("epochs", total=config.epochs, completed=start)
@@ -200,11 +139,14 @@ def fit_classifier(
             float(accelerator.reduce(total, "sum"))
             / max(1, int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum")))
         )
-        if accelerator.is_main_process:
-            save_state(state_root, epoch + 1, accelerator.unwrap_model(classifier), optimizer, state_meta)
-        accelerator.wait_for_everyone()
+        states.save(epoch + 1, accelerator.unwrap_model(classifier), optimizer)
         progress.advance(epochs_bar)
-    return {"classifier": classifier, "epoch_losses": losses, "resumed_from_epoch": resumed, "skipped": sorted(skipped)}
+    return {
+        "classifier": classifier,
+        "epoch_losses": losses,
+        "resumed_from_epoch": start or None,
+        "skipped": sorted(skipped),
+    }
 
 
 @torch.no_grad()
@@ -241,21 +183,15 @@ def evaluate_classifier(
     return hits.cpu(), skipped
 
 
-# --- names, data, the table ------------------------------------------------------------------------------
-
-
-def dataset_slug(spec: str) -> str:
-    path = Path(spec).expanduser()
-    name = path.resolve().name if path.is_dir() else spec
-    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "dataset"
+# --- names and data ----------------------------------------------------------------------------------------
 
 
 def result_name(config: ProbeConfig) -> str:
-    """<protocol>-<dataset>-<split>-<size>px[-max<N>]-<digest>: the digest covers every setting that moves the
-    number, so a probe with other settings never overwrites another's result (the same settings do)."""
-    digest = hashlib.sha256(json.dumps(result_settings(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
-    name = f"{config.protocol}-{dataset_slug(str(config.dataset))}-{config.split}-{config.image_size}px"
-    return name + (f"-max{config.max_images}" if config.max_images is not None else "") + f"-{digest}"
+    """<protocol>-<dataset>-<split>-<size>px[-max<N>]-<digest> (job.result_name)."""
+    subset_part = [f"max{config.max_images}"] if config.max_images is not None else []
+    return job_result_name(
+        config, config.protocol, slug(str(config.dataset)), config.split, f"{config.image_size}px", *subset_part
+    )
 
 
 def _resolve_sources(config: ProbeConfig) -> tuple[ImageSource, ImageSource]:
@@ -282,50 +218,20 @@ def _class_order(source: ImageSource) -> str:
     return "the dataset's own labels"
 
 
-def print_table(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"mochi probe: {result['source']}")
-    for column in ("protocol", "dataset", "split", "top-1 %", "top-5 %", "train", "eval", "seconds"):
-        table.add_column(
-            column, justify="left" if column in ("protocol", "dataset", "split") else "right", overflow="fold"
-        )
-    table.add_row(
-        result["protocol"],
-        result["dataset"],
-        result["split"],
-        f"{result['top1']:.2f}",
-        f"{result['top5']:.2f}",
-        str(result["train_images"]),
-        str(result["eval_images"]),
-        f"{result['time']['seconds']:.1f}",
-    )
-    console = Console()
-    console.print(table)
-    if result.get("note"):
-        console.print(result["note"], markup=False, soft_wrap=True)
-
-
 # --- putting it together ---------------------------------------------------------------------------------
 
 
 @dataclass
-class _Probe:
-    """One evaluation's inputs, resolved before any work."""
+class _Probe(Job):
+    """One probe's inputs, resolved before any work (SOURCE, config, processes and clock: job.Job)."""
 
-    source: str
-    config: ProbeConfig
-    accelerator: Accelerator
     module: nn.Module
-    info: dict[str, Any]
     train_source: ImageSource
     eval_source: ImageSource
     train_indices: list[int]
     eval_indices: list[int]
     num_classes: int
-    state_root: Path
-    state_meta: dict[str, Any]
+    states: EpochStates
     cache_dir: Path
     extra: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -398,6 +304,38 @@ class _Probe:
             )
         return hit
 
+    def fit_and_score(
+        self, classifier: nn.Module, train: Callable[[int], Dataset], evaluated: Dataset, progress: Any, **loader: Any
+    ) -> Tensor:
+        """The linear classifier fitted on `train(epoch)` and scored on `evaluated`: top-1 and top-5 hits [2].
+        `loader`: encode, collate and workers of both."""
+        with self.timed("train"):
+            fit = fit_classifier(
+                classifier,
+                train,
+                config=self.config,
+                accelerator=self.accelerator,
+                states=self.states,
+                progress=progress,
+                **loader,
+            )
+        with self.timed("eval"):
+            hits, bad = evaluate_classifier(
+                fit["classifier"],
+                evaluated,
+                config=self.config,
+                accelerator=self.accelerator,
+                progress=progress,
+                **loader,
+            )
+        self.skipped += fit["skipped"] + bad
+        self.extra.update(
+            epoch_losses=fit["epoch_losses"],
+            resumed_from_epoch=fit["resumed_from_epoch"],
+            state_dir=str(self.states.root),
+        )
+        return hits
+
 
 def _prepare(
     source: str,
@@ -440,7 +378,7 @@ def _prepare(
         state_root = Path(config.output).parent / f"{Path(config.output).stem}.state"
     else:
         state_root = default_cache_dir() / "probe-state" / f"{name}-{info['weights_sha256'][:12]}"
-    state_meta = {
+    settings = {
         **resume_settings(config),
         "weights_sha256": info["weights_sha256"],
         "train_data": dataset_fingerprint(train_source, config.dataset),
@@ -450,111 +388,68 @@ def _prepare(
         source,
         config,
         accelerator,
-        module,
         info,
+        module,
         train_source,
         eval_source,
         train_indices,
         eval_indices,
         _num_classes(train_source),
-        state_root,
-        state_meta,
+        EpochStates(state_root, settings, accelerator),
         cache_dir,
     )
 
 
-def _linear(p: _Probe, progress: Any, timings: dict[str, float]) -> Tensor:
+def _linear(p: _Probe, progress: Any) -> Tensor:
     """The paper's protocol: the classifier trained on augmented images through the frozen backbone."""
-    c, t = p.config, time.perf_counter()
-    fit = fit_classifier(
+    c = p.config
+    hits = p.fit_and_score(
         make_classifier(int(p.info["num_features"]), p.num_classes, c.seed),
         lambda epoch: SeededItems(
             p.images(p.train_source, p.train_indices, p.train_tf), c.seed, "probe_augment", epoch
         ),
-        encode=p.module,
-        collate=image_batch,
-        config=c,
-        accelerator=p.accelerator,
-        state_root=p.state_root,
-        state_meta=p.state_meta,
-        workers=c.workers,
-        progress=progress,
-    )
-    timings["train_s"] = time.perf_counter() - t
-    p.skipped += fit["skipped"]
-    t = time.perf_counter()
-    hits, bad = evaluate_classifier(
-        fit["classifier"],
         p.images(p.eval_source, p.eval_indices, p.eval_tf),
+        progress,
         encode=p.module,
         collate=image_batch,
-        config=c,
-        accelerator=p.accelerator,
         workers=c.workers,
-        progress=progress,
     )
-    p.skipped += bad
-    timings["eval_s"] = time.perf_counter() - t
-    p.extra.update(
-        epoch_losses=fit["epoch_losses"], resumed_from_epoch=fit["resumed_from_epoch"], state_dir=str(p.state_root)
-    )
-    p.decoded += (c.epochs - (fit["resumed_from_epoch"] or 0)) * len(p.train_indices) + len(p.eval_indices)
+    p.decoded += (c.epochs - (p.extra["resumed_from_epoch"] or 0)) * len(p.train_indices) + len(p.eval_indices)
     return hits
 
 
-def _on_cached_features(p: _Probe, progress: Any, timings: dict[str, float]) -> Tensor:
+def _on_cached_features(p: _Probe, progress: Any) -> Tensor:
     """knn and fast: features extracted once (and cached), then the vote or the classifier on them."""
-    c, t = p.config, time.perf_counter()
-    train_features, train_labels = p.features(p.train_source, p.train_indices, "train", progress)
-    eval_features, eval_labels = (
-        (train_features, train_labels)
-        if p.eval_source is p.train_source
-        else p.features(p.eval_source, p.eval_indices, c.split, progress)
-    )
-    timings["features_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    c = p.config
+    with p.timed("features"):
+        train_features, train_labels = p.features(p.train_source, p.train_indices, "train", progress)
+        eval_features, eval_labels = (
+            (train_features, train_labels)
+            if p.eval_source is p.train_source
+            else p.features(p.eval_source, p.eval_indices, c.split, progress)
+        )
     if c.protocol == "knn":
         device = p.accelerator.device
-        scores = knn_scores(
-            train_features.to(device),
-            train_labels.to(device),
-            eval_features.to(device),
-            p.num_classes,
-            k=c.knn_k,
-            temperature=c.knn_temperature,
-        )
+        with p.timed("knn"):
+            scores = knn_scores(
+                train_features.to(device),
+                train_labels.to(device),
+                eval_features.to(device),
+                p.num_classes,
+                k=c.knn_k,
+                temperature=c.knn_temperature,
+            )
         p.extra["knn"] = {"k": min(c.knn_k, len(train_labels)), "temperature": c.knn_temperature}
-        timings["knn_s"] = time.perf_counter() - t
         return topk_hits(scores, eval_labels.to(device)).sum(0).cpu()
-    fit = fit_classifier(
+    return p.fit_and_score(
         make_classifier(train_features.shape[1], p.num_classes, c.seed),
         lambda epoch: FeatureTensors(train_features, train_labels),
-        encode=lambda x: x,
-        collate=feature_batch,
-        config=c,
-        accelerator=p.accelerator,
-        state_root=p.state_root,
-        state_meta=p.state_meta,
-        workers=0,
-        progress=progress,
-    )
-    timings["train_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    hits, _ = evaluate_classifier(
-        fit["classifier"],
         FeatureTensors(eval_features, eval_labels),
+        progress,
         encode=lambda x: x,
         collate=feature_batch,
-        config=c,
-        accelerator=p.accelerator,
         workers=0,
-        progress=progress,
     )
-    timings["eval_s"] = time.perf_counter() - t
-    p.extra.update(
-        epoch_losses=fit["epoch_losses"], resumed_from_epoch=fit["resumed_from_epoch"], state_dir=str(p.state_root)
-    )
-    return hits
 
 
 def run_probe(
@@ -569,29 +464,18 @@ def run_probe(
     """Evaluate SOURCE's backbone with config.protocol. Returns the result written to --output (and, for a
     run directory, to RUN/probes/<name>.json). `accelerator`: an existing one (batches stay global either
     way); `backbone` (module, info) and `sources` (train, eval images) replace what SOURCE and --dataset would
-    load, for tests and library callers."""
-    started_at, clock = datetime.now(UTC), time.perf_counter()
+    load, for tests and library callers; `show`: progress bars."""
     if config.dataset is None or config.image_size is None:  # left to the SOURCE: what it was trained on
         config = complete_probe_config(config, source_defaults(source), source)
     p = _prepare(source, config, accelerator, backbone, sources)
     before = snapshot(p.module)
-    timings: dict[str, float] = {}
     with progress_bar(p.accelerator.is_main_process and show) as progress:
-        hits = (
-            _linear(p, progress, timings) if config.protocol == "linear" else _on_cached_features(p, progress, timings)
-        )
+        hits = _linear(p, progress) if config.protocol == "linear" else _on_cached_features(p, progress)
     check_frozen(before, p.module)  # raises if anything but the classifier changed
-    result = _result(p, hits, started_at, clock, timings)
-    if p.accelerator.is_main_process:
-        if p.skipped:
-            log.warning("%d unusable image(s) replaced by the next good one, e.g. %s", len(p.skipped), p.skipped[0])
-        if config.output:
-            persist.write_json(Path(config.output), result)
-        if "run_dir" in p.info:
-            (Path(p.info["run_dir"]) / PROBES).mkdir(parents=True, exist_ok=True)
-            persist.write_json(Path(p.info["run_dir"]) / PROBES / f"{result_name(config)}.json", result)
-        if show:
-            print_table(result)
+    result = _result(p, hits)
+    if p.skipped and p.accelerator.is_main_process:
+        log.warning("%d unusable image(s) replaced by the next good one, e.g. %s", len(p.skipped), p.skipped[0])
+    p.write(result, Path(config.output) if config.output else None, run_folder=PROBES, name=result_name(config))
     return result
 
 
@@ -607,19 +491,16 @@ def is_paper_protocol(config: ProbeConfig) -> bool:
     )
 
 
-def _result(p: _Probe, hits: Tensor, started_at: datetime, clock: float, timings: dict[str, float]) -> dict[str, Any]:
+def _result(p: _Probe, hits: Tensor) -> dict[str, Any]:
     c, n_eval = p.config, len(p.eval_indices)
     top1, top5 = (100.0 * hits / n_eval).tolist()
-    elapsed = time.perf_counter() - clock
-    return {
+    numbers = {
         "top1": round(top1, 4),
         "top5": round(top5, 4),
         "top5_k": min(5, p.num_classes),
         "protocol": c.protocol,
         "paper_protocol": is_paper_protocol(c),
         "note": {"linear": "", "knn": KNN_NOTE, "fast": FAST_NOTE}[c.protocol],
-        "source": p.source,
-        "source_info": p.info,
         "dataset": c.dataset,
         "split": c.split,
         "split_name": getattr(p.eval_source, "split_name", c.split),
@@ -630,26 +511,10 @@ def _result(p: _Probe, hits: Tensor, started_at: datetime, clock: float, timings
         "eval_images": n_eval,
         "skipped_images": len(p.skipped),
         "skipped_examples": p.skipped[:10],
-        "hyperparameters": c.to_dict(),
         "seed": c.seed,
         "train_transform": repr(p.train_tf),
         "eval_transform": repr(p.eval_tf),
         "frozen_backbone_check": "passed: no backbone weight or BatchNorm statistic changed",
-        "num_processes": p.accelerator.num_processes,
-        "device": str(p.accelerator.device),
-        "versions": {"mochi_hub": __version__, "torch": torch.__version__, "timm": __import__("timm").__version__},
         **p.extra,
-        "summary": {
-            "images_seen": p.decoded,
-            "images_skipped": len(p.skipped),
-            "resumes": int(p.extra.get("resumed_from_epoch") is not None),
-            "wall_time_s": round(elapsed, 2),
-            "images_per_sec": round(p.decoded / elapsed, 2),
-        },
-        "time": {
-            "started": started_at.isoformat(timespec="seconds"),
-            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-            "seconds": round(elapsed, 3),
-            **{k: round(v, 3) for k, v in timings.items()},
-        },
     }
+    return p.result(numbers, {"images_seen": p.decoded, "images_skipped": len(p.skipped)})

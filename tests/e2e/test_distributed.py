@@ -67,7 +67,7 @@ def test_two_processes_train_the_classifier_one_process_trains(tmp_path, tiny_ex
     assert done.returncode == 0, done.stderr[-3000:]
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["num_processes"] == 2 and (double["train_images"], double["eval_images"]) == (64, 64)
-    weights = [load_file(Path(r["state_dir"]) / "epoch-0002" / "classifier.safetensors") for r in (single, double)]
+    weights = [load_file(Path(r["state_dir"]) / "epoch-0002" / "model.safetensors") for r in (single, double)]
     for name in ("weight", "bias"):
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)
     assert (double["top1"], double["top5"]) == (single["top1"], single["top5"])

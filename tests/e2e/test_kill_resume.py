@@ -59,7 +59,7 @@ def test_a_linear_probe_killed_twice_resumes_to_the_uninterrupted_classifier(tmp
         ]
 
     subprocess.run(command(tmp_path / "full.json"), check=True, capture_output=True, timeout=300)
-    expected = load_file(tmp_path / "full.state" / "epoch-0006" / "classifier.safetensors")
+    expected = load_file(tmp_path / "full.state" / "epoch-0006" / "model.safetensors")
 
     states = tmp_path / "part.state"
     kill_when = [
@@ -82,7 +82,7 @@ def test_a_linear_probe_killed_twice_resumes_to_the_uninterrupted_classifier(tmp
     summary = result["summary"]
     assert summary["resumes"] == 1 and summary["images_skipped"] == 0
     assert summary["images_seen"] == (6 - result["resumed_from_epoch"]) * 80 + 30  # 80 train, 30 val images
-    got = load_file(states / "epoch-0006" / "classifier.safetensors")
+    got = load_file(states / "epoch-0006" / "model.safetensors")
     for name in ("weight", "bias"):
         assert torch.equal(got[name], expected[name])
     assert result["top1"] == json.loads((tmp_path / "full.json").read_text())["top1"]

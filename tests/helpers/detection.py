@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ import timm
 from images import tiny_backbone
 
 from mochi_hub.config import DetectConfig, resolve_detect_config
-from mochi_hub.evaluate.coco import write_canvas_dataset
+
+sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))  # bench/canvases.py: the benchmark's data
+from canvases import write_canvas_dataset
 
 
 def canvases(root: Path, *, train: int = 4, val: int = 2, seed: int = 0, **kwargs: Any) -> Path:

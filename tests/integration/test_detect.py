@@ -12,14 +12,22 @@ import numpy as np
 import pytest
 import timm
 import torch
-from detection import canvases, copy_of, detection_from_card, edit_annotations, tiny_detect_config, tiny_timm_folder
+from detection import (
+    canvases,
+    copy_of,
+    detection_from_card,
+    edit_annotations,
+    tiny_detect_config,
+    tiny_timm_folder,
+    write_canvas_dataset,
+)
 from huggingface_hub import ModelCard
 from PIL import Image
 from typer.testing import CliRunner
 
 from mochi_hub.cli.app import app
 from mochi_hub.config import DetectConfig
-from mochi_hub.evaluate.coco import evaluate_boxes, load_dataset, to_coco_detections, write_canvas_dataset
+from mochi_hub.evaluate.coco import evaluate_boxes, load_dataset, to_coco_detections
 from mochi_hub.evaluate.detect import RESULTS, TimmFPN, prepare_backbone, result_name, run_detect
 from mochi_hub.method.model import create_backbone
 from mochi_hub.publish.export import export_run
@@ -80,7 +88,7 @@ def test_feature_maps_are_timms_features_only_and_layers_freeze_as_asked(tmp_pat
     fpn = TimmFPN(backbone, 32).eval()
     x = torch.rand(2, 3, 96, 96)
     with torch.no_grad():
-        for ours, theirs in zip(fpn.body(x), reference.eval()(x)):
+        for ours, theirs in zip(fpn.features(x), reference.eval()(x), strict=True):
             assert torch.equal(ours, theirs)
         assert list(fpn(x)) == ["0", "1", "2", "3", "pool"] and fpn.out_channels == 32
 

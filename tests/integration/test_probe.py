@@ -27,6 +27,7 @@ from mochi_hub.data.datasets import (
 from mochi_hub.evaluate import probe as probe_module
 from mochi_hub.evaluate.features import load_cached
 from mochi_hub.evaluate.frozen import FrozenBackboneError
+from mochi_hub.evaluate.job import EpochStates
 from mochi_hub.evaluate.probe import run_probe
 from mochi_hub.publish.sources import load_backbone
 
@@ -128,7 +129,7 @@ def test_cached_features_train_the_same_classifier_as_on_the_fly(tmp_path, fmnis
     fast = run_probe(
         str(tiny_export), small(tmp_path, protocol="fast", output=str(tmp_path / "fast.json"), **common), show=False
     )
-    weights = [load_file(Path(r["state_dir"]) / "epoch-0003" / "classifier.safetensors") for r in (linear, fast)]
+    weights = [load_file(Path(r["state_dir"]) / "epoch-0003" / "model.safetensors") for r in (linear, fast)]
     for name in ("weight", "bias"):
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)
     assert fast["epoch_losses"] == pytest.approx(linear["epoch_losses"], rel=1e-4)
@@ -170,23 +171,23 @@ def test_resume_continues_to_the_same_classifier(tmp_path, fmnist_folder, tiny_e
         output=str(tmp_path / "full.json"),
     )
     full = run_probe(str(tiny_export), config, show=False)
-    expected = load_file(Path(full["state_dir"]) / "epoch-0003" / "classifier.safetensors")
+    expected = load_file(Path(full["state_dir"]) / "epoch-0003" / "model.safetensors")
 
-    real_save, saves = probe_module.save_state, []
+    real_save, saves = EpochStates.save, []
 
-    def crash_after_first_epoch(root, epoch, *args, **kwargs):
+    def crash_after_first_epoch(states, epoch, *args, **kwargs):
         saves.append(epoch)
-        real_save(root, epoch, *args, **kwargs)
+        real_save(states, epoch, *args, **kwargs)
         if epoch == 1:
             raise KeyboardInterrupt
 
     interrupted = dataclasses.replace(config, output=str(tmp_path / "part.json"))
-    monkeypatch.setattr(probe_module, "save_state", crash_after_first_epoch)
+    monkeypatch.setattr(EpochStates, "save", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_probe(str(tiny_export), interrupted, show=False)
     resumed = run_probe(str(tiny_export), dataclasses.replace(interrupted, resume=True), show=False)
     assert saves == [1, 2, 3] and resumed["resumed_from_epoch"] == 1
-    got = load_file(Path(resumed["state_dir"]) / "epoch-0003" / "classifier.safetensors")
+    got = load_file(Path(resumed["state_dir"]) / "epoch-0003" / "model.safetensors")
     for name in ("weight", "bias"):
         assert torch.equal(got[name], expected[name])
     assert resumed["top1"] == full["top1"]
