@@ -134,7 +134,7 @@ def exit_on(*errors: type[BaseException], code: int) -> Iterator[None]:
         raise typer.Exit(INTERRUPTED) from None
 
 
-# The positional SOURCE of `mochi probe` and `mochi detect`: anything sources.load_backbone reads.
+# The positional SOURCE of `mochi probe` and `mochi detect`: anything mochi_hub.publish.sources.Source parses.
 SOURCE = inspect.Parameter(
     "source",
     inspect.Parameter.POSITIONAL_OR_KEYWORD,

@@ -664,7 +664,7 @@ def resolve_probe_config(
     **options: Any,
 ) -> ProbeConfig:
     """As resolve_config, with what the SOURCE was trained on as the base (`trained_on`: its dataset and input
-    size, from mochi_hub.publish.sources.source_defaults) where not given. Without --preset, the dataset (given or the
+    size, from mochi_hub.publish.sources.Source.trained_on) where not given. Without --preset, the dataset (given or the
     SOURCE's) selects the preset of the same name."""
     given = {
         **(load_config_file(config_file) if config_file is not None else {}),
@@ -675,21 +675,6 @@ def resolve_probe_config(
     if preset is None and dataset in PROBE_PRESETS:
         preset = dataset
     return resolve_config(ProbeConfig, PROBE_PRESETS, preset=preset, config_file=config_file, base=base, **options)
-
-
-def complete_probe_config(config: ProbeConfig, trained_on: dict[str, Any], source: str) -> ProbeConfig:
-    """Fill the fields left to the SOURCE (dataset, image size) from `trained_on`; raise, naming the option, when
-    neither the caller nor the SOURCE says."""
-    values = {k: v for k, v in trained_on.items() if k in ("dataset", "image_size") and getattr(config, k) is None}
-    config = dataclasses.replace(config, **values)
-    if config.dataset is None:
-        raise ValueError(
-            f"--dataset: SOURCE {source} does not record a dataset it was trained on that can be read here; "
-            "pass --dataset"
-        )
-    if config.image_size is None:
-        raise ValueError(f"--image-size: SOURCE {source} records no input size; pass --image-size")
-    return config
 
 
 # --- Downstream detection: `mochi detect` (DetectConfig; mochi_hub.evaluate.detect) --------------------------------

@@ -35,7 +35,6 @@ from mochi_hub.config import (
     PAPER_PROTOCOL_DATASETS,
     PROBE_PRESETS,
     ProbeConfig,
-    complete_probe_config,
     resume_settings,
 )
 from mochi_hub.core import persist
@@ -66,7 +65,7 @@ from mochi_hub.evaluate.features import (
 from mochi_hub.evaluate.frozen import check_frozen, freeze, snapshot
 from mochi_hub.evaluate.job import EpochStates, Job, slug
 from mochi_hub.evaluate.job import result_name as job_result_name
-from mochi_hub.publish.sources import load_backbone, source_defaults
+from mochi_hub.publish.sources import load_backbone, probe_config_for
 from mochi_hub.training.runs import PROBES
 
 log = logging.getLogger(__name__)
@@ -466,7 +465,7 @@ def run_probe(
     way); `backbone` (module, info) and `sources` (train, eval images) replace what SOURCE and --dataset would
     load, for tests and library callers; `show`: progress bars."""
     if config.dataset is None or config.image_size is None:  # left to the SOURCE: what it was trained on
-        config = complete_probe_config(config, source_defaults(source), source)
+        config = probe_config_for(source, **config.to_dict())
     p = _prepare(source, config, accelerator, backbone, sources)
     before = snapshot(p.module)
     with progress_bar(p.accelerator.is_main_process and show) as progress:

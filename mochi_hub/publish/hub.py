@@ -22,8 +22,9 @@ from huggingface_hub.utils import validate_repo_id
 
 from mochi_hub.publish.card import GENERATED_MARK, method_name, model_card_from_export
 from mochi_hub.publish.export import CARD, CONFIG, CURVES, EXPORT_FILES, WEIGHTS, export_run
+from mochi_hub.publish.sources import HUB, RUN, Source
 from mochi_hub.training.checkpoint import checkpoint_step, latest_checkpoint
-from mochi_hub.training.runs import default_export, is_run_dir
+from mochi_hub.training.runs import default_export
 from mochi_hub.version import __version__
 
 # What an export holds; anything else (optimizer state, checkpoints, RNG files) needs --allow-extra.
@@ -71,32 +72,27 @@ class PushResult:
 
 def resolve_source(source: str | Path) -> tuple[Path, bool]:
     """SOURCE -> (export folder, whether it was exported now). Exports a run whose export is missing/stale."""
-    source = Path(source)
-    if not source.exists():
-        raise PushError(f"no such run directory or export folder: {source}")
-    if not source.is_dir():
-        raise PushError(f"SOURCE must be a run directory or an export folder, not a file: {source}")
-    is_export = (source / WEIGHTS).is_file() and (source / CONFIG).is_file()
-    if not is_export and is_run_dir(source):
-        export = default_export(source)
-        latest = latest_checkpoint(source)
+    try:
+        parsed = Source.parse(source)
+    except ValueError as error:
+        raise PushError(str(error)) from None
+    if parsed.kind == HUB:
+        raise PushError(f"SOURCE {source}: already on the Hub; push takes a run directory or an export folder")
+    if parsed.kind == RUN:
+        export = default_export(parsed.path)
+        latest = latest_checkpoint(parsed.path)
         if latest is None and not (export / WEIGHTS).is_file():
             raise PushError(
                 f"{source} is a run without weights: no complete checkpoint and no export "
                 f"({export.name}/{WEIGHTS}); nothing to push"
             )
         if latest is not None and _exported_step(export) != checkpoint_step(latest):
-            export_run(source)  # offline; may raise ExportError (a ValueError) with its own message
+            export_run(parsed.path)  # offline; may raise ExportError (a ValueError) with its own message
             return export, True
         return export, False
-    if not (source / WEIGHTS).is_file():
-        raise PushError(
-            f"{source} holds no weights ({WEIGHTS}): it is neither an export folder nor a run "
-            "directory (run.json, checkpoints/)"
-        )
-    if not (source / CONFIG).is_file():
-        raise PushError(f"{source} has {WEIGHTS} but no {CONFIG}: not a timm export (run `mochi export`)")
-    return source, False
+    if not (parsed.path / WEIGHTS).is_file():
+        raise PushError(f"{source} holds no weights ({WEIGHTS}): it is neither an export folder nor a run directory")
+    return parsed.path, False
 
 
 def _exported_step(export: Path) -> int | None:

@@ -1,7 +1,8 @@
-"""What `mochi probe SOURCE` evaluates: one backbone (timm, `num_classes=0`), from any of three places.
+"""SOURCE, what `mochi probe`, `mochi detect` and `mochi push` take: one backbone (timm, `num_classes=0`) from any
+of three places, parsed once into a `Source` (its kind, its folder or its Hub repo id and revision):
 
-- a run directory (has run.json): its export/ folder when present, else the newest complete checkpoint's
-  query backbone, built as run.json's "config"."model";
+- a run directory (run.json or checkpoints/): its export/ folder when present, else the newest complete
+  checkpoint's query backbone, built as run.json's "config"."model";
 - an exported timm folder (config.json + model.safetensors): `timm.create_model("local-dir:PATH")`;
 - `hf-hub:org/name[@revision]`: timm's Hub loader (the HF cache serves it offline).
 
@@ -12,6 +13,8 @@ feature cache and the probe results are keyed by it, not by where the weights we
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +22,15 @@ import timm
 import torch
 from torch import nn
 
+from mochi_hub.config import ProbeConfig, resolve_probe_config
 from mochi_hub.data.augment import MEAN, STD
 from mochi_hub.method.model import pooled_width
 from mochi_hub.training.checkpoint import latest_checkpoint
-from mochi_hub.training.runs import RUN_JSON, RunError, load_run_backbone
+from mochi_hub.training.runs import RUN_JSON, RunError, is_run_dir, load_run_backbone
 
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
+RUN, EXPORT, HUB = "run", "export", "hub"  # the kinds of SOURCE
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -42,106 +47,138 @@ def _timm_folder(path: Path) -> nn.Module:
     return timm.create_model(f"{LOCAL_DIR}{path}", pretrained=True, num_classes=0)
 
 
-def _run_directory(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    export = path / "export"
-    if (export / "config.json").is_file():
-        return _timm_folder(export), {"kind": "run-export", "run_dir": str(path), "path": str(export)}
-    if latest_checkpoint(path) is None:
-        raise ValueError(
-            f"SOURCE {path}: a run directory with neither export/ nor a complete checkpoint under checkpoints/"
-        )
-    try:
-        backbone, _, _, checkpoint = load_run_backbone(path)
-    except RunError as error:
-        raise ValueError(f"SOURCE {path}: {error}") from None
-    return backbone, {
-        "kind": "run-checkpoint",
-        "run_dir": str(path),
-        "checkpoint": str(checkpoint),
-        "step": int(checkpoint.name.split("-")[1]),
-    }
+def _from_training(config: dict[str, Any], input_size: Any = None) -> dict[str, Any]:
+    """{"dataset", "image_size"} of a saved training config, where known. An export's config.json holds the dataset
+    with local paths redacted ("<local>/name"), which names nothing here and is left out."""
+    found: dict[str, Any] = {}
+    dataset = config.get("dataset")
+    if isinstance(dataset, str) and not dataset.startswith("<local>"):
+        found["dataset"] = dataset
+    size = input_size[-1] if isinstance(input_size, list) and input_size else config.get("image_size")
+    if isinstance(size, int):
+        found["image_size"] = size
+    return found
 
 
-def source_defaults(source: str) -> dict[str, Any]:
-    """What SOURCE was trained on, from its JSON alone (no weights are read): {"dataset", "image_size"} where
-    known. A run directory's run.json has the real dataset; an export's config.json has it with local paths
-    redacted ("<local>/name"), which names nothing here and is left out."""
-    import json
+@dataclass(frozen=True)
+class Source:
+    """A SOURCE, parsed once: `kind` RUN (a run directory), EXPORT (an exported timm folder) or HUB; `path` the
+    folder (resolved), or `repo_id` and `revision` (None: the default branch) on the Hub; `text` as given."""
 
-    def from_training(config: dict[str, Any], input_size: Any = None) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        dataset = config.get("dataset")
-        if isinstance(dataset, str) and not dataset.startswith("<local>"):
-            found["dataset"] = dataset
-        size = input_size[-1] if isinstance(input_size, list) and input_size else config.get("image_size")
-        if isinstance(size, int):
-            found["image_size"] = size
-        return found
+    text: str
+    kind: str
+    path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
 
-    try:
-        if source.startswith(HF_HUB):
-            from huggingface_hub import hf_hub_download
-
-            repo_id, _, revision = source[len(HF_HUB) :].partition("@")
-            data = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision or None)).read_text())
-            return from_training(
-                data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size")
-            )
-        path = Path(source.removeprefix(LOCAL_DIR)).expanduser()
-        if (path / RUN_JSON).is_file():
-            return from_training(json.loads((path / RUN_JSON).read_text()).get("config") or {})
-        if (path / "config.json").is_file():
-            data = json.loads((path / "config.json").read_text())
-            return from_training(
-                data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size")
-            )
-    except Exception:
-        return {}
-    return {}
-
-
-def probe_config_for(source: str, **options: Any):
-    """`mochi probe SOURCE [options]`'s config: the options over what SOURCE was trained on, resolved and complete."""
-    from mochi_hub.config import complete_probe_config, resolve_probe_config
-
-    trained_on = source_defaults(source)
-    return complete_probe_config(resolve_probe_config(trained_on=trained_on, **options), trained_on, source)
-
-
-def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
-    """SOURCE -> (backbone in eval mode, info). info: kind, source, architecture, num_features,
-    weights_sha256, where it came from, and the mean/std the weights declare."""
-    if source.startswith(HF_HUB):
-        repo_id, _, revision = source[len(HF_HUB) :].partition("@")
-        try:
-            backbone = timm.create_model(source, pretrained=True, num_classes=0)
-        except Exception as error:
-            raise ValueError(
-                f"SOURCE {source}: could not load from the Hub or the HF cache ({type(error).__name__}: {error})"
-            ) from error
-        info: dict[str, Any] = {"kind": "hf-hub", "repo_id": repo_id, "revision": revision or "main"}
-    else:
-        path = Path(source.removeprefix(LOCAL_DIR)).expanduser()
+    @classmethod
+    def parse(cls, text: str | Path) -> Source:
+        """Raise ValueError, naming SOURCE, when it is neither a run directory, a timm folder nor hf-hub:org/name."""
+        text = str(text)
+        if text.startswith(HF_HUB):
+            repo_id, _, revision = text[len(HF_HUB) :].partition("@")
+            return cls(text, HUB, repo_id=repo_id, revision=revision or None)
+        path = Path(text.removeprefix(LOCAL_DIR)).expanduser()
         if not path.is_dir():
             raise ValueError(
-                f"SOURCE {source}: not a folder and not hf-hub:org/name "
+                f"SOURCE {text}: {'a file' if path.exists() else 'no such folder'}, and not hf-hub:org/name "
                 "(expected a run directory, an exported timm folder, or hf-hub:org/name[@revision])"
             )
         path = path.resolve()
         if (path / RUN_JSON).is_file():
-            backbone, info = _run_directory(path)
-        elif (path / "config.json").is_file():
-            backbone, info = _timm_folder(path), {"kind": "timm-folder", "path": str(path)}
+            return cls(text, RUN, path)
+        if (path / "config.json").is_file():
+            return cls(text, EXPORT, path)
+        if is_run_dir(path):  # checkpoints/ before run.json was written
+            return cls(text, RUN, path)
+        raise ValueError(
+            f"SOURCE {text}: neither a run directory (run.json, checkpoints/) nor an exported timm folder "
+            "(config.json + model.safetensors)"
+        )
+
+    def trained_on(self) -> dict[str, Any]:
+        """What the backbone was trained on, from JSON alone (no weights are read): {"dataset", "image_size"} where
+        known (a run's run.json, an export's or a Hub model's config.json); {} where nothing says."""
+        try:
+            if self.kind == RUN:
+                return _from_training(json.loads((self.path / RUN_JSON).read_text()).get("config") or {})
+            if self.kind == HUB:
+                from huggingface_hub import hf_hub_download
+
+                config = Path(hf_hub_download(self.repo_id, "config.json", revision=self.revision))
+            else:
+                config = self.path / "config.json"
+            data = json.loads(config.read_text())
+            return _from_training(
+                data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size")
+            )
+        except Exception:  # a run without run.json, an offline Hub, a config.json of another shape: nothing says
+            return {}
+
+    def load(self) -> tuple[nn.Module, dict[str, Any]]:
+        """(backbone in eval mode, info). info: kind, source, architecture, num_features, weights_sha256, where it
+        came from, and the mean/std the weights declare."""
+        if self.kind == HUB:
+            try:
+                backbone = timm.create_model(self.text, pretrained=True, num_classes=0)
+            except Exception as error:
+                raise ValueError(
+                    f"SOURCE {self.text}: could not load from the Hub or the HF cache ({type(error).__name__}: {error})"
+                ) from error
+            info: dict[str, Any] = {"kind": "hf-hub", "repo_id": self.repo_id, "revision": self.revision or "main"}
+        elif self.kind == RUN:
+            backbone, info = self._run_backbone()
         else:
-            raise ValueError(f"SOURCE {source}: neither a run directory (run.json) nor a timm folder (config.json)")
-    backbone.eval()
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    info.update(
-        source=source,
-        architecture=cfg.get("architecture") or type(backbone).__name__,
-        num_features=pooled_width(backbone),
-        weights_sha256=weights_sha256(backbone),
-        declared_mean=list(cfg.get("mean", MEAN)),
-        declared_std=list(cfg.get("std", STD)),
-    )
-    return backbone, info
+            backbone, info = _timm_folder(self.path), {"kind": "timm-folder", "path": str(self.path)}
+        backbone.eval()
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        info.update(
+            source=self.text,
+            architecture=cfg.get("architecture") or type(backbone).__name__,
+            num_features=pooled_width(backbone),
+            weights_sha256=weights_sha256(backbone),
+            declared_mean=list(cfg.get("mean", MEAN)),
+            declared_std=list(cfg.get("std", STD)),
+        )
+        return backbone, info
+
+    def _run_backbone(self) -> tuple[nn.Module, dict[str, Any]]:
+        """A run's export/ when there is one, else its newest complete checkpoint's query backbone."""
+        export = self.path / "export"
+        if (export / "config.json").is_file():
+            return _timm_folder(export), {"kind": "run-export", "run_dir": str(self.path), "path": str(export)}
+        if latest_checkpoint(self.path) is None:
+            raise ValueError(
+                f"SOURCE {self.text}: a run directory with neither export/ nor a complete checkpoint under checkpoints/"
+            )
+        try:
+            backbone, _, _, checkpoint = load_run_backbone(self.path)
+        except RunError as error:
+            raise ValueError(f"SOURCE {self.text}: {error}") from None
+        return backbone, {
+            "kind": "run-checkpoint",
+            "run_dir": str(self.path),
+            "checkpoint": str(checkpoint),
+            "step": int(checkpoint.name.split("-")[1]),
+        }
+
+
+def load_backbone(source: str) -> tuple[nn.Module, dict[str, Any]]:
+    """SOURCE -> (backbone in eval mode, info): Source.parse(source).load()."""
+    return Source.parse(source).load()
+
+
+def probe_config_for(source: str | Source, **options: Any) -> ProbeConfig:
+    """The one place a probe's config is completed from its SOURCE: the options over what SOURCE was trained on (its
+    dataset, which selects the preset of that name, and its input size), resolved; a ValueError names the option
+    neither gives."""
+    source = source if isinstance(source, Source) else Source.parse(source)
+    config = resolve_probe_config(trained_on=source.trained_on(), **options)
+    if config.dataset is None:
+        raise ValueError(
+            f"--dataset: SOURCE {source.text} does not record a dataset it was trained on that can be read here; "
+            "pass --dataset"
+        )
+    if config.image_size is None:
+        raise ValueError(f"--image-size: SOURCE {source.text} records no input size; pass --image-size")
+    return config

@@ -287,7 +287,7 @@ def test_missing_data_option_and_bad_values_are_usage_errors(tmp_path):
 def test_a_bad_source_or_too_many_trainable_layers_is_one_line_and_leaves_no_folder(data, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["detect", str(tmp_path / "nowhere"), "--data", str(data), "--output", str(out)])
-    assert result.exit_code == 1 and "not a folder and not hf-hub:org/name" in _error_line(result)
+    assert result.exit_code == 1 and "no such folder, and not hf-hub:org/name" in _error_line(result)
     source = tiny_timm_folder(tmp_path / "tiny")
     result = CliRunner().invoke(
         app, ["detect", str(source), "--data", str(data), "--output", str(out), "--trainable-layers", "6"]

@@ -198,7 +198,7 @@ def test_source_without_weights(hub_env, tmp_path, run_dir):
     sent = len(hub_env.requests)
     (tmp_path / "empty").mkdir()
     result = push(str(tmp_path / "empty"), "--repo-id", "mochi-org/x")
-    assert result.exit_code == 1 and "holds no weights (model.safetensors)" in result.stderr
+    assert result.exit_code == 1 and "neither a run directory (run.json, checkpoints/) nor an exported" in result.stderr
 
     (tmp_path / "bare-run").mkdir()
     (tmp_path / "bare-run" / "run.json").write_text(json.dumps({"config": {}}))
@@ -211,7 +211,7 @@ def test_source_without_weights(hub_env, tmp_path, run_dir):
     assert result.exit_code == 1 and "holds no weights" in result.stderr
 
     result = push(str(tmp_path / "missing"), "--repo-id", "mochi-org/x")
-    assert result.exit_code == 1 and "no such run directory or export folder" in result.stderr
+    assert result.exit_code == 1 and "no such folder" in result.stderr
     assert len(hub_env.requests) == sent and "mochi-org/x" not in hub_env.repos
 
 

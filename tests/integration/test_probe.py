@@ -29,7 +29,7 @@ from mochi_hub.evaluate.features import load_cached
 from mochi_hub.evaluate.frozen import FrozenBackboneError
 from mochi_hub.evaluate.job import EpochStates
 from mochi_hub.evaluate.probe import run_probe
-from mochi_hub.publish.sources import load_backbone
+from mochi_hub.publish.sources import EXPORT, HUB, RUN, Source, load_backbone
 
 
 def test_linear_probe_raises_when_batchnorm_is_left_in_train_mode(tmp_path, fmnist_folder, tiny_export, monkeypatch):
@@ -216,15 +216,31 @@ def test_a_local_imagenet100_folder_takes_the_cmc_class_order(tmp_path):
 
 
 def test_bad_sources_say_what_was_expected(tmp_path):
-    with pytest.raises(ValueError, match="not a folder and not hf-hub"):
+    with pytest.raises(ValueError, match="no such folder, and not hf-hub"):
         load_backbone(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a run directory"):
         load_backbone(str(tmp_path / "empty"))
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"config": {"model": "test_resnet"}}))
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"config": {"model": "test_resnet", "image_size": 32}}))
     with pytest.raises(ValueError, match="neither export/ nor a complete checkpoint"):
         load_backbone(str(tmp_path / "run"))
+
+
+def test_a_source_is_parsed_once_into_what_it_names(tmp_path):
+    assert Source.parse("hf-hub:org/name@v1") == Source("hf-hub:org/name@v1", HUB, repo_id="org/name", revision="v1")
+    assert Source.parse("hf-hub:org/name").revision is None
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"config": {"dataset": "fashion-mnist", "image_size": 32}}))
+    run = Source.parse(f"local-dir:{tmp_path / 'run'}")
+    assert (run.kind, run.path) == (RUN, (tmp_path / "run").resolve())
+    assert run.trained_on() == {"dataset": "fashion-mnist", "image_size": 32}
+    (tmp_path / "export").mkdir()  # an export records the input size; a local dataset is redacted to nothing here
+    training = {"dataset": "<local>/photos", "image_size": 64}
+    config = {"training_config": training, "pretrained_cfg": {"input_size": [3, 48, 48]}}
+    (tmp_path / "export" / "config.json").write_text(json.dumps(config))
+    export = Source.parse(str(tmp_path / "export"))
+    assert export.kind == EXPORT and export.trained_on() == {"image_size": 48}
 
 
 def test_cli_knn_end_to_end_writes_json_and_a_table(tmp_path, fmnist_folder, tiny_export):

@@ -41,7 +41,7 @@ REAL = {"dataset": "some/dataset", "model": "resnet18"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_option_reaches_its_field(command, monkeypatch):
+def test_every_option_reaches_its_field(command, monkeypatch, tmp_path):
     cls, presets, function, (module, name), together = COMMANDS[command]
     params = inspect.signature(function).parameters
     assert set(params) - {"source", "config_file", "print_config"} == {f.name for f in dataclasses.fields(cls)}
@@ -54,7 +54,8 @@ def test_every_option_reaches_its_field(command, monkeypatch):
         raise typer.Exit(0)
 
     monkeypatch.setattr(module, name, receive)
-    source = [] if cls is TrainConfig else ["SRC"]
+    (tmp_path / "config.json").write_text("{}")  # an export folder that records nothing it was trained on
+    source = [] if cls is TrainConfig else [str(tmp_path)]
     result = CliRunner().invoke(app, [command, *source, *command_line(values)])
     assert result.exit_code == 0, result.output
     (args,) = received
@@ -93,14 +94,19 @@ def test_a_field_without_help_or_a_number_without_range_is_refused_where_it_is_d
             name: str = "x"
 
 
-def test_cli_reports_bad_options_without_a_traceback():
+def test_cli_reports_bad_options_without_a_traceback(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # an export folder as SOURCE
     result = CliRunner().invoke(app, ["train", "--dataset", "fashion-mnist", "--queue-size", "8", "--batch-size", "16"])
     assert result.exit_code == 2
     assert "--queue-size (K = 8) must be at least the global --batch-size (16)" in result.output
     assert "Traceback" not in result.output
     for value in ("nan", "inf", "-inf"):
-        result = CliRunner().invoke(app, ["probe", "SRC", "--dataset", "d", "--image-size", "32", "--lr", value])
+        result = CliRunner().invoke(
+            app, ["probe", str(tmp_path), "--dataset", "d", "--image-size", "32", "--lr", value]
+        )
         assert result.exit_code == 2 and f"--lr must be a finite number, got {value}" in result.output
+    result = CliRunner().invoke(app, ["probe", "nowhere", "--dataset", "d"])
+    assert result.exit_code == 2 and "SOURCE nowhere: no such folder" in result.output
     result = CliRunner().invoke(app, ["detect", "SRC", "--data", "d", "--batch-norm", "sync-ish"])
     assert result.exit_code == 2 and "--batch-norm" in result.output
     result = CliRunner().invoke(app, ["probe", "SRC", "--protocol", "svm"])
