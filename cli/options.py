@@ -52,6 +52,10 @@ def help_text(field: dataclasses.Field, presets: dict[str, dict[str, Any]]) -> s
     return field.metadata["help"] + (f" [{'; '.join(parts)}]" if parts else "")
 
 
+def _keyword(name: str, default: Any, annotation: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
 def config_options(cls: type, presets: dict[str, dict[str, Any]]) -> list[inspect.Parameter]:
     """One keyword parameter per dataclass field (Literal fields become choices), its help and older names from
     the field's declaration (mochi_hub.config.option), plus --config FILE and --print-config."""
@@ -64,34 +68,11 @@ def config_options(cls: type, presets: dict[str, dict[str, Any]]) -> list[inspec
             flag = f"{flag}/--no-{f.name.replace('_', '-')}"
         aliases = [f"--{old.replace('_', '-')}" for old in f.metadata["aliases"]]
         option = typer.Option(flag, *aliases, help=help_text(f, presets), show_default=False)
-        params.append(
-            inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
-            )
-        )
-    params.append(
-        inspect.Parameter(
-            "config_file",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                Path | None,
-                typer.Option(
-                    "--config", help="YAML or JSON file of option values (under explicit options).", show_default=False
-                ),
-            ],
-        )
-    )
-    params.append(
-        inspect.Parameter(
-            "print_config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool, typer.Option("--print-config", help="Print the resolved configuration (YAML) and exit.")
-            ],
-        )
-    )
+        params.append(_keyword(f.name, None, Annotated[kind | None, option]))
+    config = typer.Option("--config", help="YAML or JSON file of option values (under explicit options).")
+    params.append(_keyword("config_file", None, Annotated[Path | None, config]))
+    show = typer.Option("--print-config", help="Print the resolved configuration (YAML) and exit.")
+    params.append(_keyword("print_config", False, Annotated[bool, show]))
     return params
 
 

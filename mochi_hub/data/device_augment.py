@@ -31,7 +31,7 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from mochi_hub.core.distributed import to_device
-from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.data.augment import MEAN, MOCO_V2, STD, MoCoV2Augment
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 BLUR_TRUNCATE = 3.0  # Gaussian kernel half-width = ceil(3 sigma): see `_blur`
@@ -51,7 +51,7 @@ class ViewParams:
     sigma: Tensor  # [B] float: blur sigma (only used where blur)
     flip: Tensor  # [B] bool
     # Plain int, not a tensor: the blur kernel's common size is then known without reading the device.
-    blur_half_max: int = math.ceil(BLUR_TRUNCATE * 2.0)
+    blur_half_max: int = math.ceil(BLUR_TRUNCATE * MOCO_V2.blur_sigma[1])
 
     def to(self, device: torch.device | str) -> ViewParams:
         tensors = (self.crop, self.jitter, self.factors, self.order, self.gray, self.blur, self.sigma, self.flip)
@@ -97,14 +97,7 @@ def sample_view_params(
     sizes: Tensor,
     *,
     generator: torch.Generator,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-    jitter_p: float = 0.8,
-    gray_p: float = 0.2,
-    blur_sigma: tuple[float, float] = (0.1, 2.0),
-    blur_p: float = 0.5,
-    flip_p: float = 0.5,
+    augment: MoCoV2Augment = MOCO_V2,
 ) -> ViewParams:
     """Draw one view's parameters for images of sizes [B, 2] (h, w), all from `generator`, on the CPU.
 
@@ -121,6 +114,7 @@ def sample_view_params(
         raise ValueError(f"view parameters are drawn on the CPU; got a generator on {generator.device}")
     sizes = sizes.cpu()
     count = sizes.shape[0]
+    scale, ratio, jitter, blur_sigma = augment.scale, augment.ratio, augment.jitter, augment.blur_sigma
 
     def uniform(*shape: int, low: float = 0.0, high: float = 1.0, dtype=torch.float32) -> Tensor:
         return torch.rand(shape, generator=generator, dtype=dtype) * (high - low) + low
@@ -169,13 +163,13 @@ def sample_view_params(
 
     return ViewParams(
         crop=crop,
-        jitter=coin(jitter_p),
+        jitter=coin(augment.jitter_p),
         factors=factors,
         order=order,
-        gray=coin(gray_p),
-        blur=coin(blur_p),
+        gray=coin(augment.gray_p),
+        blur=coin(augment.blur_p),
         sigma=uniform(count, low=blur_sigma[0], high=blur_sigma[1]),
-        flip=coin(flip_p),
+        flip=coin(augment.flip_p),
         blur_half_max=math.ceil(BLUR_TRUNCATE * blur_sigma[1]),
     )
 
@@ -224,30 +218,14 @@ class DeviceViews:
         *,
         mean: tuple[float, ...] = MEAN,
         std: tuple[float, ...] = STD,
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-        jitter_p: float = 0.8,
-        gray_p: float = 0.2,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        blur_p: float = 0.5,
-        flip_p: float = 0.5,
+        augment: MoCoV2Augment = MOCO_V2,
         antialias: bool = True,
     ):
         self.image_size, self.mean, self.std, self.antialias = image_size, mean, std, antialias
-        self.sampling = {
-            "scale": scale,
-            "ratio": ratio,
-            "jitter": jitter,
-            "jitter_p": jitter_p,
-            "gray_p": gray_p,
-            "blur_sigma": blur_sigma,
-            "blur_p": blur_p,
-            "flip_p": flip_p,
-        }
+        self.augment = augment
 
     def sample(self, sizes: Tensor, generator: torch.Generator) -> ViewParams:
-        return sample_view_params(sizes, generator=generator, **self.sampling)
+        return sample_view_params(sizes, generator=generator, augment=self.augment)
 
     def __call__(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """uint8 [B, 3, H, W] on the device, sizes [B, 2] on the host, a CPU generator -> (query, key), each
@@ -267,8 +245,7 @@ class DeviceViews:
         return query, key
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v}" for k, v in self.sampling.items())
-        return f"{type(self).__name__}(image_size={self.image_size}, {settings}, antialias={self.antialias})"
+        return f"{type(self).__name__}(image_size={self.image_size}, {self.augment}, antialias={self.antialias})"
 
 
 def _fill_padding(images: Tensor, sizes: Tensor) -> Tensor:

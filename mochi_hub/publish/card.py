@@ -22,6 +22,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from mochi_hub.config import TrainConfig
+from mochi_hub.data.augment import MOCO_V2
 from mochi_hub.version import __version__
 
 TEMPLATE = "mochi_timm.md"
@@ -39,42 +40,13 @@ _MOCO_V2_PAPER = "Chen et al. 2020, MoCo-v2 (arXiv:2003.04297), and the facebook
 # transcribed from the paper's ImageNet-100 and ImageNet-1K tables (the ImageNet-100 MoCo-v2 row is the
 # paper's own re-run of MoCo-v2, with K = 16384); re-check them against the paper before quoting.
 PAPER_RESULTS: list[dict[str, Any]] = [
-    dict(
-        dataset="imagenet-100",
-        model="resnet50",
-        epochs=200,
-        method="MoCo-v2",
-        mochi=None,
-        top1=78.0,
-        source=_MOCHI_PAPER,
-    ),
-    dict(
-        dataset="imagenet-100",
-        model="resnet50",
-        epochs=200,
-        method="MoCHi (1024, 1024, 512)",
-        mochi=(1024, 1024, 512),
-        top1=79.0,
-        source=_MOCHI_PAPER,
-    ),
-    dict(
-        dataset="imagenet-1k",
-        model="resnet50",
-        epochs=200,
-        method="MoCo-v2",
-        mochi=None,
-        top1=67.5,
-        source=_MOCO_V2_PAPER,
-    ),
-    dict(
-        dataset="imagenet-1k",
-        model="resnet50",
-        epochs=200,
-        method="MoCHi (1024, 1024, 512)",
-        mochi=(1024, 1024, 512),
-        top1=68.0,
-        source=_MOCHI_PAPER,
-    ),
+    dict(dataset=dataset, model="resnet50", epochs=200, method=method, mochi=mochi, top1=top1, source=source)
+    for dataset, method, mochi, top1, source in (
+        ("imagenet-100", "MoCo-v2", None, 78.0, _MOCHI_PAPER),
+        ("imagenet-100", "MoCHi (1024, 1024, 512)", (1024, 1024, 512), 79.0, _MOCHI_PAPER),
+        ("imagenet-1k", "MoCo-v2", None, 67.5, _MOCO_V2_PAPER),
+        ("imagenet-1k", "MoCHi (1024, 1024, 512)", (1024, 1024, 512), 68.0, _MOCHI_PAPER),
+    )
 ]
 
 # Dataset names that mean the same data (named source, Hub id) -> the key used in PAPER_RESULTS.
@@ -176,7 +148,7 @@ def _hyperparameters(config: Mapping[str, Any], run_info: Mapping[str, Any]) -> 
         if f.metadata["card"] is not None and value is not None:
             rows.append((f.metadata["card"], _fmt(value)))
     rows.append(("Processes", _fmt(run_info.get("num_processes"))))
-    rows.append(("Augmentation", "MoCo-v2 (random resized crop 0.2-1, colour jitter, grayscale, blur, flip)"))
+    rows.append(("Augmentation", MOCO_V2.describe()))
     return rows
 
 
@@ -289,6 +261,33 @@ def _paper_rows(config: Mapping[str, Any], architecture: str) -> list[dict[str, 
     return rows
 
 
+def _network(info: Mapping[str, Any], default_size: int = 224) -> dict[str, Any]:
+    """What a card says of the network, from what its export knows of it (architecture, num_features, global_pool,
+    num_params, input_size, mean, std, feature_info)."""
+    feature_info = info.get("feature_info") or {}
+    params = info.get("num_params")
+    return dict(
+        architecture=info.get("architecture") or "unknown",
+        num_features=info.get("num_features", "?"),
+        global_pool=info.get("global_pool", "avg"),
+        params=f"{params / 1e6:.1f}M" if params else "?",
+        input_size=list(info.get("input_size") or (3, default_size, default_size)),
+        mean=_fmt(info.get("mean")),
+        std=_fmt(info.get("std")),
+        feature_channels=_fmt(feature_info["channels"]) if feature_info.get("channels") else None,
+        feature_strides=_fmt(feature_info["reduction"]) if feature_info.get("reduction") else None,
+    )
+
+
+def _dataset_label(dataset: str) -> str:
+    """The dataset, linked to its Hub page when it names another id there."""
+    hub = hub_dataset_id(dataset)
+    return f"{dataset} ([{hub}](https://huggingface.co/datasets/{hub}))" if hub and hub != dataset else dataset
+
+
+METHOD_LONG = {"MoCo-v2": "MoCo-v2 (no hard negative mixing)", "MoCHi": "MoCHi (MoCo-v2 + hard negative mixing)"}
+
+
 def generate_model_card(
     config_dict: Mapping[str, Any],
     *,
@@ -312,22 +311,18 @@ def generate_model_card(
     config = redact_local_paths(dict(config_dict))
     probes = [redact_local_paths(dict(p)) for p in probe_results]
     detections = [redact_local_paths(dict(r)) for r in detection_results]
-    info = dict(model_info or {})
     run = dict(run_info or {})
     summary = run.get("summary") or {}  # RunSummary.to_dict()
-    architecture = info.get("architecture") or config.get("model", "unknown")
+    info = dict(model_info or {})
+    info["architecture"] = info.get("architecture") or config.get("model")
+    network = _network(info, config.get("image_size", 224))
     mochi = list(config.get("mochi", (0, 0, 0)))
     method = method_name(mochi)
     dataset = str(config.get("dataset", "unknown"))
     hub_dataset = hub_dataset_id(dataset)
-    dataset_label = (
-        f"{dataset} ([{hub_dataset}](https://huggingface.co/datasets/{hub_dataset}))"
-        if hub_dataset and hub_dataset != dataset
-        else dataset
+    model_name = (
+        repo_id.split("/")[-1] if repo_id else f"{network['architecture']}-{method.lower()}-{dataset.split('/')[-1]}"
     )
-    model_name = repo_id.split("/")[-1] if repo_id else f"{architecture}-{method.lower()}-{dataset.split('/')[-1]}"
-    eval_results = _eval_results(probes) + _detection_eval_results(detections)
-
     card_data = ModelCardData(
         library_name="timm",
         license=license,
@@ -335,40 +330,26 @@ def generate_model_card(
         pipeline_tag="image-feature-extraction",
         datasets=[hub_dataset] if hub_dataset else None,
         model_name=model_name,
-        eval_results=eval_results or None,
+        eval_results=(_eval_results(probes) + _detection_eval_results(detections)) or None,
     )
-    feature_info = info.get("feature_info") or {}
-    input_size = list(info.get("input_size") or (3, config.get("image_size", 224), config.get("image_size", 224)))
-    params = info.get("num_params")
-    template = resources.files("mochi_hub.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
     epochs = config.get("epochs")
-    card = ModelCard.from_template(
+    return ModelCard.from_template(
         card_data,
-        template_str=template,
+        template_str=resources.files("mochi_hub.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8"),
+        **network,
         model_name=model_name,
         model_ref=f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/NAME",
-        architecture=architecture,
-        num_features=info.get("num_features", "?"),
-        global_pool=info.get("global_pool", "avg"),
-        params=f"{params / 1e6:.1f}M" if params else "?",
-        input_size=input_size,
-        mean=_fmt(info.get("mean")),
-        std=_fmt(info.get("std")),
-        feature_channels=_fmt(feature_info.get("channels")) if feature_info.get("channels") else None,
-        feature_strides=_fmt(feature_info.get("reduction")) if feature_info.get("reduction") else None,
-        method_long="MoCo-v2 (no hard negative mixing)"
-        if method == "MoCo-v2"
-        else "MoCHi (MoCo-v2 + hard negative mixing)",
+        method_long=METHOD_LONG[method],
         is_moco=method == "MoCo-v2",
         mochi=mochi,
-        dataset_label=dataset_label,
+        dataset_label=_dataset_label(dataset),
         epochs=epochs,
         max_steps=config.get("max_steps"),
         short_run=bool(config.get("max_steps")) or (isinstance(epochs, int) and epochs < 20),
         hyperparameters=_hyperparameters(config, run),
         results=_probe_rows(probes),
         detection=_detection_rows(detections),
-        paper_rows=_paper_rows(config, architecture),
+        paper_rows=_paper_rows(config, network["architecture"]),
         has_curves=has_curves,
         num_processes=run.get("num_processes"),
         hosts=summary.get("hosts") or [],
@@ -376,7 +357,6 @@ def generate_model_card(
         mochi_hub_version=run.get("mochi_hub_version") or __version__,
         license=license,
     )
-    return card
 
 
 def model_card_from_export(
@@ -437,24 +417,21 @@ def imported_model_card(export_config: Mapping[str, Any], *, repo_id: str | None
         model_name=model_name,
         eval_results=eval_results or None,
     )
-    feature_info = config.get("feature_info") or {}
-    params = config.get("num_params")
     head = config.get("projection_head")
+    network = _network(
+        {
+            **config,
+            "num_features": config.get("pooled_features") or config.get("num_features", "?"),
+            **{k: pretrained.get(k) for k in ("input_size", "mean", "std")},
+        }
+    )
     template = resources.files("mochi_hub.model_cards").joinpath(IMPORTED_TEMPLATE).read_text(encoding="utf-8")
     return ModelCard.from_template(
         card_data,
         template_str=template,
+        **network,
         model_name=model_name,
         model_ref=f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/NAME",
-        architecture=architecture,
-        num_features=config.get("pooled_features") or config.get("num_features", "?"),
-        global_pool=config.get("global_pool", "avg"),
-        params=f"{params / 1e6:.1f}M" if params else "?",
-        input_size=list(pretrained.get("input_size") or (3, 224, 224)),
-        mean=_fmt(pretrained.get("mean")),
-        std=_fmt(pretrained.get("std")),
-        feature_channels=_fmt(feature_info.get("channels")) if feature_info.get("channels") else None,
-        feature_strides=_fmt(feature_info.get("reduction")) if feature_info.get("reduction") else None,
         method=method,
         settings=f"{method} (N, s, s') = {_fmt(config['mochi'])}" if config.get("mochi") else method,
         epochs=config.get("epochs"),

@@ -83,8 +83,8 @@ DETECTRON2_NOTES = """# {name}: detectron2 weights
 ```yaml
 MODEL:
   WEIGHTS: "{file}"
-  PIXEL_MEAN: [123.675, 116.280, 103.530]
-  PIXEL_STD: [58.395, 57.120, 57.375]
+  PIXEL_MEAN: [{pixel_mean}]
+  PIXEL_STD: [{pixel_std}]
   RESNETS:
     DEPTH: {depth}
     STRIDE_IN_1X1: False   # torchvision/timm ResNets stride in the 3x3 conv
@@ -128,6 +128,11 @@ def write_torchvision(
     return target
 
 
+def _pixels(values: tuple[float, ...]) -> str:
+    """ImageNet's mean or std in detectron2's units: 0-255 pixel values (123.675, 116.280, 103.530)."""
+    return ", ".join(f"{255 * v:.3f}" for v in values)
+
+
 def write_detectron2(
     state: dict[str, torch.Tensor], architecture: str, output: Path, name: str, license: str | None = None
 ) -> Path:
@@ -140,7 +145,8 @@ def write_detectron2(
 
     atomic_write(target, write_pickle)
     depth = "".join(ch for ch in architecture.split("_")[0] if ch.isdigit()) or "50"
-    notes = DETECTRON2_NOTES.format(name=name, file=target.name, depth=depth)
+    pixels = dict(pixel_mean=_pixels(MEAN), pixel_std=_pixels(STD))
+    notes = DETECTRON2_NOTES.format(name=name, file=target.name, depth=depth, **pixels)
     notes += LICENSE_NOTE.format(license=license) if license else ""
     atomic_write(output / "README.md", lambda p: p.write_text(notes))
     return target

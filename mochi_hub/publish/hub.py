@@ -3,20 +3,30 @@
     push(SOURCE, "org/name")     SOURCE: a run directory (its export, exported first when missing or
                                  older than the newest checkpoint) or an export folder
 
-One commit (or one pull request) carries every file, so the repository holds all of them or none; the
-remote file list and sizes are checked afterwards. Only huggingface_hub's public API is used. The token
+    plan_push    what to upload, checked offline (files, the card rendered for the repo id, the commit message)
+    commit       one commit (or one pull request) carrying every file, so the repository holds all or none
+    verify       the remote file list and sizes against the plan
+
+Only huggingface_hub's public API is used, and its error types say what went wrong (`hub_errors`). The token
 comes from HF_TOKEN or the saved login (`hf auth login`) and is never printed or written anywhere.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
@@ -106,8 +116,8 @@ def _exported_step(export: Path) -> int | None:
 def plan_upload(
     folder: Path, repo_id: str, *, allow_extra: bool = False, license: str | None = None
 ) -> list[UploadFile]:
-    """The files of one commit. The card is re-rendered with the repo id when it is ours; `license` replaces the
-    export's in the uploaded config.json and card."""
+    """The files of one commit, the card rendered for the repo id when it is ours; `license` replaces the export's
+    in the uploaded config.json and card."""
     folder = Path(folder)
     try:
         config = json.loads((folder / CONFIG).read_text())
@@ -141,12 +151,16 @@ def plan_upload(
         upload = next(f for f in files if f.path_in_repo == CONFIG)
         upload.content = (json.dumps(config, indent=2) + "\n").encode("utf-8")
         upload.size = len(upload.content)
-    card = next((f for f in files if f.path_in_repo == CARD), None)
-    if card is not None and GENERATED_MARK in Path(card.content).read_text(encoding="utf-8", errors="replace"):
-        text = str(model_card_from_export(config, repo_id=repo_id, has_curves=(folder / CURVES).is_file()))
-        card.content = text.encode("utf-8")
-        card.size = len(card.content)
-    return files
+    return [render_card(f, folder, config, repo_id) if f.path_in_repo == CARD else f for f in files]
+
+
+def render_card(card: UploadFile, folder: Path, config: dict[str, Any], repo_id: str) -> UploadFile:
+    """Our card (it carries GENERATED_MARK) rendered again with the repo id in its usage lines; a card the user
+    wrote is uploaded as it is."""
+    if GENERATED_MARK not in Path(card.content).read_text(encoding="utf-8", errors="replace"):
+        return card
+    text = str(model_card_from_export(config, repo_id=repo_id, has_curves=(folder / CURVES).is_file()))
+    return UploadFile(card.path_in_repo, text.encode("utf-8"), len(text.encode("utf-8")))
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -163,21 +177,23 @@ def _check_repo_id(repo_id: str) -> None:
 # --------------------------------------------------------------------------------------------- push
 
 
-def _is_connection_error(error: BaseException) -> bool:
-    """A transport failure (connection refused or dropped, timeout), whatever HTTP library the client uses."""
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    return type(error).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
+@dataclass
+class PushPlan:
+    """One push, checked offline: where from, where to, what, and how it is committed."""
+
+    result: PushResult
+    message: str
+    private: bool
+    create_pr: bool
+
+    @property
+    def branch(self) -> str | None:
+        """The branch to create first: --revision when it is not the default one and no pull request is opened."""
+        revision = self.result.revision
+        return revision if revision and revision != constants.DEFAULT_REVISION and not self.create_pr else None
 
 
-def _http_message(error: HfHubHTTPError) -> str:
-    response = getattr(error, "response", None)
-    status = getattr(response, "status_code", None)
-    server = getattr(error, "server_message", None) or ""
-    return f"{status} {server}".strip() if status else str(error).splitlines()[0]
-
-
-def push(
+def plan_push(
     source: str | Path,
     repo_id: str,
     *,
@@ -186,14 +202,12 @@ def push(
     revision: str | None = None,
     tag: str | None = None,
     commit_message: str | None = None,
-    dry_run: bool = False,
     allow_extra: bool = False,
     license: str | None = None,
     endpoint: str | None = None,
-    token: str | None = None,
     log: Callable[[str], None] = lambda message: None,
-) -> PushResult:
-    """Upload an export (or a run's export) to `repo_id` in one commit, then verify the remote files."""
+) -> PushPlan:
+    """Everything a push decides before the network: the options, SOURCE (a stale export is redone), the files."""
     _check_repo_id(repo_id)
     if tag and create_pr:
         raise PushError("--tag cannot be combined with --create-pr: tag the commit once the pull request is merged")
@@ -205,108 +219,147 @@ def push(
     files = plan_upload(folder, repo_id, allow_extra=allow_extra, license=license)
     if not any(f.path_in_repo == WEIGHTS for f in files):
         raise PushError(f"{folder} holds no {WEIGHTS}: nothing to push")
-    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    result = PushResult(
-        repo_id=repo_id,
-        folder=folder,
-        files=files,
-        exported=exported,
-        dry_run=dry_run,
-        endpoint=endpoint,
-        revision=revision,
-        tag=tag,
+    config = json.loads((folder / CONFIG).read_text())
+    method = config.get("method", method_name(config.get("mochi", (0, 0, 0))))  # None: an import that does not say
+    message = commit_message or (
+        f"Upload {config.get('architecture')} {method + ' ' if method else ''}backbone (mochi-hub {__version__})"
     )
-    if dry_run:
-        return result
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    result = PushResult(repo_id, folder, files, exported, False, endpoint=endpoint, revision=revision, tag=tag)
+    return PushPlan(result, message, private, create_pr)
 
+
+def _is_connection_error(error: BaseException) -> bool:
+    """A transport failure (connection refused or dropped, timeout), whatever HTTP library the client uses."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    return type(error).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
+
+
+@contextmanager
+def hub_errors(plan: PushPlan, doing: str, *, committed: str | None = None) -> Iterator[None]:
+    """huggingface_hub's errors, by type, as one PushError each: what was being done, and whether the commit
+    (`committed`: its id) was made."""
+    r = plan.result
+    after = f"the commit {committed} was made" if committed else "nothing was committed"
+    try:
+        yield
+    except RevisionNotFoundError as error:
+        raise PushError(
+            f"{r.repo_id} has no branch {r.revision!r} ({_http_message(error)}) while {doing}; {after}"
+        ) from None
+    except RepositoryNotFoundError as error:
+        raise PushError(
+            f"{r.repo_id} was not found, or the token may not see it ({_http_message(error)}) while {doing}; {after}"
+        ) from None
+    except HfHubHTTPError as error:
+        what = _http_message(error)
+        status = getattr(error.response, "status_code", None)
+        if status == 401:
+            raise PushError(f"{r.endpoint} rejected the token ({what}): check HF_TOKEN or `hf auth login`") from None
+        if status == 403:
+            raise PushError(f"the token may not write to {r.repo_id} ({what}) while {doing}; {after}") from None
+        raise PushError(f"the Hub refused the push while {doing}: {what}; {after}") from None
+    except Exception as error:
+        if not _is_connection_error(error):
+            raise
+        detail = f"{type(error).__name__}: {error}".strip().rstrip(":")
+        if committed:
+            after += f"; check {r.endpoint}/{r.repo_id} and tag or verify it again"
+        elif doing == "uploading":
+            after = (
+                f"a commit is atomic, so {r.repo_id} holds all of this export's files or none of them; run the "
+                "same command again (unchanged files are skipped)"
+            )
+        else:
+            after += "; run the same command again"
+        raise PushError(f"lost the connection to {r.endpoint} while {doing} ({detail}): {after}") from None
+
+
+def _http_message(error: HfHubHTTPError) -> str:
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    server = getattr(error, "server_message", None) or ""
+    return f"{status} {server}".strip() if status else str(error).splitlines()[0]
+
+
+def _client(plan: PushPlan, token: str | None) -> HfApi:
     if constants.is_offline_mode():
         raise PushError("HF_HUB_OFFLINE is set: nothing can be pushed (unset it, or use --dry-run)")
     token = token or get_token()
     if not token:
         raise PushError(
             "no Hugging Face token: set HF_TOKEN, or run `hf auth login`, with a token that may "
-            f"write to {repo_id.split('/')[0]}"
+            f"write to {plan.result.repo_id.split('/')[0]}"
         )
-    api = HfApi(endpoint=endpoint, token=token, library_name="mochi-hub", library_version=__version__)
-    config = json.loads((folder / CONFIG).read_text())
-    method = config.get("method", method_name(config.get("mochi", (0, 0, 0))))  # None: an import that does not say
-    message = commit_message or (
-        f"Upload {config.get('architecture')} {method + ' ' if method else ''}backbone (mochi-hub {__version__})"
-    )
-    stage = "checking the token"
-    try:
-        try:
-            user = api.whoami().get("name", "?")
-        except HfHubHTTPError as error:
-            if getattr(error.response, "status_code", None) == 401:
-                raise PushError(
-                    f"{endpoint} rejected the token (401 Unauthorized): check HF_TOKEN or `hf auth login`"
-                ) from None
-            raise
-        stage = "creating the repository"
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision and revision != constants.DEFAULT_REVISION and not create_pr:
-            stage = f"creating branch {revision}"
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        stage = "uploading"
-        log(f"uploading {len(files)} files to {repo_id} as {user}")
-        commit = api.create_commit(
-            repo_id,
-            [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=f.content) for f in files],
-            commit_message=message,
-            revision=revision,
-            create_pr=create_pr,
-        )
-        if tag:
-            stage = f"tagging the commit {tag}"
-            api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=message)
-        stage = "verifying the upload"
-        remote = {
-            f.path: f.size
-            for f in api.list_repo_tree(repo_id, recursive=True, revision=commit.oid)
-            if isinstance(f, RepoFile)
-        }
-    except PushError:
-        raise
-    except HfHubHTTPError as error:
-        status = getattr(error.response, "status_code", None)
-        what = _http_message(error)
-        committed = stage.startswith(("tagging", "verifying"))
-        suffix = "" if committed else "; nothing was committed"
-        if status in (401, 403):
-            raise PushError(f"the token may not write to {repo_id} ({what}) while {stage}{suffix}") from None
-        if status == 404 and revision and not committed:
-            raise PushError(f"{repo_id} has no branch {revision!r} ({what}) while {stage}{suffix}") from None
-        raise PushError(f"the Hub refused the push while {stage}: {what}{suffix}") from None
-    except Exception as error:
-        if not _is_connection_error(error):
-            raise
-        detail = f"{type(error).__name__}: {error}".strip().rstrip(":")
-        if stage.startswith(("tagging", "verifying")):
-            after = f"the commit {commit.oid} was made; check {endpoint}/{repo_id} and tag or verify it again"
-        elif stage != "uploading":
-            after = "nothing was committed; run the same command again"
-        else:
-            after = (
-                f"a commit is atomic, so {repo_id} holds all of this export's files or none of them; run the "
-                "same command again (unchanged files are skipped)"
-            )
-        raise PushError(f"lost the connection to {endpoint} while {stage} ({detail}): {after}") from None
+    return HfApi(endpoint=plan.result.endpoint, token=token, library_name="mochi-hub", library_version=__version__)
 
+
+def commit(api: HfApi, plan: PushPlan, log: Callable[[str], None]) -> tuple[CommitInfo, str]:
+    """The repository (and branch) made if missing, every file in one commit, the tag: (commit, repository URL)."""
+    r = plan.result
+    with hub_errors(plan, "checking the token"):
+        user = api.whoami().get("name", "?")
+    with hub_errors(plan, "creating the repository"):
+        repo_url = api.create_repo(r.repo_id, private=plan.private, exist_ok=True, repo_type="model")
+    if plan.branch:
+        with hub_errors(plan, f"creating branch {plan.branch}"):
+            api.create_branch(r.repo_id, branch=plan.branch, exist_ok=True)
+    log(f"uploading {len(r.files)} files to {r.repo_id} as {user}")
+    with hub_errors(plan, "uploading"):
+        operations = [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=f.content) for f in r.files]
+        done = api.create_commit(
+            r.repo_id, operations, commit_message=plan.message, revision=r.revision, create_pr=plan.create_pr
+        )
+    if r.tag:
+        with hub_errors(plan, f"tagging the commit {r.tag}", committed=done.oid):
+            api.create_tag(r.repo_id, tag=r.tag, revision=done.oid, tag_message=plan.message)
+    return done, str(repo_url)
+
+
+def verify(api: HfApi, plan: PushPlan, done: CommitInfo) -> list[str]:
+    """Raise unless every planned file is in the commit with its size; returns the files the repository holds
+    beyond them (from earlier pushes)."""
+    r = plan.result
+    with hub_errors(plan, "verifying the upload", committed=done.oid):
+        tree = api.list_repo_tree(r.repo_id, recursive=True, revision=done.oid)
+        remote = {f.path: f.size for f in tree if isinstance(f, RepoFile)}
     wrong = [
         f"{f.path_in_repo} (local {f.size} B, remote {remote.get(f.path_in_repo, 'missing')})"
-        for f in files
+        for f in r.files
         if remote.get(f.path_in_repo) != f.size
     ]
     if wrong:
         raise PushError(f"verification failed, the remote files differ from the export: {', '.join(wrong)}")
-    result.commit_oid = commit.oid
-    result.remote_extra = sorted(set(remote) - {f.path_in_repo for f in files} - {".gitattributes"})
-    if create_pr:
-        result.pr_url = commit.pr_url
-        result.revision = commit.pr_revision
-        result.url = commit.pr_url
+    return sorted(set(remote) - {f.path_in_repo for f in r.files} - {".gitattributes"})
+
+
+def push(
+    source: str | Path,
+    repo_id: str,
+    *,
+    dry_run: bool = False,
+    token: str | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    **options: Any,
+) -> PushResult:
+    """Upload an export (or a run's export) to `repo_id` in one commit, then verify the remote files. `options`:
+    plan_push's (private, create_pr, revision, tag, commit_message, allow_extra, license, endpoint); `dry_run`: plan
+    only."""
+    plan = plan_push(source, repo_id, log=log, **options)
+    result = plan.result
+    result.dry_run = dry_run
+    if dry_run:
+        return result
+    api = _client(plan, token)
+    done, repo_url = commit(api, plan, log)
+    result.remote_extra = verify(api, plan, done)
+    result.commit_oid = done.oid
+    if plan.create_pr:
+        result.pr_url = result.url = done.pr_url
+        result.revision = done.pr_revision
     else:
-        base = str(repo_url).rstrip("/") or f"{endpoint}/{repo_id}"
+        base = repo_url.rstrip("/") or f"{result.endpoint}/{repo_id}"
+        revision = result.revision
         result.url = base if not revision or revision == constants.DEFAULT_REVISION else f"{base}/tree/{revision}"
     return result

@@ -1,5 +1,6 @@
-"""The distribution: `cli/` and `model_cards/` install inside mochi_hub, never as a top-level `cli`,
-both from the editable install (.venv) and from a built wheel."""
+"""The distribution: `cli/` and `model_cards/` install inside mochi_hub, never as a top-level `cli`, and the package
+data (the model-card template, the ImageNet-100 class list) with it, both from the editable install (.venv) and from
+a built wheel."""
 
 import os
 import subprocess
@@ -18,6 +19,8 @@ assert importlib.util.find_spec("cli") is None, "a top-level cli module is impor
 assert importlib.util.find_spec("model_cards") is None, "a top-level model_cards module is importable"
 templates = [p.name for p in importlib.resources.files("mochi_hub.model_cards").iterdir() if p.name.endswith(".md")]
 assert templates, "no model-card template installed"
+synsets = importlib.resources.files("mochi_hub.data").joinpath("imagenet100.txt").read_text().split()
+assert len(synsets) == 100, "the ImageNet-100 class list is not installed"
 from mochi_hub.cli.app import app
 print(mochi_hub.__file__)
 """
@@ -56,6 +59,7 @@ def test_built_wheel_installs_cli_and_templates_inside_mochi_hub(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("mochi_hub-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mochi_hub/cli/app.py" in names and "mochi_hub/model_cards/mochi_timm.md" in names
+    assert "mochi_hub/data/imagenet100.txt" in names
     assert not [n for n in names if n.startswith(("cli/", "model_cards/", "tests/", "bench/"))]
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "mochi = mochi_hub.cli.app:main" in entry_points

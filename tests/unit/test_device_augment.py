@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +17,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.data.augment import MEAN, MOCO_V2, STD
 from mochi_hub.data.device_augment import (
     DeviceViews,
     ViewParams,
@@ -354,7 +355,9 @@ def test_probabilities_and_factor_ranges_match_moco_v2():
     assert torch.equal(p.order.sort(1).values, torch.arange(4).expand(n, 4))
     first = torch.bincount(p.order[:, 0], minlength=4) / n  # each op first with probability 1/4
     assert (first - 0.25).abs().max() <= 4.5 * math.sqrt(0.25 * 0.75 / n)
-    off = sample_view_params(torch.tensor([[32, 32]] * 8), generator=torch.Generator(), jitter=(0, 0, 0, 0))
+    off = sample_view_params(
+        torch.tensor([[32, 32]] * 8), generator=torch.Generator(), augment=replace(MOCO_V2, jitter=(0, 0, 0, 0))
+    )
     assert torch.equal(off.factors, torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 8))  # neutral = op left out
 
 
