@@ -81,8 +81,9 @@ def option(
 
     help: the option's help text (the CLI adds "[default: ...]" and the presets' values); within: the allowed range
     of a number, in interval notation ("(0, inf)", "[0, 1)"; NaN and infinities are always refused); affects: RUNS,
-    REPORTS or COMPUTES (what a resumed job may change); legacy: what a saved config without this field meant (the
-    behaviour of the version before it existed); default_text: the default in words (a None default that means
+    REPORTS or COMPUTES (what a resumed job may change); legacy: what a saved config or result without this field
+    meant (the behaviour of the version before it existed; a result's name leaves the field out at that value);
+    default_text: the default in words (a None default that means
     something); aliases: older names, still accepted; card: the model card's row for it; parse: text -> value.
     """
     metadata = dict(
@@ -176,8 +177,13 @@ def resume_settings(config: _Config) -> dict[str, Any]:
 
 
 def result_settings(config: _Config) -> dict[str, Any]:
-    """Every setting that moves a result's number (a result's name carries their digest)."""
-    fields = {f.name for f in dataclasses.fields(config) if f.metadata["affects"] != RUNS}
+    """Every setting that moves a result's number (a result's name carries their digest). A field at its `legacy`
+    value is left out: the results of the version before it existed keep their names."""
+    fields = {
+        f.name
+        for f in dataclasses.fields(config)
+        if f.metadata["affects"] != RUNS and getattr(config, f.name) != f.metadata["legacy"]
+    }
     return {k: v for k, v in config.to_dict().items() if k in fields}
 
 

@@ -26,6 +26,7 @@ from mochi_hub.config import (
     _Config,
     config_class,
     option,
+    result_settings,
 )
 from mochi_hub.evaluate import detect as detect_module
 from mochi_hub.evaluate import probe as probe_module
@@ -92,6 +93,20 @@ def test_a_field_without_help_or_a_number_without_range_is_refused_where_it_is_d
         @config_class
         class Bare(_Config):
             name: str = "x"
+
+
+def test_a_field_at_its_legacy_value_leaves_result_names_as_they_were():
+    @config_class
+    class Before(_Config):
+        lr: float = option(0.1, "Learning rate.", within="(0, inf)")
+
+    @config_class
+    class After(_Config):  # a new option whose default reproduces what Before computed
+        lr: float = option(0.1, "Learning rate.", within="(0, inf)")
+        crop_pct: float = option(0.875, "Evaluation crop.", within="(0, 1]", legacy=0.875)
+
+    assert result_settings(After()) == result_settings(Before()) == {"lr": 0.1}
+    assert result_settings(After(crop_pct=1.0)) == {"lr": 0.1, "crop_pct": 1.0}
 
 
 def test_cli_reports_bad_options_without_a_traceback(tmp_path):
