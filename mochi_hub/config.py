@@ -595,9 +595,16 @@ class ProbeConfig(_Config):
     )
     image_size: int | None = option(
         None,
-        "Crop size in pixels; evaluation resizes to 256/224 of it and centre-crops.",
+        "Crop size in pixels; evaluation resizes to image-size / --crop-pct and centre-crops.",
         within="(0, inf)",
         default_text="SOURCE's input size (pretrained_cfg), else the preset's",
+    )
+    crop_pct: float = option(
+        224 / 256,
+        "Evaluation crop as timm's crop_pct: resize to image-size / crop-pct, then centre-crop image-size "
+        "(1: the whole image, e.g. for small images already framed).",
+        within="(0, 1]",
+        legacy=224 / 256,
     )
     knn_k: int = option(200, "Neighbours voting in kNN.", within="(0, inf)", affects=REPORTS)
     knn_temperature: float = option(0.07, "kNN vote weight exp(similarity / T).", within="(0, inf)", affects=REPORTS)

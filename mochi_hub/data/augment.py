@@ -100,8 +100,8 @@ def probe_train_transform(image_size: int, min_scale: float = 0.08) -> T.Compose
     )
 
 
-def eval_transform(image_size: int) -> T.Compose:
-    """Resize to 256/224 of the crop, then centre crop (256 -> 224 at ImageNet scale)."""
+def eval_transform(image_size: int, crop_pct: float = 224 / 256) -> T.Compose:
+    """Resize to image_size / crop_pct, then centre crop (256 -> 224 at ImageNet scale)."""
     return T.Compose(
-        [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)]
+        [T.Resize(round(image_size / crop_pct)), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)]
     )

@@ -238,7 +238,7 @@ class _Probe(Job):
 
     @property
     def eval_tf(self):
-        return eval_transform(self.config.image_size)
+        return eval_transform(self.config.image_size, self.config.crop_pct)
 
     @property
     def train_tf(self):

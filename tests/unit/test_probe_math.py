@@ -9,9 +9,18 @@ import torch
 from images import tiny_backbone
 
 from mochi_hub.config import resolve_probe_config
+from mochi_hub.data.augment import eval_transform
 from mochi_hub.evaluate import probe as probe_module
 from mochi_hub.evaluate.classify import knn_scores, lr_at, topk_hits
 from mochi_hub.evaluate.frozen import FrozenBackboneError, check_frozen, snapshot
+
+
+def test_the_evaluation_crop_follows_crop_pct():
+    resize = lambda transform: transform.transforms[0].size  # noqa: E731
+    assert resize(eval_transform(224)) == 256 and resize(eval_transform(32)) == 37  # 256/224, ImageNet's
+    assert resize(eval_transform(32, resolve_probe_config(crop_pct=1.0).crop_pct)) == 32  # the whole image
+    with pytest.raises(ValueError, match=r"--crop-pct must be in \(0, 1\], got 1.5"):
+        resolve_probe_config(crop_pct=1.5)
 
 
 def test_presets_follow_the_paper_and_dataset_selects_its_preset():
