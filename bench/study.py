@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -134,6 +135,7 @@ def restore(args, earlier: dict[str, Any], log) -> dict[tuple[str, int], dict[st
     """The records of an earlier study.json (its run directories gone: a new machine) that trained exactly what
     this study would, by (setting, seed); its references and invocations fill in what --runs-dir lacks."""
     from mochi_hub.config import resume_differences, train_config_from_dict
+    from mochi_hub.training.state import resolve_device_defaults
 
     kept = {}
     for r in earlier["runs"]:
@@ -141,6 +143,7 @@ def restore(args, earlier: dict[str, Any], log) -> dict[tuple[str, int], dict[st
         if name not in args.settings or seed not in args.seeds:
             continue
         now = train_config(args, args.settings[name], seed, Path(r["run_dir"]))
+        now, _ = resolve_device_defaults(now, "cpu", cpus=os.cpu_count() or 1, local_processes=1)  # as saved
         if differences := resume_differences(train_config_from_dict(r["config"]), now):
             raise SystemExit(f"--reuse: {name} seed {seed} trained another recipe ({'; '.join(differences)})")
         kept[name, seed] = r
