@@ -383,6 +383,22 @@ class TrainConfig(_Config):
         "torch.compile both encoders (the key encoder too; off by default until measured on your GPU).",
         affects=RUNS,
     )
+    knn_monitor_every: int | None = option(
+        None,
+        "kNN monitor: every N steps, the kNN top-1 of the backbone being trained (and once of the untrained one) on "
+        "a seeded subset of the dataset (bank: train split, queries: val split); 0 turns it off. A monitor in "
+        "metrics.jsonl, the progress line, the curves and the card, not a probe result.",
+        within="[0, inf)",
+        affects=RUNS,
+        legacy=0,
+        default_text="once an epoch when the dataset has a labelled val split, else off",
+    )
+    knn_monitor_images: int = option(
+        2000,
+        "Images of each split the kNN monitor uses (as `mochi probe --max-images`).",
+        within="(0, inf)",
+        affects=RUNS,
+    )
 
     def check_together(self) -> None:
         n_hard, s, s_prime = self.mochi

@@ -217,6 +217,22 @@ def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | Non
     return load_hub_dataset(spec, split)  # an org/name id (check_dataset_spec let nothing else through)
 
 
+def train_and_val(spec: str) -> tuple[ImageSource, ImageSource]:
+    """A dataset's train and val splits, val's labels meaning what train's do (a folder's classes come from train/)."""
+    train = resolve_dataset(spec, "train")
+    classes = train.classes if isinstance(train, ImageFolder) else None
+    return train, resolve_dataset(spec, "val", classes=classes)
+
+
+def num_classes(source: ImageSource) -> int:
+    """How many classes a labelled source has (its class list, else the largest label + 1)."""
+    if source.classes:
+        return len(source.classes)
+    if isinstance(source, HubImages) and source.label_column:
+        return int(max(source.dataset[source.label_column])) + 1
+    raise ValueError("the dataset has no class labels: kNN and linear evaluation need labelled images")
+
+
 def first_labels(source: ImageSource, count: int) -> list[int] | None:
     """Labels of the first `count` images where they are known without decoding any image, else None."""
     if isinstance(source, ImageFolder):

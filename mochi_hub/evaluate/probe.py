@@ -44,10 +44,11 @@ from mochi_hub.data.augment import MEAN, STD, eval_transform, probe_train_transf
 from mochi_hub.data.datasets import (
     IMAGENET100_CMC_CLASSES,
     DecodedImages,
-    HubImages,
     ImageFolder,
     ImageSource,
+    num_classes,
     resolve_dataset,
+    train_and_val,
 )
 from mochi_hub.data.sampling import EpochShuffle, SeededItems, subset
 from mochi_hub.evaluate.classify import knn_scores, lr_at, make_classifier, topk_hits
@@ -194,19 +195,10 @@ def result_name(config: ProbeConfig) -> str:
 
 
 def _resolve_sources(config: ProbeConfig) -> tuple[ImageSource, ImageSource]:
-    train = resolve_dataset(config.dataset, "train")
     if config.split == "train":
+        train = resolve_dataset(config.dataset, "train")
         return train, train
-    classes = train.classes if isinstance(train, ImageFolder) else None  # val labels must mean what train's do
-    return train, resolve_dataset(config.dataset, "val", classes=classes)
-
-
-def _num_classes(source: ImageSource) -> int:
-    if source.classes:
-        return len(source.classes)
-    if isinstance(source, HubImages) and source.label_column:
-        return int(max(source.dataset[source.label_column])) + 1
-    raise ValueError("the dataset has no class labels: a probe needs labelled images")
+    return train_and_val(config.dataset)
 
 
 def _class_order(source: ImageSource) -> str:
@@ -393,7 +385,7 @@ def _prepare(
         eval_source,
         train_indices,
         eval_indices,
-        _num_classes(train_source),
+        num_classes(train_source),
         EpochStates(state_root, settings, accelerator),
         cache_dir,
     )

@@ -354,9 +354,21 @@ def generate_model_card(
         num_processes=run.get("num_processes"),
         hosts=summary.get("hosts") or [],
         training_time=_duration(summary.get("wall_time_s")),
+        knn_monitor=_monitor_line(summary.get("knn_monitor") or []),
         mochi_hub_version=run.get("mochi_hub_version") or __version__,
         license=license,
     )
+
+
+def _monitor_line(points: list[Mapping[str, Any]]) -> str | None:
+    """The kNN monitor in words: untrained, then the last point (a monitor of training, not a probe result)."""
+    trained = [p for p in points if p.get("of") == "trained"]
+    untrained = next((p for p in points if p.get("of") == "untrained"), None)
+    if not trained:
+        return None
+    last = trained[-1]
+    start = f"{untrained['knn_top1']:.2f} untrained, " if untrained else ""
+    return f"{start}{last['knn_top1']:.2f} at step {last['step']}"
 
 
 def model_card_from_export(

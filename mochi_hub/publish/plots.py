@@ -43,15 +43,23 @@ def training_curves(rows: list[dict[str, Any]], path: str | Path) -> Path | None
     for key, title in CURVE_KEYS:
         chosen = [r for r in steps if _finite(r.get(key))] or [r for r in rows if _finite(r.get(key))]
         if chosen:
-            series.append((title, [r["step"] for r in chosen], [r[key] for r in chosen]))
+            series.append((title, [r["step"] for r in chosen], [r[key] for r in chosen], None))
+    monitor = [r for r in rows if r.get("kind") == "monitor" and _finite(r.get("knn_top1"))]
+    trained = [r for r in monitor if r.get("of") == "trained"]
+    untrained = next((r["knn_top1"] for r in monitor if r.get("of") == "untrained"), None)
+    if trained:  # the untrained backbone's value as the reference line
+        xs, ys = [r["step"] for r in trained], [r["knn_top1"] for r in trained]
+        series.append(("kNN top-1 % (monitor; dashed: untrained)", xs, ys, untrained))
     if not series:
         return None
     plt = _pyplot()
     columns = min(3, len(series))
     rows_count = math.ceil(len(series) / columns)
     fig, axes = plt.subplots(rows_count, columns, figsize=(4.2 * columns, 2.8 * rows_count), squeeze=False)
-    for ax, (title, xs, ys) in zip(axes.flat, series):
-        ax.plot(xs, ys, marker="." if len(xs) == 1 else None)
+    for ax, (title, xs, ys, reference) in zip(axes.flat, series):
+        ax.plot(xs, ys, marker="." if len(xs) <= 8 else None)
+        if reference is not None:
+            ax.axhline(reference, linestyle="--", color="grey", linewidth=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -29,6 +29,7 @@ from mochi_hub.core.distributed import all_ranks_true, broadcast_buffers, check_
 from mochi_hub.core.persist import StateFileError, ensure_writable_dir
 from mochi_hub.data.datasets import missing_classes_note, resolve_dataset
 from mochi_hub.data.views import BatchViews, PretrainingLoader, pretraining_views
+from mochi_hub.evaluate.monitor import KnnMonitor
 from mochi_hub.method.metrics import alignment, false_negative_rate, proxy_top1, uniformity
 from mochi_hub.method.mixing import hardest_negatives
 from mochi_hub.method.model import structural_args
@@ -63,6 +64,8 @@ def train(
     try:
         with progress_bar(run.is_main, fields="{task.fields[status]}") as progress:
             task = progress.add_task("mochi train", total=run.last_step, completed=run.step, status="")
+            if run.step == 0 and run.monitor is not None:  # the reference a claim of learning must beat
+                progress.update(task, status=run.watch(0, "untrained"))
             while run.step < run.last_step:
                 epoch, first_batch = divmod(run.step, run.steps_per_epoch)
                 mixing = config.uses_mixing and epoch >= config.mixing_warmup_epochs
@@ -84,6 +87,8 @@ def train(
                         status = run.log_step(out, epoch, lr, mixing, queue_labels, labels)
                         progress.update(task, status=status)
                     progress.update(task, completed=run.step, description=run.phase(epoch, mixing))
+                    if run.monitor is not None and run.monitor.due(run.step, run.last_step):
+                        progress.update(task, status=run.watch(epoch, "trained"))
                     if on_step is not None:
                         on_step(
                             run.step,
@@ -126,6 +131,7 @@ class _Run:
     info: dict[str, Any]
     summary: RunSummary = field(default_factory=RunSummary)
     step: int = 0
+    monitor: KnnMonitor | None = None  # the kNN monitor (evaluate/monitor.py), None when off
     first_bad_step: Tensor | None = None  # [] long on the device, -1 until a loss is non-finite (on_nonfinite stop)
     clock: float = field(default_factory=time.perf_counter)
     window: tuple[int, float] = (0, 0.0)  # first step and start time of the throughput window
@@ -174,6 +180,7 @@ class _Run:
         steps_per_epoch = len(views) // config.batch_size
         total_steps = config.epochs * steps_per_epoch
         last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+        monitor, monitor_note = KnnMonitor.for_run(config, steps_per_epoch)
 
         # Model: the same seeded initial weights on every rank (DDP would broadcast them anyway).
         state = build_training_state(config, accelerator)
@@ -198,6 +205,7 @@ class _Run:
             "augment_on": config.augment_on,
             "batchnorm_groups": config.batchnorm_groups,
             "device_choices": device_choices,
+            "knn_monitor": monitor_note,
         }
         run = cls(
             config=config,
@@ -213,6 +221,7 @@ class _Run:
             batch_views=BatchViews(config, config.augment_on, accelerator.device, state.memory_format),
             metrics=MetricsLog(run_dir),
             info=info,
+            monitor=monitor,
             first_bad_step=torch.full((), -1, dtype=torch.long, device=accelerator.device),
         )
         run.resume_or_reset(resume_from)
@@ -287,6 +296,7 @@ class _Run:
             self.info["shuffle_bn"],
             self.info["augment_on"],
         )
+        log.info("  %s", self.info["knn_monitor"])
         if self.info["device_choices"]:
             log.info("  chosen for %s: %s", self.device.type, "; ".join(self.info["device_choices"]))
 
@@ -376,7 +386,32 @@ class _Run:
             self.metrics.append(record)
             if self.accelerator.log_with:
                 self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.step)
-        return f"loss {record['loss']:.3f} top-1 {record['proxy_top1']:.2f}"
+        return f"loss {record['loss']:.3f} top-1 {record['proxy_top1']:.2f}" + self.knn_status()
+
+    def watch(self, epoch: int, of: str) -> str:
+        """The kNN monitor's point now (every rank takes part: the features are extracted in shards); its time
+        is kept out of the training time and the throughput window. Returns the progress line's status."""
+        self.require_finite()
+        self._add_time()
+        point = self.monitor.top1(self.state.modules["query"].backbone, self.accelerator)
+        self.summary.monitor_time_s += point["seconds"]
+        self.clock = time.perf_counter()  # the monitor's time is not training time
+        self.window = (self.window[0], self.window[1] + point["seconds"])
+        record = {"kind": "monitor", "step": self.step, "epoch": epoch, "of": of, "knn_top1": point["knn_top1"]}
+        self.summary.knn_monitor.append({k: record[k] for k in ("step", "of", "knn_top1")})
+        if self.is_main:
+            self.metrics.append(record)
+            if self.accelerator.log_with:
+                self.accelerator.log({f"knn_monitor/{of}": point["knn_top1"]}, step=self.step)
+        return self.knn_status()
+
+    def knn_status(self) -> str:
+        points = self.summary.knn_monitor
+        if not points:
+            return ""
+        untrained = next((p["knn_top1"] for p in points if p["of"] == "untrained"), None)
+        reference = f" (untrained {untrained:.1f})" if untrained is not None and points[-1]["of"] != "untrained" else ""
+        return f" kNN {points[-1]['knn_top1']:.1f}{reference}"
 
     # --- checkpoints and the end -------------------------------------------------------------------------
 

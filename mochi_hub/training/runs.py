@@ -49,6 +49,8 @@ class RunSummary:
     wall_time_s: float = 0.0
     bad_files: list[str] = field(default_factory=list)  # "path: reason", each unusable file once
     hosts: list[str] = field(default_factory=list)  # describe_host() of each machine it trained on, once
+    knn_monitor: list[dict[str, Any]] = field(default_factory=list)  # {"step", "knn_top1", "of"}: the kNN monitor
+    monitor_time_s: float = 0.0  # seconds the kNN monitor took (not in wall_time_s)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
@@ -65,6 +67,8 @@ class RunSummary:
             "images_per_sec": round(throughput, 2),
             "bad_files": self.bad_files,
             "hosts": self.hosts,
+            "knn_monitor": self.knn_monitor,
+            "monitor_time_s": round(self.monitor_time_s, 2),
         }
 
 

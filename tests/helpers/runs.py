@@ -65,6 +65,7 @@ def tiny_config(output: Path, **overrides) -> TrainConfig:
         report_to="none",
         bn_splits=2,
         keep_checkpoints=3,
+        knn_monitor_every=0,  # tests of the monitor turn it on
     )
     return TrainConfig(**(values | overrides))
 

@@ -221,3 +221,54 @@ def test_device_views_train_on_photos_of_any_size(tmp_path):
     assert sorted(steps) == [1, 2, 3, 4] and not torch.equal(steps[1], steps[4])
     assert json.loads((run_dir / "run.json").read_text())["augment_on"] == "device"
     assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+# --- the kNN monitor ----------------------------------------------------------------------------------------------
+
+
+def test_knn_monitor_measures_the_untrained_backbone_then_every_epoch_and_changes_nothing(tmp_path):
+    """On by default where the dataset has a val split: step 0 (untrained), then each epoch; in metrics.jsonl,
+    run.json's summary, the progress status, the curves and the card, and the weights are those of a run without it.
+    Its last point is `mochi probe --protocol knn --max-images N` of the same weights, the same number computed twice."""
+    from mochi_hub.config import resolve_probe_config
+    from mochi_hub.evaluate.probe import run_probe
+
+    with_monitor = run_recording(tiny_config(tmp_path / "on", knn_monitor_every=None, knn_monitor_images=48))
+    without = run_recording(tiny_config(tmp_path / "off", knn_monitor_every=0))
+    for step, tensors in with_monitor.items():
+        for name, value in tensors.items():
+            assert torch.equal(value, without[step][name]), (step, name)
+    records = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    points = [(r["step"], r["of"]) for r in records if r["kind"] == "monitor"]
+    assert points == [(0, "untrained"), (4, "trained"), (8, "trained")]  # 4 steps an epoch
+    run = json.loads((tmp_path / "on" / "run.json").read_text())
+    assert [(p["step"], p["of"]) for p in run["summary"]["knn_monitor"]] == points
+    assert run["summary"]["monitor_time_s"] > 0 and "kNN monitor every 4 steps" in run["knn_monitor"]
+    assert not any(r["kind"] == "monitor" for r in map(json.loads, (tmp_path / "off" / "metrics.jsonl").open()))
+    card = (tmp_path / "on" / "export" / "README.md").read_text()
+    last = run["summary"]["knn_monitor"][-1]["knn_top1"]
+    assert f"{last:.2f} at step 8" in card and "not an evaluation result" in card
+    assert (tmp_path / "on" / "export" / "training_curves.png").is_file()
+    probe = run_probe(
+        str(tmp_path / "on"),
+        resolve_probe_config(dataset="fashion-mnist", protocol="knn", max_images=48, workers=0, image_size=32),
+        show=False,
+    )
+    assert probe["top1"] == pytest.approx(last, abs=1e-6)
+
+
+def test_knn_monitor_needs_a_val_split(tmp_path):
+    """A folder without val/: the monitor is off by default and says so; asked for, it is one line naming it."""
+    from runs import write_image_folder
+
+    folder = write_image_folder(tmp_path / "data" / "train", per_class=16, classes=(0, 1)).parent
+    run_dir = train(
+        tiny_config(
+            tmp_path / "run", dataset=str(folder), max_train_images=None, mochi=(0, 0, 0), knn_monitor_every=None
+        )
+    )
+    assert (
+        json.loads((run_dir / "run.json").read_text())["knn_monitor"] == "kNN monitor off: the dataset has no val split"
+    )
+    with pytest.raises(ValueError, match="--knn-monitor-every: the monitor needs a labelled val split"):
+        train(tiny_config(tmp_path / "asked", dataset=str(folder), max_train_images=None, knn_monitor_every=2))
