@@ -6,15 +6,18 @@ learning must beat: the exact untrained backbone (same architecture, init and se
     .venv/bin/python bench/learning.py --quick                                 # a smoke run, seconds
 
 Fashion-MNIST: the kNN bank is a seeded 20,000-image subset of the training split, the queries the whole test
-split (10,000; --max-images subsets of both when --bank is smaller), at the run's image size through the probe's evaluation transform; kNN k = 200, T = 0.07, on the
-backbone's pooled features (mochi_hub.evaluate.classify.knn_scores, as `mochi probe --protocol knn`). At the end the
-trained backbone, the untrained one and raw pixels (centred by the bank's mean image) are also probed with the
+split (10,000; --max-images subsets of both when --bank is smaller), at the run's image size through the probe's
+evaluation transform; kNN k = 200, T = 0.07, on the backbone's pooled features: the library's kNN monitor
+(mochi_hub.evaluate.monitor, `--knn-monitor-every`), which is `mochi probe --protocol knn --max-images N`. At the
+end the trained backbone, the untrained one and raw pixels (centred by the bank's mean image) are also probed with the
 real `run_probe` (knn and fast), and the curve's last point must equal the knn probe (it is the same number
 computed twice). Writes a JSON (every point, the config, the references) and prints a table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import shutil
 import sys
@@ -56,19 +59,6 @@ def eval_tensors(image_size: int, bank: int) -> tuple[Tensor, Tensor, Tensor, Te
         images = torch.stack([transform(to_rgb(source[i][0])) for i in indices])  # [N, 3, S, S]
         out += [images, torch.tensor([source[i][1] for i in indices])]
     return tuple(out)
-
-
-@torch.no_grad()
-def knn_top1(backbone: nn.Module, data: tuple[Tensor, ...]) -> float:
-    from mochi_hub.evaluate.classify import knn_scores
-
-    bank_x, bank_y, test_x, test_y = data
-    training = backbone.training
-    backbone.eval()
-    features = [torch.cat([backbone(b) for b in x.split(500)]) for x in (bank_x, test_x)]
-    backbone.train(training)
-    scores = knn_scores(features[0], bank_y, features[1], 10, k=K, temperature=T)
-    return 100.0 * (scores.argmax(1) == test_y).float().mean().item()
 
 
 def probes(source: str, backbone: tuple[nn.Module, dict] | None, image_size: int, bank: int, cache: Path) -> dict:
@@ -120,26 +110,15 @@ def run(args) -> dict[str, Any]:
     data = eval_tensors(config.image_size, args.bank)
     untrained = initial_encoder(config)[0].backbone.eval()
     pixels = pixels_reference(data[0])
-    curve = [{"step": 0, "knn": knn_top1(untrained, data), "train_s": 0.0}]
-    clock = {"train": 0.0, "since": time.perf_counter()}
-
-    def on_step(step: int, info: dict[str, Any]) -> None:
-        if step % args.every == 0:
-            clock["train"] += time.perf_counter() - clock["since"]
-            curve.append(
-                {"step": step, "knn": knn_top1(info["query"].backbone, data), "train_s": round(clock["train"], 1)}
-            )
-            print(f"step {step}: kNN {curve[-1]['knn']:.2f} after {clock['train']:.0f} s of training", flush=True)
-            clock["since"] = time.perf_counter()
-
-    run_dir = train(config, on_step=on_step)
-    from mochi_hub.training.runs import load_run_backbone
-
-    trained, _, _, checkpoint = load_run_backbone(run_dir)
-    last_step = int(checkpoint.name.split("-")[1])
-    if curve[-1]["step"] != last_step:
-        clock["train"] += time.perf_counter() - clock["since"]
-        curve.append({"step": last_step, "knn": knn_top1(trained, data), "train_s": round(clock["train"], 1)})
+    # The library's kNN monitor draws the curve: the same bank, queries, k and T as `mochi probe --max-images`.
+    config = dataclasses.replace(config, knn_monitor_every=args.every, knn_monitor_images=args.bank)
+    run_dir = train(config)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [
+        {"step": r["step"], "knn": r["knn_top1"], "train_s": r["train_s"]} for r in records if r["kind"] == "monitor"
+    ]
+    for point in curve[1:]:
+        print(f"step {point['step']}: kNN {point['knn']:.2f} after {point['train_s']:.0f} s of training", flush=True)
     cache = args.runs_dir / "feature-cache"
     untrained_info = {"weights_sha256": weights_sha256(untrained), "num_features": untrained.num_features}
     references = {

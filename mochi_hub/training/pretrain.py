@@ -397,7 +397,14 @@ class _Run:
         self.summary.monitor_time_s += point["seconds"]
         self.clock = time.perf_counter()  # the monitor's time is not training time
         self.window = (self.window[0], self.window[1] + point["seconds"])
-        record = {"kind": "monitor", "step": self.step, "epoch": epoch, "of": of, "knn_top1": point["knn_top1"]}
+        record = {
+            "kind": "monitor",
+            "step": self.step,
+            "epoch": epoch,
+            "of": of,
+            "knn_top1": point["knn_top1"],
+            "train_s": round(self.summary.wall_time_s, 1),  # training time so far, the monitor's own left out
+        }
         self.summary.knn_monitor.append({k: record[k] for k in ("step", "of", "knn_top1")})
         if self.is_main:
             self.metrics.append(record)
