@@ -3,8 +3,9 @@ Fashion-MNIST at seeds the study never used, trained as a user would (`mochi tra
 --dataset DIR`, plus a variant's options), judged by kNN and the fast probe against the same network untrained and
 raw pixels, probed the same way.
 
-    .venv/bin/python bench/untuned.py --sets small-4k --methods moco,mochi --variants preset
-    .venv/bin/python bench/untuned.py --sets small-4k --methods moco --variants preset,queue-512,epochs-60
+    .venv/bin/python bench/untuned.py --sets small-4k,disjoint --methods moco,mochi --variants unfitted,fitted
+    .venv/bin/python bench/untuned.py --sets small-4k --methods moco --variants epochs-60 \
+        --variant queue-273=fit_to_data=false,queue_size=273   # one variable at a time
     .venv/bin/python bench/untuned.py --quick        # a smoke run, a minute
 
 Sets (real Fashion-MNIST images written as PNG folders at test time; classes all 10 unless said):
@@ -35,10 +36,9 @@ SETS: dict[str, dict[str, Any]] = {
     "disjoint": dict(train=(range(5), 1200, 11), val=(range(5), 200, 11), judge=(range(5, 10), 1000, 500, 11)),
 }
 VARIANTS: dict[str, dict[str, Any]] = {
-    "preset": {},
-    "queue-512": {"queue_size": 512},
-    "epochs-60": {"epochs": 60, "mixing_warmup_epochs": 15},
-    "queue-512-epochs-60": {"queue_size": 512, "epochs": 60, "mixing_warmup_epochs": 15},
+    "fitted": {},  # the preset as `mochi train` fits it to the set (--fit-to-data, the default)
+    "unfitted": {"fit_to_data": False},  # the preset's values as they are (what mochi-hub did before the fit)
+    "epochs-60": {"fit_to_data": False, "epochs": 60, "mixing_warmup_epochs": 15},  # the budget alone
 }
 METHODS = {"moco": (0, 0, 0), "mochi": (1024, 1024, 512)}
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--sets", default="small-4k,disjoint", help=f"from {', '.join(SETS)}")
     p.add_argument("--methods", default="moco,mochi", help=f"from {', '.join(METHODS)}")
-    p.add_argument("--variants", default="preset", help=f"from {', '.join(VARIANTS)} and those --variant adds")
+    p.add_argument("--variants", default="unfitted,fitted", help=f"from {', '.join(VARIANTS)} and those --variant adds")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD=VALUE,...", help="add a variant")
     p.add_argument("--runs-dir", type=Path, default=common.ROOT / "runs" / "untuned")
     args = common.parse(p, argv)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model="test_resnet", max_steps=6, batch_size=32, queue_size=128, mochi=(16, 16, 8), bn_splits=2, epochs=2
     )
     if args.quick:
-        args.sets, args.methods = "small-2k", "mochi"
+        args.sets, args.methods, args.variants = "small-2k", "mochi", "fitted"
     started = time.perf_counter()
     result: dict[str, Any] = {**common.environment(__file__, argv), "runs": [], "references": {}}
     for set_name in args.sets.split(","):

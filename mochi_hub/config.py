@@ -399,6 +399,15 @@ class TrainConfig(_Config):
         within="(0, inf)",
         affects=RUNS,
     )
+    fit_to_data: bool = option(
+        True,
+        "With a preset measured on a dataset of another size: the queue keeps the share of the training images "
+        "the preset was measured with, and the run the preset's number of steps (as epochs of this dataset, the "
+        "mixing warm-up keeping its share); values that differ from the preset's are kept. The start says what "
+        "changed. --no-fit-to-data keeps the preset's values as they are.",
+        affects=RUNS,
+        legacy=False,
+    )
 
     def check_together(self) -> None:
         n_hard, s, s_prime = self.mochi
@@ -481,6 +490,68 @@ TRAIN_PRESETS["demo"] = {
     "max_train_images": 32768,
     "log_every_steps": 16,
 }
+
+
+@dataclass(frozen=True)
+class MeasuredOn:
+    """What a preset's settings were measured on, so that a run on other data can be fitted to it, and told."""
+
+    images: int  # training images
+    learned_by_step: int | None = None  # the kNN of the trained backbone first beat the untrained one by then
+
+
+PRESETS_MEASURED_ON = {
+    "imagenet-100": MeasuredOn(126_689),  # the paper's ImageNet-100 (CMC's 100 classes)
+    "imagenet-1k": MeasuredOn(1_281_167),
+    "fashion-mnist": MeasuredOn(60_000, learned_by_step=702),  # docs/study: crossed between steps 468 and 702
+    "demo": MeasuredOn(32_768, learned_by_step=512),  # make demo: trained above untrained after its 512 steps
+}
+
+
+def fit_to_data(config: TrainConfig, images: int) -> tuple[TrainConfig, list[str]]:
+    """The config fitted to a dataset of `images` training images (see --fit-to-data), and one line per change or
+    concern. Fields whose values differ from the preset's (given explicitly) are kept. Also says, for any run, when
+    the queue holds every image's own earlier key, and when a preset's run is shorter than where it learned."""
+    measured = PRESETS_MEASURED_ON.get(config.preset or "")
+    notes: list[str] = []
+    if measured is not None and config.fit_to_data and images != measured.images:
+        preset = TrainConfig(**{k: v for k, v in TRAIN_PRESETS[config.preset].items() if k != "dataset"})
+        changes: dict[str, Any] = {}
+        share = images / measured.images
+        queue = max(config.batch_size, int(preset.queue_size * share))
+        if config.queue_size == preset.queue_size and queue < config.queue_size:
+            changes["queue_size"] = queue
+            notes.append(
+                f"queue K {queue} (the preset's {preset.queue_size} of {measured.images:,} images, as a share of "
+                f"these {images:,})"
+            )
+            n_hard, s, s_prime = config.mochi
+            if n_hard == preset.mochi[0] and n_hard:  # the hardest N keep their share of the queue
+                changes["mochi"] = (max(1, n_hard * queue // preset.queue_size), s, s_prime)
+                notes.append(f"MoCHi N {changes['mochi'][0]} (the preset's {n_hard} of K {preset.queue_size})")
+        if config.epochs == preset.epochs and config.batch_size == preset.batch_size:
+            steps = preset.epochs * (measured.images // preset.batch_size)  # what the preset was measured over
+            epochs = max(1, round(steps / max(1, images // config.batch_size)))
+            if epochs != config.epochs:
+                changes["epochs"] = epochs
+                notes.append(f"{epochs} epoch(s) (about the preset's {steps:,} steps on these {images:,} images)")
+                if config.mixing_warmup_epochs == preset.mixing_warmup_epochs and preset.mixing_warmup_epochs:
+                    warmup = min(epochs - 1, round(preset.mixing_warmup_epochs * epochs / preset.epochs))
+                    changes["mixing_warmup_epochs"] = warmup
+                    notes.append(f"mixing from epoch {warmup + 1} (the preset's share of the run without mixing)")
+        config = dataclasses.replace(config, **changes)
+    if config.queue_size >= images:
+        notes.append(
+            f"the queue (K {config.queue_size}) holds at least all {images:,} training images: each image's own key "
+            "from an earlier epoch is among its negatives; a queue that is a small share of the data learns better"
+        )
+    steps = config.epochs * (images // config.batch_size)
+    if measured is not None and measured.learned_by_step and steps < measured.learned_by_step:
+        notes.append(
+            f"{steps} steps: fewer than the {measured.learned_by_step} after which the {config.preset} preset was "
+            "measured to beat its untrained weights; the kNN monitor will show whether this run does"
+        )
+    return config, notes
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

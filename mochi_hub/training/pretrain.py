@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor
 
-from mochi_hub.config import TrainConfig, resume_differences, train_config_from_dict
+from mochi_hub.config import TrainConfig, fit_to_data, resume_differences, train_config_from_dict
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, broadcast_buffers, check_shared_folder, on_main_process
 from mochi_hub.core.persist import StateFileError, ensure_writable_dir
@@ -164,8 +164,6 @@ class _Run:
         )
         world = accelerator.num_processes
         check_shared_folder(run_dir, accelerator, "--output")
-        # Decided once, on rank 0, from what rank 0 sees: every rank must resume from the same step.
-        resume_from = on_main_process(accelerator, lambda: _resume_point(config, run_dir, world))
 
         # Data: every image decoded lazily; undecodable ones replaced and reported (DecodedImages).
         source = resolve_dataset(config.dataset, "train")
@@ -177,6 +175,9 @@ class _Run:
             )
         if accelerator.is_main_process and (note := missing_classes_note(source, len(views))):
             log.warning(note)
+        config, fitted = fit_to_data(config, len(views))  # a preset measured on another size of data
+        # Decided once, on rank 0, from what rank 0 sees: every rank must resume from the same step.
+        resume_from = on_main_process(accelerator, lambda: _resume_point(config, run_dir, world))
         steps_per_epoch = len(views) // config.batch_size
         total_steps = config.epochs * steps_per_epoch
         last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
@@ -206,6 +207,7 @@ class _Run:
             "batchnorm_groups": config.batchnorm_groups,
             "device_choices": device_choices,
             "knn_monitor": monitor_note,
+            "fitted_to_data": fitted,
         }
         run = cls(
             config=config,
@@ -296,6 +298,8 @@ class _Run:
             self.info["shuffle_bn"],
             self.info["augment_on"],
         )
+        for note in self.info["fitted_to_data"]:
+            log.info("  for these %d images: %s", self.info["dataset_images"], note)
         log.info("  %s", self.info["knn_monitor"])
         if self.info["device_choices"]:
             log.info("  chosen for %s: %s", self.device.type, "; ".join(self.info["device_choices"]))

@@ -272,3 +272,27 @@ def test_knn_monitor_needs_a_val_split(tmp_path):
     )
     with pytest.raises(ValueError, match="--knn-monitor-every: the monitor needs a labelled val split"):
         train(tiny_config(tmp_path / "asked", dataset=str(folder), max_train_images=None, knn_monitor_every=2))
+
+
+def test_a_preset_run_on_a_smaller_dataset_is_fitted_recorded_and_resumes(tmp_path):
+    """`--preset fashion-mnist` on 1,280 images: K 128 (at least a batch), N 32, 187 epochs of 10 steps; run.json's
+    config is the fitted one with the changes listed, and --resume auto continues it (the same fit again)."""
+    from mochi_hub.config import resolve_train_config
+
+    options = dict(
+        preset="fashion-mnist",
+        model="test_resnet",
+        max_train_images=1280,
+        workers=0,
+        report_to="none",
+        knn_monitor_every=0,
+        output=str(tmp_path / "run"),
+    )
+    train(resolve_train_config(**options, max_steps=2))
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    config = run["config"]
+    assert (config["queue_size"], config["mochi"], config["epochs"]) == (128, [32, 1024, 512], 187)
+    assert config["mixing_warmup_epochs"] == 47 and run["total_steps"] == 1870
+    assert len(run["fitted_to_data"]) == 4
+    train(resolve_train_config(**options, max_steps=3, resume="auto"))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["summary"]["resumes"] == 1

@@ -89,3 +89,28 @@ def test_paper_presets_hold_the_paper_settings():
         batch_size=512, queue_size=4096
     ).base_lr == pytest.approx(0.06)
     assert (i100.temperature, i100.key_momentum, i100.proj_dim) == (0.2, 0.999, 128)
+
+
+def test_a_preset_is_fitted_to_a_dataset_of_another_size():
+    """The queue keeps the share of the data the preset was measured with (MoCHi's N its share of the queue), the run
+    the preset's steps as epochs of this dataset, the warm-up its share; explicit values stay; each change is said."""
+    from mochi_hub.config import fit_to_data
+
+    preset = resolve_train_config(preset="fashion-mnist")
+    same, notes = fit_to_data(preset, 60_000)
+    assert same == preset and notes == []
+    small, notes = fit_to_data(preset, 4_000)
+    assert (small.queue_size, small.mochi, small.epochs, small.mixing_warmup_epochs) == (273, (68, 1024, 512), 60, 15)
+    assert len(notes) == 4 and "273" in notes[0] and "60 epoch(s)" in notes[2]
+    tiny, _ = fit_to_data(preset, 1_000)
+    assert tiny.queue_size == 128 and tiny.mochi[0] == 32  # never below the batch
+    large, _ = fit_to_data(preset, 600_000)
+    assert (large.queue_size, large.epochs, large.mixing_warmup_epochs) == (4096, 1, 0)  # the queue never grows
+    explicit = resolve_train_config(preset="fashion-mnist", queue_size=2048, epochs=8, mochi=(512, 512, 256))
+    kept, _ = fit_to_data(explicit, 4_000)
+    assert (kept.queue_size, kept.epochs, kept.mochi) == (2048, 8, (512, 512, 256))
+    unfitted, notes = fit_to_data(resolve_train_config(preset="fashion-mnist", fit_to_data=False), 4_000)
+    assert unfitted.queue_size == 4096 and unfitted.epochs == 4
+    assert any("holds at least all 4,000" in n for n in notes) and any("fewer than the 702" in n for n in notes)
+    plain, notes = fit_to_data(resolve_train_config(dataset="fashion-mnist", queue_size=8192), 4_000)
+    assert plain.queue_size == 8192 and len(notes) == 1 and "holds at least all" in notes[0]  # no preset: only said
