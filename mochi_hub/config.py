@@ -391,7 +391,7 @@ class TrainConfig(_Config):
         within="[0, inf)",
         affects=RUNS,
         legacy=0,
-        default_text="once an epoch when the dataset has a labelled val split, else off",
+        default_text="8 points over the run when the dataset has a labelled val split, else off",
     )
     knn_monitor_images: int = option(
         2000,

@@ -181,7 +181,7 @@ class _Run:
         steps_per_epoch = len(views) // config.batch_size
         total_steps = config.epochs * steps_per_epoch
         last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
-        monitor, monitor_note = KnnMonitor.for_run(config, steps_per_epoch)
+        monitor, monitor_note = KnnMonitor.for_run(config, last_step)
 
         # Model: the same seeded initial weights on every rank (DDP would broadcast them anyway).
         state = build_training_state(config, accelerator)

@@ -227,7 +227,7 @@ def test_device_views_train_on_photos_of_any_size(tmp_path):
 
 
 def test_knn_monitor_measures_the_untrained_backbone_then_every_epoch_and_changes_nothing(tmp_path):
-    """On by default where the dataset has a val split: step 0 (untrained), then each epoch; in metrics.jsonl,
+    """On by default where the dataset has a val split: step 0 (untrained), then 8 points; in metrics.jsonl,
     run.json's summary, the progress status, the curves and the card, and the weights are those of a run without it.
     Its last point is `mochi probe --protocol knn --max-images N` of the same weights, the same number computed twice."""
     from mochi_hub.config import resolve_probe_config
@@ -240,10 +240,10 @@ def test_knn_monitor_measures_the_untrained_backbone_then_every_epoch_and_change
             assert torch.equal(value, without[step][name]), (step, name)
     records = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
     points = [(r["step"], r["of"]) for r in records if r["kind"] == "monitor"]
-    assert points == [(0, "untrained"), (4, "trained"), (8, "trained")]  # 4 steps an epoch
+    assert points == [(0, "untrained")] + [(step, "trained") for step in range(1, 9)]  # 8 points over 8 steps
     run = json.loads((tmp_path / "on" / "run.json").read_text())
     assert [(p["step"], p["of"]) for p in run["summary"]["knn_monitor"]] == points
-    assert run["summary"]["monitor_time_s"] > 0 and "kNN monitor every 4 steps" in run["knn_monitor"]
+    assert run["summary"]["monitor_time_s"] > 0 and "kNN monitor every 1 step(s)" in run["knn_monitor"]
     assert not any(r["kind"] == "monitor" for r in map(json.loads, (tmp_path / "off" / "metrics.jsonl").open()))
     card = (tmp_path / "on" / "export" / "README.md").read_text()
     last = run["summary"]["knn_monitor"][-1]["knn_top1"]
