@@ -32,7 +32,7 @@ OnNonFinite = Literal["stop", "skip"]
 AugmentOn = Literal["auto", "workers", "device"]
 Protocol = Literal["linear", "knn", "fast"]
 Split = Literal["val", "train"]
-BatchNormMode = Literal["frozen", "train", "sync"]
+BatchNormMode = Literal["auto", "frozen", "train", "sync"]
 
 # What a field changes, which decides what a resumed job may change and what a result's name covers.
 RUNS = "runs"  # where and how the work runs (output, workers): free on resume, not in a result's name
@@ -808,15 +808,18 @@ class DetectConfig(_Config):
         within="[32, inf)",
     )
     batch_norm: BatchNormMode = option(
-        "frozen",
-        "BatchNorm of the trained backbone stages: frozen (FrozenBatchNorm, torchvision's default) | "
-        "train (per-process batch statistics) | sync (SyncBatchNorm over GPUs, as MoCo's detection transfer). "
-        "Stages that do not train are always frozen.",
+        "auto",
+        "BatchNorm of the trained backbone stages and of the new layers (FPN, box head): train (the batch's "
+        "statistics) | sync (SyncBatchNorm over GPUs) | frozen (FrozenBatchNorm in the backbone and no norm in the "
+        "new layers: torchvision's default for supervised weights). auto: sync with several GPU processes, else "
+        "train, as MoCo's detection transfer (self-supervised features are not scaled as the running statistics "
+        "of their pretraining say on new data). Stages that do not train are always frozen.",
     )
-    trainable_layers: int = option(
-        3,
+    trainable_layers: int | None = option(
+        None,
         "How many of the backbone's last stages train (a ResNet has 5: stem, layer1-4; 0 freezes the backbone).",
         within="[0, inf)",
+        default_text="every stage, as MoCo's detection transfer",
     )
     fpn_channels: int = option(256, "Channels of every FPN level (out_channels).", within="(0, inf)")
     hflip: bool = option(True, "Random horizontal flips of the training images (--no-hflip: none).")
@@ -845,18 +848,8 @@ class DetectConfig(_Config):
 DETECT_PRESETS: dict[str, dict[str, Any]] = {
     # torchvision's references/detection recipe for COCO (fasterrcnn_resnet50_fpn), 1x: the defaults.
     "coco-1x": dict(epochs=12, batch_size=16, lr_milestones=(8, 11), warmup_iters=1000, image_size=800),
-    # The Fashion-MNIST canvases of bench/detection.py (128 px, up to 3 items). Every stage and its BatchNorm
-    # train, as in MoCo's detection transfer: frozen statistics of an untrained baseline would normalise nothing.
-    "canvas": dict(
-        epochs=12,
-        batch_size=8,
-        lr=0.02,
-        lr_milestones=(9, 11),
-        warmup_iters=50,
-        image_size=128,
-        trainable_layers=5,
-        batch_norm="train",
-    ),
+    # The Fashion-MNIST canvases of bench/detection.py (128 px, up to 3 items).
+    "canvas": dict(epochs=12, batch_size=8, lr=0.02, lr_milestones=(9, 11), warmup_iters=50, image_size=128),
 }
 
 

@@ -184,7 +184,7 @@ def test_fine_tuning_lowers_the_loss_and_reports_ap_from_the_real_evaluator(dete
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert saved[key] is None or 0.0 <= saved[key] <= 100.0
     assert saved["evaluator"]["name"] in ("faster-coco-eval", "pycocotools") and saved["evaluator"]["version"]
-    assert saved["hyperparameters"] == config.to_dict()
+    assert saved["hyperparameters"] == {**config.to_dict(), "batch_norm": "train"}  # auto, resolved on one CPU process
     assert len(saved["weights_sha256"]) == 64 and saved["weights_sha256"] == saved["source_info"]["weights_sha256"]
     assert set(saved["dataset_fingerprint"]) == {"train", "val"}
     assert saved["dataset_fingerprint"]["val"]["images"] == 2
@@ -301,5 +301,24 @@ def test_a_diverging_loss_stops_with_one_line(data, tmp_path):
     args = ["detect", str(source), "--data", str(data), "--output", str(tmp_path / "out"), "--image-size", "128"]
     args += ["--batch-size", "2", "--fpn-channels", "32", "--workers", "0", "--warmup-iters", "0", "--lr", "1e9"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1 and "the detection loss is not finite at epoch 1" in _error_line(result)
+    line = _error_line(result)
+    assert result.exit_code == 1 and "the detection loss is not finite at epoch" in line and "after 3 rollbacks" in line
     assert not (tmp_path / "out" / RESULTS).exists()
+
+
+def test_a_non_finite_loss_rolls_back_to_the_epochs_start_with_half_the_lr(data, tmp_path, monkeypatch, caplog):
+    """One non-finite loss (injected at epoch 1, step 2): the epoch starts again from its first state with the lr
+    halved, the run finishes, and the result says where it rolled back from."""
+    import mochi_hub.evaluate.detect as detect_module
+
+    calls, real = [], detect_module.all_ranks_true
+
+    def once_not_finite(flag, accelerator):
+        calls.append(1)
+        return flag & False if len(calls) == 2 else real(flag, accelerator)
+
+    monkeypatch.setattr(detect_module, "all_ranks_true", once_not_finite)
+    config = tiny_detect_config(data, tmp_path / "out", epochs=2)
+    result = run_detect(str(tiny_timm_folder(tmp_path / "tiny")), config, show=False)
+    assert result["rollbacks"] == [{"epoch": 1, "step": 2}] and len(result["epoch_losses"]) == 2
+    assert "back to the start of the epoch with the learning rate x0.5" in caplog.text
