@@ -256,6 +256,21 @@ class TrainConfig(_Config):
         "Hub dataset id (org/name), local imagefolder (train/ [val/]), or imagenet-100 | imagenet-1k | fashion-mnist.",
         default_text="none: `mochi train` needs --dataset, --preset or --config",
     )
+    data_root: str | None = option(
+        None,
+        "Where a named --dataset lives: imagenet-100 as a view of an ImageNet-1K folder (train/<synset>/, "
+        "val/<synset>/) or of its shards (data/train-NNNNN-of-MMMMM.parquet), in CMC's class order; imagenet-1k "
+        "from such a folder.",
+        affects=RUNS,
+        default_text="the Hub copy",
+    )
+    streaming: bool = option(
+        False,
+        "Read Parquet shards (a Hub id or a folder data/<split>-*.parquet) as a stream, each process its own shards, "
+        "without converting or downloading them first; a resume skips the rows already read (exact with the same "
+        "processes and workers).",
+        legacy=False,
+    )
     model: str = option("resnet50", "timm architecture of the backbone (created with num_classes=0).")
     image_size: int = option(224, "Crop size of the augmented views, in pixels.", within="(0, inf)", card="Image size")
     epochs: int = option(200, "Training epochs.", within="(0, inf)", card="Epochs")
@@ -652,6 +667,13 @@ class ProbeConfig(_Config):
         "fashion-mnist (each also selects its preset). A local folder of ImageNet-100 synsets takes "
         "CMC's class order.",
         default_text="the dataset SOURCE was trained on",
+    )
+    data_root: str | None = option(
+        None,
+        "Where a named --dataset lives: imagenet-100 as a view of an ImageNet-1K folder (train/<synset>/, "
+        "val/<synset>/) or of its shards (data/<split>-NNNNN-of-MMMMM.parquet), in CMC's class order.",
+        affects=RUNS,
+        default_text="the Hub copy",
     )
     protocol: Protocol = option(
         "linear",

@@ -23,7 +23,14 @@ from mochi_hub.data.datasets import FASHION_MNIST_CLASSES, HubImages
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS / "helpers"))  # runs.py, images.py, hub_server.py: shared helpers, imported by name
-from images import TRAIN_PER_CLASS, VAL_PER_CLASS, fmnist_subset, folder_name, tiny_backbone  # noqa: E402
+from images import (  # noqa: E402
+    TRAIN_PER_CLASS,
+    VAL_PER_CLASS,
+    fmnist_subset,
+    folder_name,
+    tiny_backbone,
+    write_photo_jpegs,
+)
 
 TIERS = ("unit", "integration", "e2e")
 FASHION_MNIST_FILES = (
@@ -62,6 +69,12 @@ def one_thread():
 
 
 # --- real images and a tiny backbone, shared by the probe tests -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def photo_jpegs(tmp_path_factory) -> Path:
+    """A folder (train/ 4 classes x 16, val/ 4 x 4) of real colour photos as JPEGs of mixed sizes."""
+    return write_photo_jpegs(tmp_path_factory.mktemp("photo-jpegs"), per_class=16)
 
 
 @pytest.fixture(scope="module")

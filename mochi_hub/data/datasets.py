@@ -1,15 +1,21 @@
-"""Where images come from: a Hub dataset id, a local imagefolder, or a named source.
+"""Where images come from: a Hub dataset id, Parquet shards in the Hub's layout, a local imagefolder, or a named
+source (imagenet-100 also as a view of an ImageNet-1K folder or shards, `--data-root`).
 
-Every source is a map-style dataset of (PIL image, label) with `classes` and `describe(i)` (a path or an
-id, for error reports). Images are decoded lazily, one at a time: a folder of 1.28M JPEGs is a file list,
-not an Arrow conversion. `DecodedImages` turns any source into tensors and decides per image: a file that
-cannot be decoded is reported (by its path) and replaced by the next good one, so batches keep their
-shape and an epoch never dies halfway; with `strict` it raises at the first one instead.
+Every source is a map-style dataset with `classes`, `describe(i)` (a path or an id, for error reports) and
+`read(i)`: the image as its encoded bytes (a file, a shard's `image` column) or, where there is no file, a PIL
+image, with its label; `source[i]` is the decoded RGB image. Nothing is decoded until asked for: a folder of 1.28M
+JPEGs is a file list, not an Arrow conversion, and a JPEG read as bytes can still be decoded at a reduced scale
+(`decode_rgb(..., min_side)`) or handed to the GPU undecoded (mochi_hub.data.decode). `DecodedImages` decides per
+image: a file that cannot be decoded is reported (by its path) and replaced by the next good one, so batches keep
+their shape and an epoch never dies halfway; with `strict` it raises at the first one instead. Streaming shards
+(`--streaming`) are mochi_hub.data.shards'.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,12 +50,23 @@ HUB_SOURCES = {
 # ImageNet-100 as CMC defined it (Tian et al., arXiv:1906.05849; HobbitLong/CMC imagenet100.txt), in CMC's
 # order, which is also the label order of the Hub copy clane9/imagenet-100: one synset a line, in the package.
 IMAGENET100_CMC_CLASSES = resources.files(__package__).joinpath("imagenet100.txt").read_text().split()
+# The named sources that are subsets of a bigger one: `--dataset NAME --data-root DIR` reads them out of DIR.
+SUBSETS = {"imagenet-100": IMAGENET100_CMC_CLASSES}
+# What --data-root may hold for each named source (the subset's parent set, or the set itself).
+DATA_ROOT_SOURCES = ("imagenet-100", "imagenet-1k")
 SPLITS = ("train", "val")
 HUB_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "test")}
 
 
+# What an unusable image raises while it is read and decoded (PIL: OSError, SyntaxError, DecompressionBombError).
+UNUSABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 class BadImageError(RuntimeError):
     """An image that cannot be used, with its path; raised only under --strict-data."""
+
+
+Raw = bytes | Image.Image  # an encoded image file, or a PIL image where the source holds pixels, not files
 
 
 class ImageSource(Protocol):
@@ -57,7 +74,25 @@ class ImageSource(Protocol):
 
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
+    def read(self, index: int) -> tuple[Raw, int]: ...
     def describe(self, index: int) -> str: ...
+
+
+def open_image(raw: Raw) -> Image.Image:
+    """Encoded bytes -> a PIL image whose pixels are not decoded yet (so `draft` can still shrink a JPEG)."""
+    return raw if isinstance(raw, Image.Image) else Image.open(io.BytesIO(raw))
+
+
+def decode_rgb(raw: Raw, min_side: int | None = None) -> Image.Image:
+    """An image -> decoded 8-bit RGB. min_side: a JPEG whose shorter side is longer is decoded at 1/2, 1/4 or 1/8
+    scale (libjpeg's DCT scaling, `Image.draft`: several times cheaper than a full decode), the smallest that keeps
+    the shorter side >= min_side; other formats are decoded whole."""
+    image = open_image(raw)
+    if min_side is not None and image.format == "JPEG" and min(image.size) > min_side:
+        scale = min_side / min(image.size)
+        image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    image.load()  # decode now, so a truncated file fails here and not inside a transform
+    return to_rgb(image)
 
 
 class FashionMNIST(Dataset):
@@ -81,6 +116,8 @@ class FashionMNIST(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[index], mode="L"), int(self.labels[index])
 
+    read = __getitem__  # pixels, not files: nothing to decode
+
     def describe(self, index: int) -> str:
         return f"fashion-mnist:{self.split}[{index}]"
 
@@ -88,10 +125,12 @@ class FashionMNIST(Dataset):
 class ImageFolder(Dataset):
     """root/<class>/<image>: a sorted file list; nothing is opened until asked for.
 
-    Every regular, non-hidden file counts, so a stray non-image file is reported rather than ignored.
+    Every regular, non-hidden file counts, so a stray non-image file is reported rather than ignored. `classes`
+    gives the label order; with `subset`, only those class folders are read (the others are left alone) and each
+    must exist: ImageNet-100 as a view of an ImageNet-1K folder.
     """
 
-    def __init__(self, root: str | Path, classes: list[str] | None = None):
+    def __init__(self, root: str | Path, classes: list[str] | None = None, *, subset: bool = False):
         self.root = Path(root)
         self.split_name = self.root.name  # train/ or val/ of a split folder, else the folder's own name
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -103,12 +142,18 @@ class ImageFolder(Dataset):
                 "(one sub-folder per class; for unlabelled images, one folder such as unlabelled/)"
             )
         self.classes = classes if classes is not None else found
-        missing = sorted(set(found) - set(self.classes))
-        if missing:
+        if subset:
+            if missing := [name for name in self.classes if name not in set(found)]:
+                raise ValueError(
+                    f"--data-root: {self.root} has no folder {missing[0]}, one of the {len(self.classes)} classes "
+                    f"asked for ({len(missing)} missing)"
+                )
+            found = self.classes
+        elif missing := sorted(set(found) - set(self.classes)):
             raise ValueError(f"{self.root}: class folders {missing[:5]} are not in the class list")
         index = {name: i for i, name in enumerate(self.classes)}
         self.files: list[tuple[str, int]] = []
-        for name in found:
+        for name in sorted(found):
             for dirpath, dirnames, filenames in os.walk(self.root / name):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 self.files += [
@@ -119,20 +164,27 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        raw, label = self.read(index)
+        return decode_rgb(raw), label
+
+    def read(self, index: int) -> tuple[bytes, int]:
         path, label = self.files[index]
-        image = Image.open(path)
-        image.load()  # decode now, so a truncated file fails here and not inside a transform
-        return image, label
+        with open(path, "rb") as f:
+            return f.read(), label
 
     def describe(self, index: int) -> str:
         return self.files[index][0]
 
 
 class HubImages(Dataset):
-    """A `datasets.Dataset` with an image column and a class-label column."""
+    """A `datasets.Dataset` (a Hub dataset, or Parquet/Arrow shards) with an image column and a class-label column,
+    read as encoded bytes. `keep`: class names to keep, in their label order (a named subset of a bigger set, e.g.
+    ImageNet-100's synsets out of ImageNet-1K shards); the rows are selected by an index over the label column, the
+    images stay where they are."""
 
-    def __init__(self, dataset: Any, name: str, split_name: str | None = None):
-        self.dataset = dataset
+    def __init__(self, dataset: Any, name: str, split_name: str | None = None, *, keep: list[str] | None = None):
+        import datasets
+
         self.name = name
         self.split_name = split_name or str(getattr(dataset, "split", None) or "train")
         features = dataset.features
@@ -140,37 +192,77 @@ class HubImages(Dataset):
         self.label_column = next((c for c in ("label", "labels", "cls", "fine_label") if c in features), None)
         if self.image_column is None:
             raise ValueError(f"--dataset {name}: no image column among {list(features)}")
+        if isinstance(features[self.image_column], datasets.Image):  # bytes, not a decoded PIL image
+            dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
         label_feature = features.get(self.label_column) if self.label_column else None
         self.classes = list(getattr(label_feature, "names", None) or [])
+        self.label_map: dict[int, int] | None = None
+        if keep is not None:
+            self.label_map = subset_labels(self.classes, keep, name)
+            wanted = set(self.label_map)
+            dataset = dataset.filter(
+                lambda labels: [label in wanted for label in labels],
+                input_columns=self.label_column,
+                batched=True,
+                batch_size=100_000,
+                desc=f"selecting {len(keep)} classes",
+            )
+            self.classes = list(keep)
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        raw, label = self.read(index)
+        return decode_rgb(raw), label
+
+    def read(self, index: int) -> tuple[Raw, int]:
         row = self.dataset[index]
-        label = int(row[self.label_column]) if self.label_column else -1
-        return row[self.image_column], label
+        return image_bytes(row[self.image_column]), self.label(row)
+
+    def label(self, row: dict[str, Any]) -> int:
+        if not self.label_column:
+            return -1
+        label = int(row[self.label_column])
+        return self.label_map[label] if self.label_map is not None else label
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"
 
 
-def load_hub_dataset(name: str, split: str) -> HubImages:
-    """A Hub dataset (or its copy in the HF cache) through `datasets`."""
-    import datasets
+def image_bytes(value: Any) -> Raw:
+    """A row's image as `datasets` stores it ({"bytes", "path"}: the bytes, else the file) -> the encoded file."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        with open(value["path"], "rb") as f:
+            return f.read()
+    return value  # bytes already, or a PIL image
 
-    errors = []
-    for hub_split in HUB_SPLIT_NAMES[split]:
-        try:
-            return HubImages(datasets.load_dataset(name, split=hub_split), name, split_name=hub_split)
-        except ValueError as error:  # unknown split: try the next name
-            errors.append(str(error))
-        except Exception as error:
-            raise ValueError(
-                f"--dataset {name}: could not load split {hub_split!r} from the Hub "
-                f"or the HF cache ({type(error).__name__}: {error})"
-            ) from error
-    raise ValueError(f"--dataset {name}: no split among {HUB_SPLIT_NAMES[split]}: {errors[-1]}")
+
+def subset_labels(names: list[str], keep: list[str], where: str) -> dict[int, int]:
+    """Label index in the bigger set -> index in `keep`. The bigger set's labels are synsets, or ImageNet-1K's
+    1000 classes in the standard (sorted synset) order under any names, as the Hub's ImageNet-1K names them."""
+    if len(names) == 1000 and not all(n.startswith("n") and n[1:].isdigit() for n in names):
+        from timm.data import ImageNetInfo  # the 1000 synsets in the standard order, shipped with timm
+
+        names = ImageNetInfo("imagenet-1k").label_names()
+    index = {name: i for i, name in enumerate(names)}
+    if missing := [name for name in keep if name not in index]:
+        raise ValueError(
+            f"--data-root: {where} has no class {missing[0]}, one of the {len(keep)} asked for ({len(missing)} missing)"
+        )
+    return {index[name]: i for i, name in enumerate(keep)}
+
+
+def load_hub_dataset(name: str, split: str, *, keep: list[str] | None = None) -> HubImages:
+    """A Hub dataset (or its copy in the HF cache), or a local folder of shards in the Hub's layout, through
+    `datasets` (map-style: converted once into its Arrow cache)."""
+    from mochi_hub.data.shards import load_split
+
+    dataset, hub_split = load_split(name, split, streaming=False)
+    return HubImages(dataset, name, split_name=hub_split, keep=keep)
 
 
 def known_class_order(folder: Path) -> list[str] | None:
@@ -180,16 +272,25 @@ def known_class_order(folder: Path) -> list[str] | None:
     return IMAGENET100_CMC_CLASSES if found and found <= set(IMAGENET100_CMC_CLASSES) else None
 
 
-def check_dataset_spec(spec: str) -> None:
+def check_dataset_spec(spec: str, data_root: str | None = None) -> None:
     """Fail fast, when the config is built, on a `--dataset` that names nothing we know how to read."""
+    if data_root is not None:
+        if spec not in DATA_ROOT_SOURCES:
+            raise ValueError(
+                f"--data-root is for the named sources {', '.join(DATA_ROOT_SOURCES)}; for --dataset {spec}, "
+                "give the folder as --dataset"
+            )
+        if not Path(data_root).expanduser().is_dir():
+            raise ValueError(f"--data-root {data_root}: not a folder")
+        return
     path = Path(spec).expanduser()
     if path.is_dir() or spec in HUB_SOURCES:
         return
     if path.exists():
         raise ValueError(
             f"--dataset {spec}: is a file; expected a folder of class sub-folders "
-            "(root/<class>/<image>, or root/train/<class>/...), a Hub dataset id (org/name), or one of "
-            f"{', '.join(HUB_SOURCES)}"
+            "(root/<class>/<image>, or root/train/<class>/...), a folder of shards (root/data/train-*.parquet), "
+            f"a Hub dataset id (org/name), or one of {', '.join(HUB_SOURCES)}"
         )
     if "/" in spec and not spec.startswith((".", "/", "~")):
         return  # a Hub id: whether it exists is known only when it is loaded
@@ -199,12 +300,25 @@ def check_dataset_spec(spec: str) -> None:
     )
 
 
-def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | None = None) -> ImageSource:
-    """`--dataset` -> an image source. spec: named source, local folder, or Hub dataset id."""
+def is_shard_folder(path: Path) -> bool:
+    """A local folder in the Hub's layout: data/<split>-NNNNN-of-MMMMM.parquet (or .arrow)."""
+    data = path / "data"
+    return data.is_dir() and any(f.suffix in (".parquet", ".arrow") for f in data.iterdir())
+
+
+def resolve_dataset(
+    spec: str, split: str = "train", *, classes: list[str] | None = None, data_root: str | None = None
+) -> ImageSource:
+    """`--dataset` -> an image source. spec: named source, local folder (images or shards), or Hub dataset id;
+    with data_root, a named source read out of that folder (`source_in_root`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    check_dataset_spec(spec)
+    check_dataset_spec(spec, data_root)
+    if data_root is not None:
+        return source_in_root(spec, split, Path(data_root).expanduser())
     path = Path(spec).expanduser()
+    if is_shard_folder(path):
+        return load_hub_dataset(str(path), split)
     if path.is_dir():
         folder = path / split if (path / "train").is_dir() else path
         if not folder.is_dir():
@@ -217,11 +331,11 @@ def resolve_dataset(spec: str, split: str = "train", *, classes: list[str] | Non
     return load_hub_dataset(spec, split)  # an org/name id (check_dataset_spec let nothing else through)
 
 
-def train_and_val(spec: str) -> tuple[ImageSource, ImageSource]:
+def train_and_val(spec: str, data_root: str | None = None) -> tuple[ImageSource, ImageSource]:
     """A dataset's train and val splits, val's labels meaning what train's do (a folder's classes come from train/)."""
-    train = resolve_dataset(spec, "train")
+    train = resolve_dataset(spec, "train", data_root=data_root)
     classes = train.classes if isinstance(train, ImageFolder) else None
-    return train, resolve_dataset(spec, "val", classes=classes)
+    return train, resolve_dataset(spec, "val", classes=classes, data_root=data_root)
 
 
 def num_classes(source: ImageSource) -> int:
@@ -231,6 +345,22 @@ def num_classes(source: ImageSource) -> int:
     if isinstance(source, HubImages) and source.label_column:
         return int(max(source.dataset[source.label_column])) + 1
     raise ValueError("the dataset has no class labels: kNN and linear evaluation need labelled images")
+
+
+def source_in_root(name: str, split: str, root: Path) -> ImageSource:
+    """`--dataset imagenet-100 --data-root DIR`: the named source as a view of what DIR holds, an ImageNet-1K
+    folder (DIR/train/<synset>/, DIR/val/<synset>/) or its shards (DIR/data/train-*.parquet), nothing copied. A
+    subset keeps its own class order (ImageNet-100: CMC's) and needs every one of its classes in DIR."""
+    keep = SUBSETS.get(name)
+    if is_shard_folder(root):
+        return load_hub_dataset(str(root), split, keep=keep)
+    folder = root / split
+    if not folder.is_dir():
+        raise ValueError(
+            f"--data-root {root}: no {split}/ folder and no shards (expected {root}/{split}/<synset>/<image> "
+            f"or {root}/data/{split}-00000-of-NNNNN.parquet)"
+        )
+    return ImageFolder(folder, classes=keep, subset=keep is not None)
 
 
 def first_labels(source: ImageSource, count: int) -> list[int] | None:
@@ -273,16 +403,27 @@ class Sample:
     image: Any  # whatever the transform returns
     label: int
     skipped: list[str]  # sources passed over to reach this sample, with the reason
+    name: str = ""  # the image's path or id (source.describe)
 
 
 class DecodedImages(Dataset):
-    """source -> transform(RGB image), replacing each undecodable image by the next good one."""
+    """source -> transform(decode(raw image)), replacing each undecodable image by the next good one.
+
+    decode: the source's raw image (bytes, or a PIL image) -> what the transform takes; by default the whole image
+    as RGB (`decode_rgb`); None hands the raw image to the transform."""
 
     def __init__(
-        self, source: ImageSource, transform: Callable, *, strict: bool = False, indices: list[int] | None = None
+        self,
+        source: ImageSource,
+        transform: Callable,
+        *,
+        strict: bool = False,
+        indices: list[int] | None = None,
+        decode: Callable[[Raw], Any] | None = decode_rgb,
     ):
         self.source = source
         self.transform = transform
+        self.decode = decode
         self.strict = strict
         self.indices = indices if indices is not None else list(range(len(source)))
 
@@ -294,9 +435,10 @@ class DecodedImages(Dataset):
         for step in range(len(self.indices)):
             source_index = self.indices[(index + step) % len(self.indices)]
             try:
-                image, label = self.source[source_index]
-                return Sample(self.transform(to_rgb(image)), label, skipped)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                raw, label = self.source.read(source_index)
+                image = self.transform(raw if self.decode is None else self.decode(raw))
+                return Sample(image, label, skipped, self.source.describe(source_index))
+            except UNUSABLE as error:
                 reason = f"{self.source.describe(source_index)}: {type(error).__name__}: {error}"
                 if self.strict:
                     raise BadImageError(f"unusable image (--strict-data): {reason}") from error

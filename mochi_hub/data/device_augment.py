@@ -1,9 +1,11 @@
 """MoCo-v2's augmentation, batched on the training device, with independent random parameters per image.
 
-DataLoader workers only decode images to uint8 tensors (`decode_to_uint8`), `pad_collate` pads them into one
-canvas, and `DeviceViews` draws the two views on the device (CUDA or CPU), as `mochi_hub.data.augment.
-moco_v2_transform` does per image with PIL: RandomResizedCrop(scale=(0.2, 1)) -> ColorJitter(0.4, 0.4, 0.4, 0.1)
-with p=0.8 -> grayscale p=0.2 -> Gaussian blur sigma ~ U(0.1, 2) with p=0.5 -> horizontal flip -> normalise.
+The images arrive on the device as a list of uint8 [3, h, w] tensors of any sizes (mochi_hub.data.decode: decoded
+there by nvJPEG, or in the workers), and `DeviceViews` draws the two views of the batch there (CUDA or CPU), as
+`mochi_hub.data.augment.moco_v2_transform` does per image with PIL: RandomResizedCrop(scale=(0.2, 1)) ->
+ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8 -> grayscale p=0.2 -> Gaussian blur sigma ~ U(0.1, 2) with p=0.5 ->
+horizontal flip -> normalise. Each image is cropped in its own pixels (no canvas, no padding); from the S x S crops
+on, the batch is one tensor.
 
 Why not torchvision.transforms.v2: on a batch it draws one parameter set for the whole batch, so every image
 would share its crop, jitter and flip. Why not kornia: it is not installed on the target GPU machine. So this is
@@ -21,12 +23,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torchvision.ops import roi_align
 
@@ -56,41 +57,6 @@ class ViewParams:
     def to(self, device: torch.device | str) -> ViewParams:
         tensors = (self.crop, self.jitter, self.factors, self.order, self.gray, self.blur, self.sigma, self.flip)
         return ViewParams(*(to_device(t, device) for t in tensors), blur_half_max=self.blur_half_max)
-
-
-def pad_collate(images: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """uint8 [C, h, w] images of any sizes -> (canvas uint8 [B, C, Hmax, Wmax], sizes long [B, 2] as (h, w)).
-
-    Each image sits at the canvas's top-left; the padding is zeros and never reaches the views.
-    """
-    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.long)  # [B, 2]
-    height, width = (int(v) for v in sizes.max(0).values)
-    canvas = images[0].new_zeros((len(images), images[0].shape[0], height, width))  # [B, C, Hmax, Wmax]
-    for slot, image in zip(canvas, images):
-        slot[:, : image.shape[1], : image.shape[2]] = image
-    return canvas, sizes
-
-
-def decode_to_uint8(image: Image.Image, max_side: int | None = None) -> Tensor:
-    """A PIL image -> uint8 [3, h, w] RGB, for DataLoader workers.
-
-    max_side: if set and the shorter side is longer, shrink so the shorter side is max_side (never upscale);
-    JPEGs are first decoded at a reduced scale with `Image.draft` (DCT scaling, much cheaper than a full decode),
-    then resized with PIL's antialiased bilinear filter. Crop boxes are shares of the image, so pre-shrinking
-    only lowers the source resolution: keep max_side >= image_size / sqrt(min scale) (~2.24 x image_size for
-    scale 0.2) if the smallest crops should not be upscaled.
-    """
-
-    def shrunk(size: tuple[int, int]) -> tuple[int, int]:  # (w, h) with the shorter side max_side
-        return tuple(max(1, round(side * max_side / min(size))) for side in size)
-
-    if max_side is not None and min(image.size) > max_side:
-        if image.format == "JPEG":
-            image.draft("RGB", shrunk(image.size))  # a 1/2, 1/4 or 1/8 scale still >= the target; no-op if loaded
-        if min(image.size) > max_side:
-            image = image.convert("RGB").resize(shrunk(image.size), Image.Resampling.BILINEAR)
-    array = np.array(image.convert("RGB"), dtype=np.uint8)  # [h, w, 3], a writable copy
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, h, w]
 
 
 def sample_view_params(
@@ -175,8 +141,7 @@ def sample_view_params(
 
 
 def apply_view(
-    images: Tensor,
-    sizes: Tensor,
+    images: Sequence[Tensor],
     params: ViewParams,
     *,
     output_size: int,
@@ -184,10 +149,12 @@ def apply_view(
     std: tuple[float, ...] = STD,
     antialias: bool = True,
 ) -> Tensor:
-    """uint8 [B, 3, H, W] canvas (image b in its top-left sizes[b] = (h, w)) -> normalised float32 [B, 3, S, S].
+    """uint8 [3, h, w] images of any sizes (a list, or a [B, 3, H, W] batch) -> one view, normalised float32
+    [B, 3, S, S].
 
-    Crop + resize is `torchvision.ops.roi_align` with aligned=True (pixel centres at +0.5, the convention of
-    F.interpolate(align_corners=False)), sampling the whole image, so no per-image crop tensors are made:
+    Crop + resize is `torchvision.ops.roi_align` on each image, with aligned=True (pixel centres at +0.5, the
+    convention of F.interpolate(align_corners=False)); roi_align repeats an image's edge pixels beyond it, as
+    resized_crop clamps:
     - antialias=False (sampling_ratio=1: one bilinear sample at each output pixel's centre) equals torchvision's
       `resized_crop(..., BILINEAR, antialias=False)` up to float rounding when shrinking; when enlarging, the
       outermost output rows/columns (those whose centre maps outside the crop's outer pixel centres) blend in the
@@ -195,21 +162,15 @@ def apply_view(
     - antialias=True (the default; sampling_ratio=0: ceil(crop / S) samples per output pixel and axis, averaged)
       is a box-prefiltered bilinear shrink, close to resized_crop(antialias=True) and PIL's resize in the worker
       path but not equal to them (their filter is a triangle whose support scales with the shrink).
-    The padding next to each image is set to its edge pixels first, so the canvas padding never leaks in.
     Then colour jitter (per image, in its own op order), grayscale, Gaussian blur, flip, normalisation.
     """
-    return _render(
-        _fill_padding(images, to_device(sizes, images.device)),
-        params.to(images.device),
-        output_size=output_size,
-        mean=mean,
-        std=std,
-        antialias=antialias,
-    )
+    params = params.to(images[0].device)
+    crops = _resized_crops(images, params.crop[:, None], output_size, antialias)[0]  # [B, 3, S, S]
+    return _colour_and_flip(crops, params, mean=mean, std=std)
 
 
 class DeviceViews:
-    """MoCo-v2's two views (query, key) of a uint8 batch, drawn on the batch's device with independent parameters
+    """MoCo-v2's two views (query, key) of a batch, drawn on the batch's device with independent parameters
     per image and per view. Defaults are MoCo-v2's (those of `mochi_hub.data.augment.moco_v2_transform`)."""
 
     def __init__(
@@ -227,63 +188,51 @@ class DeviceViews:
     def sample(self, sizes: Tensor, generator: torch.Generator) -> ViewParams:
         return sample_view_params(sizes, generator=generator, augment=self.augment)
 
-    def __call__(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """uint8 [B, 3, H, W] on the device, sizes [B, 2] on the host, a CPU generator -> (query, key), each
-        float32 [B, 3, S, S]. Nothing waits for the device: parameters are drawn on the host, copied without blocking."""
-        filled = _fill_padding(images, to_device(sizes, images.device))  # shared by both views
-        query, key = (
-            _render(
-                filled,
-                self.sample(sizes, generator).to(images.device),
-                output_size=self.image_size,
-                mean=self.mean,
-                std=self.std,
-                antialias=self.antialias,
-            )
-            for _ in range(2)
+    def __call__(self, images: Sequence[Tensor], sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """uint8 [3, h, w] images on the device, their sizes [B, 2] on the host, a CPU generator -> (query, key),
+        each float32 [B, 3, S, S]. Nothing waits for the device: parameters are drawn on the host and copied
+        without blocking; both views of an image come from one crop call."""
+        device = images[0].device
+        query, key = (self.sample(sizes, generator).to(device) for _ in range(2))
+        crops = _resized_crops(
+            images, torch.stack([query.crop, key.crop], 1), self.image_size, self.antialias
+        )  # [2, B, 3, S, S]
+        return tuple(
+            _colour_and_flip(crops[v], params, mean=self.mean, std=self.std) for v, params in enumerate((query, key))
         )
-        return query, key
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, {self.augment}, antialias={self.antialias})"
 
 
-def _fill_padding(images: Tensor, sizes: Tensor) -> Tensor:
-    """Copy of the canvas where the column right of and the row below each image repeat its edge (uint8).
-
-    A bilinear sample inside a crop lies less than half a pixel beyond the image's last pixel centre, so it
-    reads at most that one column / row of padding; repeating the edge there makes it read what resized_crop's
-    edge clamping reads, whatever the canvas held. (Where an image fills the canvas, the index is clamped to its
-    own edge, a no-op.)
-    """
-    count, _, height, width = images.shape
-    batch = torch.arange(count, device=images.device)
-    h, w = sizes[:, 0], sizes[:, 1]  # [B]
-    images = images.clone()
-    images[batch, :, :, w.clamp(max=width - 1)] = images[batch, :, :, w - 1]  # [B, C, H] columns
-    images[batch, :, h.clamp(max=height - 1), :] = images[batch, :, h - 1, :]  # [B, C, W] rows, corner included
-    return images  # [B, C, H, W]
-
-
-def _render(
-    images: Tensor,
-    params: ViewParams,
-    *,
-    output_size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    antialias: bool,
-) -> Tensor:
-    """apply_view on a canvas whose padding is already filled, with params on the canvas's device."""
-    top, left, h, w = params.crop.to(torch.float32).unbind(1)  # [B] each
-    index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32)  # [B]
-    boxes = torch.stack([index, left, top, left + w, top + h], 1)  # [B, 5]: batch index, x1, y1, x2, y2
-    x = (
-        roi_align(
-            images.float(), boxes, output_size, spatial_scale=1.0, sampling_ratio=0 if antialias else 1, aligned=True
+def _resized_crops(images: Sequence[Tensor], crops: Tensor, output_size: int, antialias: bool) -> Tensor:
+    """uint8 [3, h_b, w_b] images, crops [B, V, 4] long (top, left, height, width) on their device -> float32
+    [V, B, 3, S, S] in [0, 1]: V crops of each image, each resized to S x S. One roi_align per image (its own size:
+    nothing padded); its V boxes index image 0 of a one-image batch."""
+    top, left, h, w = crops.to(torch.float32).unbind(-1)  # [B, V] each
+    boxes = torch.stack([torch.zeros_like(top), left, top, left + w, top + h], -1)  # [B, V, 5]: index, x1, y1, x2, y2
+    ratio = 0 if antialias else 1
+    return (
+        torch.stack(
+            [
+                roi_align(
+                    image[None].to(torch.float32, memory_format=torch.contiguous_format),  # [1, 3, h, w]
+                    box,
+                    output_size,
+                    spatial_scale=1.0,
+                    sampling_ratio=ratio,
+                    aligned=True,
+                )
+                for image, box in zip(images, boxes)
+            ],
+            1,
         )
         / 255
-    )  # [B, 3, S, S] in [0, 1]
+    )  # [V, B, 3, S, S]
+
+
+def _colour_and_flip(x: Tensor, params: ViewParams, *, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """The crops' colour jitter, grayscale, blur, flip and normalisation, with params on their device."""
     x = _jitter(x, params.jitter, params.factors, params.order)
     x = torch.where(params.gray[:, None, None, None], _grayscale(x).expand_as(x), x)
     x = torch.where(params.blur[:, None, None, None], _blur(x, params.sigma, params.blur_half_max), x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -85,12 +86,19 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)  # (epoch, index): GlobalBatches' tag
-        state = torch.get_rng_state()
-        torch.default_generator.manual_seed(stream_seed(self.seed, self.stream, epoch, index))
-        try:
+        with seeded_rng(stream_seed(self.seed, self.stream, epoch, index)):
             return self.dataset[index]
-        finally:
-            torch.set_rng_state(state)
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded with `seed` inside the block, its state restored after."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
 
 
 def subset(

@@ -49,8 +49,14 @@ class KnnMonitor:
         """The monitor a run's config asks for, or None, and one line saying which and why."""
         if config.knn_monitor_every == 0:
             return None, "kNN monitor off (--knn-monitor-every 0)"
+        if config.streaming:  # the monitor picks images by index: it would download a stream whole
+            if config.knn_monitor_every is not None:
+                raise ValueError(
+                    "--knn-monitor-every: the monitor reads images by index, not from a --streaming source"
+                )
+            return None, "kNN monitor off: --streaming (the monitor reads images by index)"
         try:
-            train, val = train_and_val(config.dataset)
+            train, val = train_and_val(config.dataset, config.data_root)
         except ValueError as error:
             if config.knn_monitor_every is not None:
                 raise ValueError(f"--knn-monitor-every: the monitor needs a labelled val split ({error})") from None

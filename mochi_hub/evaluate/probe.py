@@ -196,9 +196,9 @@ def result_name(config: ProbeConfig) -> str:
 
 def _resolve_sources(config: ProbeConfig) -> tuple[ImageSource, ImageSource]:
     if config.split == "train":
-        train = resolve_dataset(config.dataset, "train")
+        train = resolve_dataset(config.dataset, "train", data_root=config.data_root)
         return train, train
-    return train_and_val(config.dataset)
+    return train_and_val(config.dataset, config.data_root)
 
 
 def _class_order(source: ImageSource) -> str:

@@ -13,7 +13,7 @@ from mochi_hub.method.model import backbone_args, min_image_size
 def preflight(config: TrainConfig) -> TrainConfig:
     """Raise ValueError, naming the option, when the dataset or the model does not exist or cannot take the
     image size; return the config unchanged."""
-    check_dataset_spec(config.dataset)
+    check_dataset_spec(config.dataset, config.data_root)
     args = backbone_args(config.model, init=config.init, image_size=config.image_size)  # checks the name too
     smallest = min_image_size(config.model, **args)
     if config.image_size < smallest:

@@ -27,8 +27,8 @@ from mochi_hub.config import TrainConfig, fit_to_data, resume_differences, train
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, broadcast_buffers, check_shared_folder, on_main_process
 from mochi_hub.core.persist import StateFileError, ensure_writable_dir
-from mochi_hub.data.datasets import missing_classes_note, resolve_dataset
-from mochi_hub.data.views import BatchViews, PretrainingLoader, pretraining_views
+from mochi_hub.data.datasets import missing_classes_note
+from mochi_hub.data.views import BatchViews, PretrainingLoader, loader_output, open_dataset, pretraining_views
 from mochi_hub.evaluate.monitor import KnnMonitor
 from mochi_hub.method.metrics import alignment, false_negative_rate, proxy_top1, uniformity
 from mochi_hub.method.mixing import hardest_negatives
@@ -166,8 +166,8 @@ class _Run:
         check_shared_folder(run_dir, accelerator, "--output")
 
         # Data: every image decoded lazily; undecodable ones replaced and reported (DecodedImages).
-        source = resolve_dataset(config.dataset, "train")
-        views = pretraining_views(source, config, config.augment_on)
+        source = open_dataset(config, "train")
+        views = pretraining_views(source, config, loader_output(config.augment_on, accelerator.device))
         if len(views) < config.batch_size:
             raise ValueError(
                 f"--dataset {config.dataset}: {len(views)} images, fewer than one global batch "

@@ -59,3 +59,27 @@ def small(tmp_path: Path, **overrides) -> ProbeConfig:
         output=str(tmp_path / "out.json"),
     )
     return resolve_probe_config(**(values | overrides))
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image's bundled colour photos: no download
+
+
+def write_photo_jpegs(root: Path, per_class: int, *, seed: int = 0) -> Path:
+    """root/train/<photo>/<n>.jpg and root/val/...: real colour photos as JPEGs of mixed sizes, landscape and
+    portrait (random crops of scikit-image's photos, shrunk to 40-96 px sides), one class per photo."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        photo = Image.fromarray(getattr(skimage.data, name)())
+        for split, count in (("train", per_class), ("val", max(1, per_class // 4))):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(count):
+                w, h = (int(v) for v in rng.integers(40, 97, 2))
+                side = int(min(photo.size) * rng.uniform(0.5, 1.0))
+                x, y = (int(rng.integers(0, limit - side + 1)) for limit in photo.size)
+                crop = photo.crop((x, y, x + side, y + side)).resize((w, h), Image.Resampling.LANCZOS)
+                crop.save(folder / f"{n:03d}.jpg", quality=int(rng.integers(85, 96)))
+    return root

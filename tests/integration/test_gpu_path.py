@@ -70,17 +70,23 @@ class BlockingCalls(TorchFunctionMode):
         return device_given and not non_blocking
 
 
-@pytest.mark.parametrize("augment_on", ["device", "workers"])
-def test_a_steady_state_step_never_waits_for_the_device(tmp_path, augment_on):
-    """The views and the step of steps 3-5 (steps 1-2 may build constants once), both view paths, MoCHi mixing:
-    no host read, no blocking copy, no per-step constant on a device."""
-    config = tiny_config(tmp_path, augment_on=augment_on, mixed_precision="no", channels_last=True)
+@pytest.mark.parametrize("output", ["bytes", "pixels", "views"])
+def test_a_steady_state_step_never_waits_for_the_device(tmp_path, output, photo_jpegs):
+    """The views and the step of steps 3-5 (steps 1-2 may build constants once), every loader output (JPEG bytes
+    decoded in the main process as on a GPU, pixels decoded in the workers, PIL views), MoCHi mixing: no host read,
+    no blocking copy, no per-step constant on a device."""
+    augment_on = "workers" if output == "views" else "device"
+    config = tiny_config(
+        tmp_path, dataset=str(photo_jpegs), augment_on=augment_on, mixed_precision="no", channels_last=True
+    )
     config, accelerator, _ = launch(config)
     state = build_training_state(config, accelerator)
     state.train()
-    views = pretraining_views(resolve_dataset(config.dataset, "train"), config, config.augment_on)
+    views = pretraining_views(resolve_dataset(config.dataset, "train"), config, output)
     batch_views = BatchViews(config, config.augment_on, accelerator.device, state.memory_format)
     batches = list(PretrainingLoader(views, config).epoch(0))
+    if output == "bytes":
+        assert all(batch["images"].on_device == [True] * len(batch["labels"]) for batch in batches)
     for step, batch in enumerate(batches[:5]):
         steady = step >= 2
         with HostWaits() as reads, BlockingCalls() as calls:
@@ -110,7 +116,7 @@ def test_skip_nonfinite_reads_the_loss_every_step_by_design(tmp_path):
     state = build_training_state(config, accelerator)
     state.train()
     batch = next(
-        PretrainingLoader(pretraining_views(resolve_dataset(config.dataset, "train"), config), config).epoch(0)
+        PretrainingLoader(pretraining_views(resolve_dataset(config.dataset, "train"), config, "views"), config).epoch(0)
     )
     images_q, images_k = batch["images"]
     for step in range(3):
@@ -124,7 +130,7 @@ def test_loader_workers_live_for_the_whole_run_and_views_follow_the_epoch(tmp_pa
     from epoch 0's, equal what a fresh worker draws for (epoch, index), and a start mid-epoch gives the same
     batches as the straight run from there."""
     config = tiny_config(tmp_path, workers=2, augment_on="workers")
-    views = pretraining_views(resolve_dataset(config.dataset, "train"), config)
+    views = pretraining_views(resolve_dataset(config.dataset, "train"), config, "views")
     loader = PretrainingLoader(views, config)
     epoch0 = list(loader.epoch(0))
     workers = [w.pid for w in loader.loader._iterator._workers]
