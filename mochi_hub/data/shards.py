@@ -10,8 +10,9 @@ Streaming (`--streaming`, `ShardStream`): nothing is converted or downloaded ahe
 process reads all and keeps one row in `world`), each loader worker its own part of those, in a seeded shuffle (the
 shard order, then a buffer of rows) that changes with the epoch (`set_epoch`). An epoch is len // batch steps on
 every process: a process whose shards run out first starts them again, so no process waits for another. A resumed
-run skips, in each worker, the rows that worker had delivered (read, not decoded): exact when the number of
-processes and loader workers is the same and every worker has shards; otherwise the next rows of the stream.
+run skips, in each worker, the rows that worker had delivered (read, not decoded; the few batches of the round that
+started before the resume point are decoded and dropped): exact when the number of processes and loader workers is
+the same and every worker has shards; otherwise it continues with rows of the same epoch's stream, not the same ones.
 """
 
 from __future__ import annotations
@@ -113,8 +114,6 @@ class ShardStream:
         return f"{self.name}[{self.split_name}, {position}]"
 
     def views(self, config: TrainConfig, output: str) -> StreamingViews:
-        if config.max_train_images is not None:
-            raise ValueError("--max-train-images takes the first images of a map-style source; not with --streaming")
         return StreamingViews(self, config, output)
 
 
@@ -157,7 +156,9 @@ class StreamingViews(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         local_batch = self.config.batch_size // self.world
-        position = len(range(worker, self.start, workers)) * local_batch  # rows this worker delivered before start
+        # Workers take turns, batch by batch, from worker 0: a start mid-epoch resumes each worker at the round that
+        # holds batch `start` (PretrainingLoader drops that round's batches before it).
+        position = self.start // workers * local_batch
         rows = self._rows(worker)
         for _ in range(position):
             if next(rows, None) is None:

@@ -116,7 +116,8 @@ class PretrainingLoader:
         """The batches of `epoch` from batch `start` on (a resumed run starts mid-epoch)."""
         if self.batches is None:
             self.views.epoch, self.views.start = epoch, start
-            return islice(iter(self.loader), self.steps_per_epoch - start)
+            first = start % max(1, self.loader.num_workers)  # the workers' round resumes whole: drop its head
+            return islice(iter(self.loader), first, first + self.steps_per_epoch - start)
         self.batches.epoch, self.batches.start = epoch, start
         return iter(self.loader)
 

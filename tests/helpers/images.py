@@ -83,3 +83,29 @@ def write_photo_jpegs(root: Path, per_class: int, *, seed: int = 0) -> Path:
                 crop = photo.crop((x, y, x + side, y + side)).resize((w, h), Image.Resampling.LANCZOS)
                 crop.save(folder / f"{n:03d}.jpg", quality=int(rng.integers(85, 96)))
     return root
+
+
+def write_shards(root: Path, rows: dict[str, list[tuple[bytes, int]]], names: list[str], shards: int) -> Path:
+    """root/data/<split>-NNNNN-of-MMMMM.parquet as `datasets` writes them (push_to_hub's layout): an `image` column
+    (encoded bytes) and a `label` ClassLabel, `shards` files per split."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    for split, split_rows in rows.items():
+        table = datasets.Dataset.from_dict(
+            {"image": [{"bytes": b, "path": None} for b, _ in split_rows], "label": [label for _, label in split_rows]},
+            features=features,
+        )
+        for index in range(shards):
+            part = table.shard(shards, index, contiguous=True)
+            part.to_parquet(str(root / "data" / f"{split}-{index:05d}-of-{shards:05d}.parquet"))
+    return root
+
+
+def folder_rows(folder: Path, names: list[str]) -> list[tuple[bytes, int]]:
+    """(file bytes, label) of folder/<class>/<file>, classes numbered by their place in `names`."""
+    return [
+        (path.read_bytes(), names.index(path.parent.name))
+        for path in sorted(folder.glob("*/*"))
+        if path.parent.name in names
+    ]
