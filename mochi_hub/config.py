@@ -426,8 +426,6 @@ class TrainConfig(_Config):
 
     def check_together(self) -> None:
         n_hard, s, s_prime = self.mochi
-        if self.streaming and self.max_train_images is not None:
-            raise ValueError("--max-train-images takes the first images of a map-style source: not with --streaming")
         if self.bn_splits is not None and (self.batch_size % self.bn_splits or self.batch_size // self.bn_splits < 2):
             raise ValueError(
                 f"--bn-splits ({self.bn_splits}) must divide --batch-size ({self.batch_size}) into "

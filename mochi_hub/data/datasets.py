@@ -256,11 +256,28 @@ def subset_labels(names: list[str], keep: list[str], where: str) -> dict[int, in
     return {index[name]: i for i, name in enumerate(keep)}
 
 
+def load_split(name: str, split: str, *, streaming: bool) -> tuple[Any, str]:
+    """(datasets.Dataset or IterableDataset, the split's name there) for our split (train / val), trying the
+    names the Hub uses for a validation split."""
+    import datasets
+
+    errors = []
+    for hub_split in HUB_SPLIT_NAMES[split]:
+        try:
+            return datasets.load_dataset(name, split=hub_split, streaming=streaming), hub_split
+        except ValueError as error:  # unknown split: try the next name
+            errors.append(str(error))
+        except Exception as error:
+            raise ValueError(
+                f"--dataset {name}: could not load split {hub_split!r} from the Hub, the HF cache or the folder "
+                f"({type(error).__name__}: {error})"
+            ) from error
+    raise ValueError(f"--dataset {name}: no split among {HUB_SPLIT_NAMES[split]}: {errors[-1]}")
+
+
 def load_hub_dataset(name: str, split: str, *, keep: list[str] | None = None) -> HubImages:
     """A Hub dataset (or its copy in the HF cache), or a local folder of shards in the Hub's layout, through
     `datasets` (map-style: converted once into its Arrow cache)."""
-    from mochi_hub.data.shards import load_split
-
     dataset, hub_split = load_split(name, split, streaming=False)
     return HubImages(dataset, name, split_name=hub_split, keep=keep)
 

@@ -28,39 +28,22 @@ from mochi_hub.config import TrainConfig
 from mochi_hub.core.seeding import stream_seed
 from mochi_hub.data.augment import TwoViews, moco_v2_transform
 from mochi_hub.data.datasets import (
-    HUB_SPLIT_NAMES,
+    HUB_SOURCES,
     SUBSETS,
     UNUSABLE,
     BadImageError,
     Sample,
+    check_dataset_spec,
     decode_rgb,
     image_bytes,
     is_shard_folder,
+    load_split,
     subset_labels,
 )
 from mochi_hub.data.decode import min_decoded_side, worker_image
 from mochi_hub.data.sampling import seeded_rng
 
 SHUFFLE_BUFFER = 10_000  # rows shuffled together in a stream, after the shard order is shuffled
-
-
-def load_split(name: str, split: str, *, streaming: bool) -> tuple[Any, str]:
-    """(datasets.Dataset or IterableDataset, the split's name there) for our split (train / val), trying the
-    names the Hub uses for a validation split."""
-    import datasets
-
-    errors = []
-    for hub_split in HUB_SPLIT_NAMES[split]:
-        try:
-            return datasets.load_dataset(name, split=hub_split, streaming=streaming), hub_split
-        except ValueError as error:  # unknown split: try the next name
-            errors.append(str(error))
-        except Exception as error:
-            raise ValueError(
-                f"--dataset {name}: could not load split {hub_split!r} from the Hub, the HF cache or the folder "
-                f"({type(error).__name__}: {error})"
-            ) from error
-    raise ValueError(f"--dataset {name}: no split among {HUB_SPLIT_NAMES[split]}: {errors[-1]}")
 
 
 class ShardStream:
@@ -114,6 +97,8 @@ class ShardStream:
         return f"{self.name}[{self.split_name}, {position}]"
 
     def views(self, config: TrainConfig, output: str) -> StreamingViews:
+        if config.max_train_images is not None:
+            raise ValueError("--max-train-images takes the first images of a map-style source: not with --streaming")
         return StreamingViews(self, config, output)
 
 
@@ -195,8 +180,6 @@ class StreamingViews(IterableDataset):
 def resolve_stream(spec: str, split: str, data_root: str | None = None) -> ShardStream:
     """`--dataset ... --streaming` -> a ShardStream: a Hub id or a folder of shards, or a named source read out of
     the shards in --data-root (a subset keeps its own class order)."""
-    from mochi_hub.data.datasets import HUB_SOURCES, check_dataset_spec
-
     check_dataset_spec(spec, data_root)
     if data_root is not None:
         root = Path(data_root).expanduser()

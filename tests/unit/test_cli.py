@@ -37,8 +37,8 @@ COMMANDS = {  # command: config class, presets, the command's function, where it
     "probe": (ProbeConfig, PROBE_PRESETS, cli_probe.probe, (probe_module, "run_probe"), {}),
     "detect": (DetectConfig, DETECT_PRESETS, cli_detect.detect, (detect_module, "run_detect"), {}),
 }
-# What the train preflight checks must exist here.
-REAL = {"dataset": "some/dataset", "model": "resnet18"}
+# What the train preflight checks must exist here (--data-root: a folder, for a named dataset).
+REAL = {"dataset": "imagenet-100", "data_root": "/", "model": "resnet18"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
