@@ -20,13 +20,17 @@ photos) is recorded as skipped:
 - step: one training step on pre-made device tensors, MoCo-v2 and MoCHi (1024, 1024, 512) at K = 16384 and 65536,
   alternated; median ms, images/s, peak memory.
 - profile: torch.profiler over MoCHi steps: the GPU's busy share of the wall time and the top kernels.
+- decode: the device's side of the bytes path (issue 30): batches of JPEG files packed as the workers pack them,
+  decoded on the GPU (nvJPEG) and turned into both views by BatchViews.of, images/s; and the decode alone.
 - data: images/s of the loader + views alone for several worker counts: PIL views in the workers against
-  decode-only workers + views on the device; timed after the workers have filled their queues.
+  bytes-only workers (on a GPU; decode-only workers on a CPU) + decode and views on the device; timed after the
+  workers have filled their queues.
 - train: end-to-end train() images/s (metrics.jsonl windows after the first) and its data-wait share, views on
   the device (eager and --compile, compile time apart) and in the workers.
 
 Targets (issue 29): MoCo-v2 step >= 3,000 images/s; MoCHi step <= 1.05x MoCo-v2 at K = 65,536; end-to-end
 with device views >= 80 % of the tensors-only step (MoCHi, K = 16384) and >= 3x the worker path; 0 syncs a step.
+Issue 30: batched decode + both views on the device >= 5,000 images/s (224 px).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ FULL = dict(
     queues=(16384, 65536),
     workers=(4, 8, 15),
     data_batches=10,
+    decode_batches=20,
     train_steps=100,  # past the loader's prefetch (2 batches a worker), so the rate is the steady one
     window=5,
     sync_steps=5,
@@ -77,6 +82,7 @@ SMOKE = dict(
     queues=(64,),
     workers=(0, 2),
     data_batches=2,
+    decode_batches=2,
     train_steps=4,
     window=2,
     sync_steps=2,
@@ -259,11 +265,13 @@ def part_smoke(sizes: dict, photos: Path, out: Path, record: Record) -> None:
 def part_syncs(sizes: dict, photos: Path, record: Record) -> None:
     """Host synchronisations per steady-state step with views on the device, as the loop runs them."""
     from mochi_hub.data.datasets import resolve_dataset
-    from mochi_hub.data.views import BatchViews, PretrainingLoader, pretraining_views
+    from mochi_hub.data.views import BatchViews, PretrainingLoader, loader_output, pretraining_views
 
     def count() -> dict[str, Any]:
         config, accelerator, state = library_state(config_for(sizes, dataset=str(photos), augment_on="device"))
-        views = pretraining_views(resolve_dataset(config.dataset, "train"), config, "device")
+        views = pretraining_views(
+            resolve_dataset(config.dataset, "train"), config, loader_output("device", accelerator.device)
+        )
         batch_views = BatchViews(config, "device", accelerator.device, state.memory_format)
         batches = PretrainingLoader(views, config, pin_memory=accelerator.device.type == "cuda").epoch(0)
         counts = []
@@ -417,9 +425,51 @@ def part_profile(sizes: dict, record: Record) -> None:
     record.attempt("profile", {"what": "MoCHi step"}, measure, need_s=40)
 
 
+def part_decode(sizes: dict, photos: Path, record: Record) -> None:
+    """The device's side of the bytes path: batches of JPEG files packed as the workers pack them (made beforehand,
+    in memory), decoded on the device (nvJPEG on CUDA) and turned into both views by BatchViews.of as the loop calls
+    it; and the decode alone. Images/s at the loop's batch size."""
+    from mochi_hub.data.datasets import resolve_dataset
+    from mochi_hub.data.decode import collate_packed
+    from mochi_hub.data.views import BatchViews, pretraining_views
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def measure() -> dict[str, Any]:
+        config = config_for(sizes, dataset=str(photos), augment_on="device")
+        views = pretraining_views(resolve_dataset(config.dataset, "train"), config, "bytes")
+        size = config.batch_size
+        batches = [collate_packed([views[b * size + i] for i in range(size)]) for b in range(sizes["decode_batches"])]
+        on_device = sum(sum(batch["images"].on_device) for batch in batches) / (size * len(batches))
+        batch_views = BatchViews(config, "device", device, torch.channels_last)
+        rates = {}
+        for what, run in (
+            ("decode", lambda step, batch: batch["images"].on(device)),
+            ("decode_and_views", lambda step, batch: batch_views.of({**batch, "skipped": []}, step, 0)),
+        ):
+            run(0, batches[0])  # warm: nvJPEG's handle, kernels, the allocator
+            start = now()
+            for step, batch in enumerate(batches):
+                run(step, batch)
+            rates[what] = size * len(batches) / (now() - start)
+        return {
+            "device": device.type,
+            "decode_images_per_sec": round(rates["decode"], 1),
+            "decode_and_views_images_per_sec": round(rates["decode_and_views"], 1),
+            "ms_per_batch": round(size / rates["decode_and_views"] * 1e3, 2),
+            "share_decoded_on_device": round(on_device, 3),
+            "batches": len(batches),
+            "peak_mib": peak_mib(),
+        }
+
+    record.attempt(
+        "decode", {"what": "nvJPEG batch decode + two views" if device.type == "cuda" else "CPU"}, measure, 40
+    )
+
+
 def part_data(sizes: dict, photos: Path, record: Record) -> None:
     from mochi_hub.data.datasets import resolve_dataset
-    from mochi_hub.data.views import BatchViews, PretrainingLoader, pretraining_views
+    from mochi_hub.data.views import BatchViews, PretrainingLoader, loader_output, pretraining_views
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_dataset(str(photos), "train")
@@ -428,7 +478,7 @@ def part_data(sizes: dict, photos: Path, record: Record) -> None:
 
             def measure(workers: int = workers, path: str = path) -> dict[str, Any]:
                 config = config_for(sizes, dataset=str(photos), workers=workers, augment_on=path)
-                views = pretraining_views(source, config, path)
+                views = pretraining_views(source, config, loader_output(path, device))
                 batch_views = BatchViews(config, path, device, torch.channels_last)
                 loader = PretrainingLoader(views, config, pin_memory=device.type == "cuda")
                 batches = (batch for epoch in range(1000) for batch in loader.epoch(epoch))  # workers persist
@@ -445,6 +495,7 @@ def part_data(sizes: dict, photos: Path, record: Record) -> None:
                 rate = images / (now() - start)
                 del batches, loader
                 return {
+                    "output": loader_output(path, device),
                     "images_per_sec": round(rate, 1),
                     "per_worker": round(rate / max(1, workers), 1),
                     "batches_timed": timed,
@@ -528,6 +579,10 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         target("train_device_over_tensors_only", round(share, 3), ">= 0.8", share >= 0.8)
     if device and workers:
         target("train_device_over_workers", round(device / workers, 2), ">= 3", device / workers >= 3)
+    decode = rows("decode")
+    if decode and decode[0]["device"] == "cuda":
+        value = decode[0]["decode_and_views_images_per_sec"]
+        target("decode_and_views_images_per_sec", value, ">= 5000", value >= 5000)
     syncs = rows("syncs")
     if syncs:
         worst = max(syncs[0]["syncs_per_step"])
@@ -561,7 +616,7 @@ def machine() -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    for part in ("smoke", "syncs", "step", "data", "train"):
+    for part in ("smoke", "syncs", "step", "decode", "data", "train"):
         rows = result.get(part, {}).get("rows", [])
         if rows:
             keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -575,7 +630,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\n## targets\n\n{json.dumps(result.get('targets', {}), indent=1)}")
 
 
-PARTS = ("smoke", "syncs", "step", "profile", "data", "train")
+PARTS = ("smoke", "syncs", "step", "profile", "decode", "data", "train")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -620,6 +675,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     part_step(sizes, record)
                 elif part == "profile":
                     part_profile(sizes, record)
+                elif part == "decode":
+                    part_decode(sizes, photos, record)
                 elif part == "data":
                     part_data(sizes, photos, record)
                 elif part == "train":

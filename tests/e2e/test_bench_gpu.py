@@ -22,7 +22,7 @@ def test_gpu_bench_smoke_runs_every_part(tmp_path):
     done = run_bench("gpu", "--smoke", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OUT=str(tmp_path))
     assert done.returncode == 0, failure(done)
     result = json.loads((tmp_path / "gpu.json").read_text())  # $OUT/gpu.json by default
-    for part in ("smoke", "syncs", "step", "profile", "data", "train"):
+    for part in ("smoke", "syncs", "step", "profile", "decode", "data", "train"):
         assert all("error" not in r and "skipped" not in r for r in rows(result, part)), result[part]
     assert [r["what"] for r in rows(result, "smoke")] == ["train", "probe", "export"]
     assert "model.safetensors" in rows(result, "smoke")[2]["files"] and 0 <= rows(result, "smoke")[1]["knn_top1"] <= 100
@@ -31,6 +31,9 @@ def test_gpu_bench_smoke_runs_every_part(tmp_path):
     assert step["K"] == 64 and step["moco_images_per_sec"] > 0 and step["mochi_images_per_sec"] > 0
     assert one_group["bn_groups"] == 1 and one_group["moco_images_per_sec"] > 0  # the reference without groups
     assert rows(result, "profile")[0]["top"] and rows(result, "profile")[0]["busy_ms_per_step"] > 0
+    decode = rows(result, "decode")[0]  # the device's side of the bytes path, here on the CPU
+    assert decode["decode_and_views_images_per_sec"] > 0 and decode["share_decoded_on_device"] == 1.0
+    assert {r["output"] for r in rows(result, "data")} == {"views", "pixels"}  # a GPU gets bytes for the device path
     assert {(r["augment_on"], r["workers"]) for r in rows(result, "data")} == {
         (a, w) for a in ("workers", "device") for w in (0, 2)
     }
