@@ -93,8 +93,9 @@ class ShardStream:
     def __len__(self) -> int:
         return self.size
 
-    def describe(self, position: str) -> str:
-        return f"{self.name}[{self.split_name}, {position}]"
+    def describe(self, where: str) -> str:
+        """An image's id for reports: the split and its place in the stream (a stream has no indices)."""
+        return f"{self.name}[{self.split_name}, {where}]"
 
     def views(self, config: TrainConfig, output: str) -> StreamingViews:
         if config.max_train_images is not None:

@@ -32,7 +32,7 @@ from mochi_hub.data.datasets import DecodedImages, ImageSource, collate_samples,
 from mochi_hub.data.decode import collate_packed, min_decoded_side, worker_image
 from mochi_hub.data.device_augment import DeviceViews
 from mochi_hub.data.sampling import GlobalBatches, SeededItems
-from mochi_hub.data.shards import ShardStream, resolve_stream
+from mochi_hub.data.shards import ShardStream, StreamingViews, resolve_stream
 
 LoaderOutput = Literal["views", "pixels", "bytes"]
 
@@ -86,7 +86,9 @@ class PretrainingLoader:
     learn, with the batch to start from, from the dataset itself; the epoch ends after len(views) // batch batches."""
 
     def __init__(self, views: Dataset, config: TrainConfig, *, rank: int = 0, world: int = 1, pin_memory: bool = False):
-        views_in_workers = isinstance(views, SeededItems) or getattr(views, "output", None) == "views"
+        views_in_workers = (
+            isinstance(views, SeededItems) or isinstance(views, StreamingViews) and views.output == "views"
+        )
         collate = collate_samples if views_in_workers else collate_packed
         self.views, self.steps_per_epoch = views, len(views) // config.batch_size
         if isinstance(views, IterableDataset):
