@@ -57,6 +57,8 @@ def pretraining_views(
 ) -> Dataset:
     """The first config.max_train_images images (all by default), read on demand: as two seeded MoCo-v2 views
     (views), or as images for `BatchViews` to decode and augment on the device (bytes, pixels)."""
+    if output not in ("views", "pixels", "bytes"):
+        raise ValueError(f"loader output must be views, pixels or bytes (see loader_output), got {output!r}")
     count = len(source) if config.max_train_images is None else min(len(source), config.max_train_images)
     if isinstance(source, ShardStream):  # --streaming: it reads, decodes and seeds in its own workers
         return source.views(config, output)
