@@ -253,7 +253,8 @@ class TrainConfig(_Config):
 
     dataset: str = option(
         "fashion-mnist",
-        "Hub dataset id (org/name), local imagefolder (train/ [val/]), or imagenet-100 | imagenet-1k | fashion-mnist.",
+        "Hub dataset id (org/name), local imagefolder (train/ [val/]), local shards (data/<split>-*.parquet), or "
+        "imagenet-100 | imagenet-1k | fashion-mnist.",
         default_text="none: `mochi train` needs --dataset, --preset or --config",
     )
     data_root: str | None = option(

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -80,7 +80,12 @@ class ImageSource(Protocol):
 
 def open_image(raw: Raw) -> Image.Image:
     """Encoded bytes -> a PIL image whose pixels are not decoded yet (so `draft` can still shrink a JPEG)."""
-    return raw if isinstance(raw, Image.Image) else Image.open(io.BytesIO(raw))
+    if isinstance(raw, Image.Image):
+        return raw
+    try:
+        return Image.open(io.BytesIO(raw))
+    except UnidentifiedImageError:  # PIL's message names the buffer's address: one per read, so never the same
+        raise UnidentifiedImageError("cannot identify image file") from None
 
 
 def decode_rgb(raw: Raw, min_side: int | None = None) -> Image.Image:
