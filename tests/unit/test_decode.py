@@ -96,3 +96,17 @@ def test_a_jpeg_the_device_decoder_rejects_is_reported_and_replaced_by_grey(phot
     assert torch.equal(images[0], images[2]) and images[0].shape == (3, 375, 500)
     with pytest.raises(BadImageError, match="bad.jpg"):
         packed.on(CPU, strict=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvjpeg_decodes_a_batch_as_the_cpu_decoder_does(photo):
+    """nvJPEG against libjpeg-turbo on the same files (their IDCT and chroma upsampling may differ by a few levels;
+    the bounds are loose because this has not yet run on a GPU here)."""
+    files = [encoded(photo, quality=q) for q in (75, 90, 95)] + [encoded(photo.resize((61, 47)))]
+    packed = PackedImages.of([worker_image(f, min_side=None, keep_jpeg=True) for f in files], ["x.jpg"] * 4)
+    cuda, replaced = packed.on(torch.device("cuda"))
+    cpu, _ = packed.on(CPU)
+    assert replaced == [] and all(image.is_cuda for image in cuda)
+    for gpu_image, cpu_image in zip(cuda, cpu):
+        difference = (gpu_image.cpu().float() - cpu_image.float()).abs()
+        assert gpu_image.shape == cpu_image.shape and difference.mean() < 2 and difference.max() < 48
