@@ -41,17 +41,15 @@ def root(
     setup_logging()
 
 
-app.command("train", help="Pretrain a timm backbone with MoCo-v2 + MoCHi (Accelerate: CPU, GPUs, nodes).")(train)
-app.command("probe", help="Evaluate a frozen backbone: the paper's linear protocol, kNN, or cached-feature linear.")(
-    probe
-)
-app.command("detect", help="Fine-tune Faster R-CNN + FPN on a backbone (COCO layout data) and report box AP.")(detect)
-app.command("export", help="Export a run's backbone as a timm folder (or detectron2 / torchvision weights).")(export)
-app.command("push", help="Upload an export, with its model card, to the Hugging Face Hub.")(push)
-app.command("import", help="Bring a MoCo / MoCHi, Lightning, torchvision or timm checkpoint in as a timm folder.")(
-    import_
-)
-app.command("presets", help="List the presets of train, probe and detect with their resolved values.")(presets)
+# Each command's one line in `mochi --help` (short enough for 80 columns: click would cut a longer one with "...");
+# `mochi COMMAND --help` gives the whole text.
+app.command("train", short_help="Pretrain a timm backbone with MoCo-v2 + MoCHi.")(train)
+app.command("probe", short_help="Evaluate a frozen backbone: linear probe, kNN or fast.")(probe)
+app.command("detect", short_help="Fine-tune Faster R-CNN + FPN on a backbone; report box AP.")(detect)
+app.command("export", short_help="Export a run's backbone: timm, detectron2 or torchvision.")(export)
+app.command("push", short_help="Upload an export and its model card to the Hugging Face Hub.")(push)
+app.command("import", short_help="Bring another project's checkpoint in as a timm folder.")(import_)
+app.command("presets", short_help="List the presets of train, probe and detect, resolved.")(presets)
 
 
 def main() -> None:

@@ -6,19 +6,17 @@ from typing import Any
 
 from mochi_hub.config import DETECT_PRESETS, DetectConfig, resolve_detect_config
 
-from .options import FAILURE, SOURCE, USAGE, config_options, exit_on, print_table, with_signature
+from .options import SOURCE, config_options, print_table, user_errors, with_signature
 from .options import print_config as show_config
 
 
 def run(source: str, *, print_config: bool = False, **options: Any) -> None:
-    with exit_on(ValueError, code=USAGE):
+    with user_errors():  # bad options, bad data, a bad SOURCE, a diverging loss: one line each
         config = resolve_detect_config(**options)
-    if print_config:
-        return show_config(config)
-    from mochi_hub.evaluate.detect import METRIC_KEYS, NonFiniteLossError, run_detect
+        if print_config:
+            return show_config(config)
+        from mochi_hub.evaluate.detect import METRIC_KEYS, run_detect
 
-    # Bad data, a bad SOURCE, an unwritable --output, a diverging loss: one line each.
-    with exit_on(ValueError, NonFiniteLossError, code=FAILURE):
         result = run_detect(source, config)
     row = {"dataset": result["dataset_name"]}
     row |= {k: "-" if result[k] is None else f"{result[k]:.2f}" for k in METRIC_KEYS}

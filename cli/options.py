@@ -15,6 +15,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from mochi_hub.errors import FAILURE, UserError
+
 # Fields whose Python type is not what the command line takes.
 AS_TEXT = {tuple: str}
 
@@ -94,23 +96,24 @@ def with_signature(run: Callable[..., None], params: list[inspect.Parameter], do
     return command
 
 
-USAGE, FAILURE, INTERRUPTED = 2, 1, 130  # exit codes, the same for every command
+INTERRUPTED = 130  # exit code of Ctrl-C; USAGE (2) and FAILURE (1) come with mochi_hub.errors
 
 
 def fail(error: BaseException | str, code: int = FAILURE) -> NoReturn:
     """One line on stderr, with the prefix every command uses, and the exit code."""
-    typer.echo(f"Error: {str(error).strip()}", err=True)
+    typer.echo(f"Error: {' '.join(str(error).split())}", err=True)
     raise typer.Exit(code)
 
 
 @contextmanager
-def exit_on(*errors: type[BaseException], code: int) -> Iterator[None]:
-    """Errors of the user's making (bad options, bad input): one line on stderr and `code`, no traceback.
-    Ctrl-C: exit 130 (the library has said where the newest checkpoint is)."""
+def user_errors() -> Iterator[None]:
+    """Errors a user can fix (mochi_hub.errors.UserError: a bad option, bad input, a full disk): one line on stderr and
+    the error's exit code (2 usage, 1 at run time), no traceback. Ctrl-C: exit 130 (the library has said where the
+    newest checkpoint is). Anything else is a bug and keeps its traceback."""
     try:
         yield
-    except errors as error:
-        fail(error, code)
+    except UserError as error:
+        fail(error, error.exit_code)
     except KeyboardInterrupt:
         raise typer.Exit(INTERRUPTED) from None
 

@@ -15,13 +15,15 @@ from mochi_hub.config import (
     TrainConfig,
     resolve_config,
 )
+from mochi_hub.errors import USAGE
 
-from .options import USAGE, fail
+from .options import fail
 
 
 def presets(
     name: Annotated[str | None, typer.Argument(help="One preset; all when omitted.", show_default=False)] = None,
 ) -> None:
+    """List the presets of train, probe and detect with their resolved values (what `--preset NAME` runs)."""
     import yaml
 
     tables = (

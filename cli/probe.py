@@ -6,21 +6,19 @@ from typing import Any
 
 from mochi_hub.config import PROBE_PRESETS, ProbeConfig
 
-from .options import FAILURE, SOURCE, USAGE, config_options, exit_on, print_table, with_signature
+from .options import SOURCE, config_options, print_table, user_errors, with_signature
 from .options import print_config as show_config
 
 
 def run(source: str, *, print_config: bool = False, **options: Any) -> None:
-    with exit_on(ValueError, code=USAGE):
+    with user_errors():  # FrozenBackboneError is a bug, not bad input: it keeps its traceback
         from mochi_hub.publish.sources import probe_config_for
 
         config = probe_config_for(source, **options)
-    if print_config:
-        return show_config(config)
-    from mochi_hub.data.datasets import BadImageError
-    from mochi_hub.evaluate.probe import run_probe
+        if print_config:
+            return show_config(config)
+        from mochi_hub.evaluate.probe import run_probe
 
-    with exit_on(ValueError, BadImageError, code=FAILURE):  # FrozenBackboneError is a bug, not bad input: it raises
         result = run_probe(source, config)
     row = {k: str(result[k]) for k in ("protocol", "dataset", "split")}
     row |= {"top-1 %": f"{result['top1']:.2f}", "top-5 %": f"{result['top5']:.2f}"}

@@ -1,8 +1,8 @@
 """`mochi export`, `mochi push` and `mochi import`: options mapped onto mochi_hub.publish.export.export_run,
 mochi_hub.publish.hub.push and mochi_hub.publish.importer.import_checkpoint.
 
-User errors (a run without weights, a token that may not write, a lost connection) print one clear line on
-stderr and exit 1; the token is never echoed.
+User errors (a bad option, a run without weights, a token that may not write, a lost connection) print one clear
+line on stderr and exit 2 (usage) or 1 (run time); the token is never echoed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .options import USAGE, fail
+from .options import user_errors
 
 
 class ExportFormat(StrEnum):
@@ -69,12 +69,10 @@ def export(
     ] = None,
 ) -> None:
     """Export the newest checkpoint's query backbone (or an imported timm folder's, to detectron2 / torchvision)."""
-    from mochi_hub.publish.export import ExportError, export_run
+    from mochi_hub.publish.export import export_run
 
-    try:
+    with user_errors():
         written = export_run(run_dir, output, format.value, license=license)
-    except (ExportError, FileNotFoundError) as error:
-        fail(error)
     files = sorted(p for p in written.iterdir() if p.is_file()) if written.is_dir() else [written]
     typer.echo(f"exported {run_dir} ({format.value}) to {written}")
     for path in files:
@@ -126,11 +124,9 @@ def push(
     ] = None,
 ) -> None:
     """Upload an export, with its model card, in one commit; then verify the remote files."""
-    from mochi_hub.publish.export import ExportError
-    from mochi_hub.publish.hub import PushError
     from mochi_hub.publish.hub import push as push_export
 
-    try:
+    with user_errors():
         result = push_export(
             source,
             repo_id,
@@ -144,8 +140,6 @@ def push(
             license=license,
             log=lambda message: typer.echo(message, err=True),
         )
-    except (PushError, ExportError) as error:
-        fail(error)
     total = sum(f.size for f in result.files)
     verb = "would upload" if result.dry_run else "uploaded"
     typer.echo(
@@ -252,7 +246,7 @@ def import_(
     from mochi_hub.config import parse_mochi
     from mochi_hub.publish.importer import Declared, Quote, import_checkpoint
 
-    try:
+    with user_errors():
         quoted = tuple(Quote.parse(text, quote_source) for text in quote or ())
         declared = Declared(
             method=method,
@@ -264,9 +258,6 @@ def import_(
             quoted=quoted,
         )
         declared.method_label()
-    except ValueError as error:
-        fail(error, USAGE)
-    try:
         report = import_checkpoint(
             checkpoint,
             output,
@@ -277,8 +268,6 @@ def import_(
             declared=declared,
             results=results or (),
         )
-    except ValueError as error:
-        fail(error)
     read = ", ".join(f"{k} {v}" for k, v in report.from_file.items() if not isinstance(v, dict))
     typer.echo(f"read {checkpoint.name}: {report.layout}" + (f"; {read}" if read else ""))
     for part in report.parts:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from mochi_hub.config import TRAIN_PRESETS, TrainConfig, resolve_train_config
+from mochi_hub.errors import USAGE
 
-from .options import FAILURE, USAGE, config_options, exit_on, fail, with_signature
+from .options import config_options, fail, user_errors, with_signature
 from .options import print_config as show_config
 
 NAMED_DATASETS = (
@@ -23,18 +24,15 @@ def run(*, print_config: bool = False, **options: Any) -> None:
             f"({', '.join(TRAIN_PRESETS)}; `mochi presets` shows their values) or --config FILE",
             USAGE,
         )
-    with exit_on(ValueError, code=USAGE):
+    with user_errors():
         config = resolve_train_config(**options)
         from mochi_hub.training.preflight import preflight  # timm and the data layer: not for --help
 
-        preflight(config)
-    if print_config:
-        return show_config(config)
-    from mochi_hub.data.datasets import BadImageError
-    from mochi_hub.training.pretrain import NonFiniteLossError
-    from mochi_hub.training.pretrain import train as train_run
+        config = preflight(config)
+        if print_config:
+            return show_config(config)
+        from mochi_hub.training.pretrain import train as train_run
 
-    with exit_on(ValueError, BadImageError, NonFiniteLossError, code=FAILURE):  # bad input or a stopped run
         train_run(config)
 
 

@@ -8,8 +8,8 @@ check (`resume_differences`), the names of results and the model card.
 A config is resolved once, in this order: dataclass defaults <- preset <- config file <- explicit options,
 then validated as a whole in `__post_init__`, so an error names the option and its allowed range.
 The resolved config (`to_dict`) is saved with every run, checkpoint, export and model card.
-This module is a leaf: it imports nothing of the package (whether a dataset or a model exists is checked by
-mochi_hub.training.preflight), so every layer can read it.
+This module is a leaf: it imports nothing of the package but its errors (whether a dataset or a model exists is checked
+by mochi_hub.training.preflight), so every layer can read it. A bad value raises `OptionError` naming the option.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from mochi_hub.errors import OptionError
 
 # Choices are Literal types: the one place that lists them (the CLI shows them, __post_init__ checks them).
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -122,9 +124,9 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def _number(name: str, value: Any, kind: type) -> int | float:
-    """A number of `kind`, finite. A numeric string becomes one: YAML 1.1 (PyYAML, so config files and `--set`)
-    reads `5e-4` as the string '5e-4'."""
+def _number(name: str, value: Any, kind: type, within: Range) -> int | float:
+    """A finite number of `kind` within its range, or an OptionError stating both (NaN and infinities are never in a
+    range). A numeric string becomes a number: YAML 1.1 (PyYAML, so config files) reads `5e-4` as the string '5e-4'."""
     if isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool):
         number = value
     else:
@@ -132,10 +134,14 @@ def _number(name: str, value: Any, kind: type) -> int | float:
             number = float(value) if isinstance(value, (str, float)) else None
         except ValueError:
             number = None
-        if number is None or (kind is int and math.isfinite(number) and not number.is_integer()):
-            raise ValueError(f"{_flag(name)} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if not math.isfinite(number):
-        raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+    if (
+        number is None
+        or (isinstance(number, float) and not (math.isfinite(number) and (kind is float or number.is_integer())))
+        or number not in within
+    ):
+        raise OptionError(
+            f"{_flag(name)} must be {'an integer' if kind is int else 'a number'} {within}, got {value!r}"
+        )
     return kind(number)
 
 
@@ -147,12 +153,10 @@ def check_fields(config: Any) -> None:
             value = f.metadata["parse"](value)
         kind = _number_kind(hint)
         if kind is not None and value is not None:
-            value = _number(f.name, value, kind)
-            if value not in f.metadata["within"]:
-                raise ValueError(f"{_flag(f.name)} must be {f.metadata['within']}, got {value}")
+            value = _number(f.name, value, kind, f.metadata["within"])
         choices = get_args(hint) if get_origin(hint) is Literal else ()
         if choices and value not in choices:
-            raise ValueError(f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise OptionError(f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
         setattr(config, f.name, value)
 
 
@@ -204,7 +208,7 @@ def parse_mochi(value: str | tuple[int, int, int] | list[int]) -> tuple[int, int
     try:
         n_hard, s, s_prime = (int(p) for p in parts)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise OptionError(
             f"--mochi takes three integers N,s,s' (e.g. 1024,1024,512; 0,0,0 for MoCo-v2), got {value!r}"
         ) from None
     return n_hard, s, s_prime
@@ -213,19 +217,19 @@ def parse_mochi(value: str | tuple[int, int, int] | list[int]) -> tuple[int, int
 def check_mochi_settings(
     n_hard: int, s: int, s_prime: int, *, queue_size: int | None = None, beta_max: float = 0.5
 ) -> None:
-    """Raise ValueError naming the setting when MoCHi (N, s, s') or beta_max cannot work."""
+    """Raise OptionError naming the setting when MoCHi (N, s, s') or beta_max cannot work."""
     for name, value in (("N (n_hard)", n_hard), ("s", s), ("s' (s_prime)", s_prime)):
         if value < 0:
-            raise ValueError(f"MoCHi {name} must be >= 0, got {value}")
+            raise OptionError(f"MoCHi {name} must be >= 0, got {value}")
     if n_hard == 0 and (s > 0 or s_prime > 0):
-        raise ValueError(
+        raise OptionError(
             f"MoCHi N (n_hard) = 0 leaves nothing to mix, but s={s}, s'={s_prime}; "
             "use N > 0, or (0, 0, 0) for plain MoCo-v2"
         )
     if queue_size is not None and n_hard > queue_size:
-        raise ValueError(f"MoCHi N (n_hard) = {n_hard} exceeds the queue size K = {queue_size}")
+        raise OptionError(f"MoCHi N (n_hard) = {n_hard} exceeds the queue size K = {queue_size}")
     if not 0.0 < beta_max < 1.0:
-        raise ValueError(f"MoCHi beta_max must lie in (0, 1), got {beta_max}")
+        raise OptionError(f"MoCHi beta_max must lie in (0, 1), got {beta_max}")
 
 
 def parse_milestones(value: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -238,9 +242,9 @@ def parse_milestones(value: str | tuple[int, ...] | list[int]) -> tuple[int, ...
     try:
         milestones = tuple(int(p) for p in parts)
     except (TypeError, ValueError):
-        raise ValueError(f"--lr-milestones takes epochs separated by commas (e.g. 30,40,50), got {value!r}") from None
+        raise OptionError(f"--lr-milestones takes epochs separated by commas (e.g. 30,40,50), got {value!r}") from None
     if any(m <= 0 for m in milestones) or list(milestones) != sorted(set(milestones)):
-        raise ValueError(f"--lr-milestones must be increasing positive epochs, got {value!r}")
+        raise OptionError(f"--lr-milestones must be increasing positive epochs, got {value!r}")
     return milestones
 
 
@@ -363,7 +367,7 @@ class TrainConfig(_Config):
         128, "Output width of the MLP projection head.", within="(0, inf)", card="Projection head output dim"
     )
     weight_decay: float = option(1e-4, "SGD weight decay.", within="[0, inf)", card="Weight decay")
-    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, inf)", card="SGD momentum")
+    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, 1)", card="SGD momentum")
     beta_max: float = option(
         0.5,
         "Upper bound of the query's weight beta in query mixes.",
@@ -428,22 +432,22 @@ class TrainConfig(_Config):
     def check_together(self) -> None:
         n_hard, s, s_prime = self.mochi
         if self.bn_splits is not None and (self.batch_size % self.bn_splits or self.batch_size // self.bn_splits < 2):
-            raise ValueError(
+            raise OptionError(
                 f"--bn-splits ({self.bn_splits}) must divide --batch-size ({self.batch_size}) into "
                 "BatchNorm groups of at least 2 images"
             )
         if self.lr_warmup_epochs >= self.epochs:
-            raise ValueError(f"--lr-warmup-epochs ({self.lr_warmup_epochs}) must be < --epochs ({self.epochs})")
+            raise OptionError(f"--lr-warmup-epochs ({self.lr_warmup_epochs}) must be < --epochs ({self.epochs})")
         if self.queue_size < self.batch_size:
-            raise ValueError(
+            raise OptionError(
                 f"--queue-size (K = {self.queue_size}) must be at least the global --batch-size ({self.batch_size})"
             )
         try:
             check_mochi_settings(n_hard, s, s_prime, queue_size=self.queue_size, beta_max=self.beta_max)
         except ValueError as error:
-            raise ValueError(f"--mochi: {error}") from None
+            raise OptionError(f"--mochi: {error}") from None
         if s + s_prime > 0 and self.mixing_warmup_epochs >= self.epochs:
-            raise ValueError(
+            raise OptionError(
                 f"--mixing-warmup-epochs ({self.mixing_warmup_epochs}) must be < --epochs ({self.epochs}) "
                 "or MoCHi never mixes; use --mochi 0,0,0 for plain MoCo-v2"
             )
@@ -574,7 +578,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping of config fields."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--config: no such file: {path}")
+        raise OptionError(f"--config: no such file: {path}")
     try:
         text = path.read_text()
         if path.suffix == ".json":
@@ -584,13 +588,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, ValueError) as error:  # json's and yaml's errors are ValueErrors or YAMLError
-        raise ValueError(f"--config {path}: not readable ({str(error).splitlines()[0]})") from None
+        raise OptionError(f"--config {path}: not readable ({str(error).splitlines()[0]})") from None
     except Exception as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ValueError(f"--config {path}: not valid YAML{where} ({getattr(error, 'problem', error)})") from None
+        raise OptionError(f"--config {path}: not valid YAML{where} ({getattr(error, 'problem', error)})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a mapping of option names to values")
+        raise OptionError(f"--config: {path} must hold a mapping of option names to values")
     return data
 
 
@@ -618,7 +622,7 @@ def resolve_config(
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in presets:
-            raise ValueError(f"--preset must be one of {', '.join(presets)}, got {preset!r}")
+            raise OptionError(f"--preset must be one of {', '.join(presets)}, got {preset!r}")
         values.update(presets[preset])
         values["preset"] = preset
     values.update(base or {})
@@ -629,7 +633,7 @@ def resolve_config(
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        raise OptionError(f"unknown config field(s): {', '.join(unknown)}")
     return cls(**values)
 
 
@@ -693,7 +697,7 @@ class ProbeConfig(_Config):
         (30, 40, 50), "Epochs at which lr is multiplied by --lr-gamma, e.g. 30,40,50.", parse=parse_milestones
     )
     lr_gamma: float = option(0.1, "Factor applied to lr at each milestone.", within="(0, 1]")
-    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, inf)")
+    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, 1)")
     weight_decay: float = option(0.0, "SGD weight decay.", within="[0, inf)")
     augment: bool = option(
         True, "Train the linear protocol on RandomResizedCrop + flip (--no-augment: the evaluation crop)."
@@ -822,7 +826,7 @@ class DetectConfig(_Config):
     warmup_iters: int = option(
         1000, "Linear lr warm-up from 0.1 % over this many iterations (at most one epoch).", within="[0, inf)"
     )
-    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, inf)")
+    sgd_momentum: float = option(0.9, "SGD momentum.", within="[0, 1)")
     weight_decay: float = option(1e-4, "SGD weight decay.", within="[0, inf)")
     image_size: int = option(
         800,
@@ -882,7 +886,7 @@ def resolve_detect_config(
     """defaults <- preset <- config file <- options, validated; --data must be given and be a folder."""
     config = resolve_config(DetectConfig, DETECT_PRESETS, preset=preset, config_file=config_file, **options)
     if config.data is None:
-        raise ValueError(
+        raise OptionError(
             "--data DIR is required: a folder in the COCO layout (annotations/instances_train.json, "
             "annotations/instances_val.json, images under train/ and val/)"
         )

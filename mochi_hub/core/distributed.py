@@ -14,6 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor, nn
 
+from mochi_hub.errors import OptionError, UserError
+
 T = TypeVar("T")
 
 
@@ -27,12 +29,12 @@ def launched_accelerator(global_batch: int, *, accelerator: Accelerator | None =
     if accelerator is None:
         accelerator = Accelerator(cpu=world > 1 and not torch.cuda.is_available(), **kwargs)
     if accelerator.num_processes != world:
-        raise RuntimeError(
+        raise UserError(
             f"{world} processes were launched but Accelerate formed a group of "
             f"{accelerator.num_processes}: refusing to run independent copies of the job"
         )
     if global_batch % accelerator.num_processes:
-        raise ValueError(
+        raise OptionError(
             f"--batch-size ({global_batch}) is the global batch and must divide evenly "
             f"over {accelerator.num_processes} processes"
         )
@@ -65,7 +67,7 @@ def check_shared_folder(path: Path, accelerator: Accelerator, option: str) -> No
         (path / token).unlink()
     if not all(seen):
         blind = ", ".join(str(rank) for rank, ok in enumerate(seen) if not ok)
-        raise ValueError(
+        raise OptionError(
             f"{option} {path}: process(es) {blind} do not see the folder process 0 writes to; with several nodes "
             f"{option} must be one folder every node shares (a network filesystem), given as an absolute path"
         )
@@ -75,11 +77,11 @@ def local_bn_splits(bn_splits: int, world: int, global_batch: int) -> int:
     """BatchNorm groups each process runs: the global batch is cut into `bn_splits` groups, as on the paper's
     8 GPUs; with as many processes or more, each process is one group (its own BatchNorm, as under DDP)."""
     if global_batch % bn_splits:
-        raise ValueError(f"--bn-splits ({bn_splits}) must divide --batch-size ({global_batch})")
+        raise OptionError(f"--bn-splits ({bn_splits}) must divide --batch-size ({global_batch})")
     if bn_splits <= world:
         return 1
     if bn_splits % world:
-        raise ValueError(f"--bn-splits ({bn_splits}) must be a multiple of the number of processes ({world})")
+        raise OptionError(f"--bn-splits ({bn_splits}) must be a multiple of the number of processes ({world})")
     return bn_splits // world
 
 

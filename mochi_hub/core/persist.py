@@ -16,7 +16,8 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mochi_hub.errors import InputError, OptionError
+
 STATE = "state.json"
 
 
-class StateFileError(ValueError):
+class StateFileError(InputError):
     """A saved file that is missing, truncated or not what it should be; the message names it."""
 
 
@@ -165,24 +168,40 @@ def prune(root: str | Path, prefix: str, keep: int) -> None:
 
 
 def ensure_writable_dir(path: str | Path, option: str) -> Path:
-    """Create `path` if needed and prove it can be written, or raise ValueError naming the option."""
+    """Create `path` if needed and prove it can be written, or raise OptionError naming the option."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path}: is a file, not a folder")
+        raise OptionError(f"{option} {path}: is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)  # a name of its own: ranks run this at once
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise ValueError(f"{option} {path}: not writable ({error.strerror or error})") from None
+        raise OptionError(f"{option} {path}: not writable ({error.strerror or error})") from None
     return path
+
+
+@contextmanager
+def output_dir(path: str | Path, option: str) -> Iterator[Path]:
+    """`ensure_writable_dir` around a block: when the block fails and leaves the folders it made empty, they go
+    again, so a start that is refused or fails leaves nothing behind."""
+    path = Path(path).absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    folder = ensure_writable_dir(path, option)
+    try:
+        yield folder
+    except BaseException:
+        for empty in made:
+            with suppress(OSError):  # not empty (the block wrote something): kept
+                empty.rmdir()
+        raise
 
 
 def ensure_writable_file(path: str | Path, option: str) -> Path:
     """A file `path` can be written later: its folder exists (created) and is writable, and it is no folder."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{option} {path}: is a folder, not a file")
+        raise OptionError(f"{option} {path}: is a folder, not a file")
     ensure_writable_dir(path.parent, option)
     return path

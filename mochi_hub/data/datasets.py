@@ -28,6 +28,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from mochi_hub.errors import InputError, OptionError, UserError
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -62,7 +64,7 @@ HUB_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "test")}
 UNUSABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError):
     """An image that cannot be used, with its path; raised only under --strict-data."""
 
 
@@ -142,20 +144,20 @@ class ImageFolder(Dataset):
         if not found:
             loose = [p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith(".")]
             what = f"{len(loose)} files but no class sub-folders" if loose else "no class sub-folders"
-            raise ValueError(
+            raise InputError(
                 f"--dataset {self.root}: {what}; expected {self.root}/<class>/<image> "
                 "(one sub-folder per class; for unlabelled images, one folder such as unlabelled/)"
             )
         self.classes = classes if classes is not None else found
         if subset:
             if missing := [name for name in self.classes if name not in set(found)]:
-                raise ValueError(
+                raise InputError(
                     f"--data-root: {self.root} has no folder {missing[0]}, one of the {len(self.classes)} classes "
                     f"asked for ({len(missing)} missing)"
                 )
             found = self.classes
         elif missing := sorted(set(found) - set(self.classes)):
-            raise ValueError(f"{self.root}: class folders {missing[:5]} are not in the class list")
+            raise InputError(f"{self.root}: class folders {missing[:5]} are not in the class list")
         index = {name: i for i, name in enumerate(self.classes)}
         self.files: list[tuple[str, int]] = []
         for name in sorted(found):
@@ -196,7 +198,7 @@ class HubImages(Dataset):
         self.image_column = next((c for c in ("image", "img", "jpg", "png") if c in features), None)
         self.label_column = next((c for c in ("label", "labels", "cls", "fine_label") if c in features), None)
         if self.image_column is None:
-            raise ValueError(f"--dataset {name}: no image column among {list(features)}")
+            raise InputError(f"--dataset {name}: no image column among {list(features)}")
         if isinstance(features[self.image_column], datasets.Image):  # bytes, not a decoded PIL image
             dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
         label_feature = features.get(self.label_column) if self.label_column else None
@@ -255,7 +257,7 @@ def subset_labels(names: list[str], keep: list[str], where: str) -> dict[int, in
         names = ImageNetInfo("imagenet-1k").label_names()
     index = {name: i for i, name in enumerate(names)}
     if missing := [name for name in keep if name not in index]:
-        raise ValueError(
+        raise InputError(
             f"--data-root: {where} has no class {missing[0]}, one of the {len(keep)} asked for ({len(missing)} missing)"
         )
     return {index[name]: i for i, name in enumerate(keep)}
@@ -273,11 +275,11 @@ def load_split(name: str, split: str, *, streaming: bool) -> tuple[Any, str]:
         except ValueError as error:  # unknown split: try the next name
             errors.append(str(error))
         except Exception as error:
-            raise ValueError(
+            raise InputError(
                 f"--dataset {name}: could not load split {hub_split!r} from the Hub, the HF cache or the folder "
                 f"({type(error).__name__}: {error})"
             ) from error
-    raise ValueError(f"--dataset {name}: no split among {HUB_SPLIT_NAMES[split]}: {errors[-1]}")
+    raise InputError(f"--dataset {name}: no split among {HUB_SPLIT_NAMES[split]}: {errors[-1]}")
 
 
 def load_hub_dataset(name: str, split: str, *, keep: list[str] | None = None) -> HubImages:
@@ -298,25 +300,25 @@ def check_dataset_spec(spec: str, data_root: str | None = None) -> None:
     """Fail fast, when the config is built, on a `--dataset` that names nothing we know how to read."""
     if data_root is not None:
         if spec not in DATA_ROOT_SOURCES:
-            raise ValueError(
+            raise OptionError(
                 f"--data-root is for the named sources {', '.join(DATA_ROOT_SOURCES)}; for --dataset {spec}, "
                 "give the folder as --dataset"
             )
         if not Path(data_root).expanduser().is_dir():
-            raise ValueError(f"--data-root {data_root}: not a folder")
+            raise OptionError(f"--data-root {data_root}: not a folder")
         return
     path = Path(spec).expanduser()
     if path.is_dir() or spec in HUB_SOURCES:
         return
     if path.exists():
-        raise ValueError(
+        raise OptionError(
             f"--dataset {spec}: is a file; expected a folder of class sub-folders "
             "(root/<class>/<image>, or root/train/<class>/...), a folder of shards (root/data/train-*.parquet), "
             f"a Hub dataset id (org/name), or one of {', '.join(HUB_SOURCES)}"
         )
     if "/" in spec and not spec.startswith((".", "/", "~")):
         return  # a Hub id: whether it exists is known only when it is loaded
-    raise ValueError(
+    raise OptionError(
         f"--dataset {spec!r}: not a folder, not a Hub dataset id (org/name), and not one of the "
         f"named sources {', '.join(HUB_SOURCES)}"
     )
@@ -344,7 +346,7 @@ def resolve_dataset(
     if path.is_dir():
         folder = path / split if (path / "train").is_dir() else path
         if not folder.is_dir():
-            raise ValueError(f"--dataset {spec}: no {split}/ folder (expected {path}/train and {path}/val)")
+            raise OptionError(f"--dataset {spec}: no {split}/ folder (expected {path}/train and {path}/val)")
         return ImageFolder(folder, classes=classes if classes is not None else known_class_order(folder))
     if spec == "fashion-mnist" and (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         return FashionMNIST(split)
@@ -366,7 +368,7 @@ def num_classes(source: ImageSource) -> int:
         return len(source.classes)
     if isinstance(source, HubImages) and source.label_column:
         return int(max(source.dataset[source.label_column])) + 1
-    raise ValueError("the dataset has no class labels: kNN and linear evaluation need labelled images")
+    raise InputError("the dataset has no class labels: kNN and linear evaluation need labelled images")
 
 
 def source_in_root(name: str, split: str, root: Path) -> ImageSource:
@@ -378,7 +380,7 @@ def source_in_root(name: str, split: str, root: Path) -> ImageSource:
         return load_hub_dataset(str(root), split, keep=keep)
     folder = root / split
     if not folder.is_dir():
-        raise ValueError(
+        raise InputError(
             f"--data-root {root}: no {split}/ folder and no shards (expected {root}/{split}/<synset>/<image> "
             f"or {root}/data/{split}-00000-of-NNNNN.parquet)"
         )

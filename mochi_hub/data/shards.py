@@ -42,6 +42,7 @@ from mochi_hub.data.datasets import (
 )
 from mochi_hub.data.decode import min_decoded_side, worker_image
 from mochi_hub.data.sampling import seeded_rng
+from mochi_hub.errors import InputError, OptionError
 
 SHUFFLE_BUFFER = 10_000  # rows shuffled together in a stream, after the shard order is shuffled
 
@@ -58,7 +59,7 @@ class ShardStream:
         self.image_column = next((c for c in ("image", "img", "jpg", "png") if c in features), None)
         self.label_column = next((c for c in ("label", "labels", "cls", "fine_label") if c in features), None)
         if self.image_column is None:
-            raise ValueError(f"--dataset {spec}: no image column among {list(features)}")
+            raise InputError(f"--dataset {spec}: no image column among {list(features)}")
         if isinstance(features[self.image_column], datasets.Image):
             stream = stream.cast_column(self.image_column, datasets.Image(decode=False))
         label_feature = features.get(self.label_column) if self.label_column else None
@@ -84,7 +85,7 @@ class ShardStream:
         splits = self.stream.info.splits or {}
         if self.label_map is None and self.split_name in splits and splits[self.split_name].num_examples:
             return splits[self.split_name].num_examples
-        raise ValueError(
+        raise InputError(
             f"--streaming: the number of images in {spec} ({self.split_name}) is not known without reading it all "
             "(its card gives no split sizes, or a subset is asked of a Hub copy); download it (no --streaming) or "
             "use local shards"
@@ -99,7 +100,7 @@ class ShardStream:
 
     def views(self, config: TrainConfig, output: str) -> StreamingViews:
         if config.max_train_images is not None:
-            raise ValueError("--max-train-images takes the first images of a map-style source: not with --streaming")
+            raise OptionError("--max-train-images takes the first images of a map-style source: not with --streaming")
         return StreamingViews(self, config, output)
 
 
@@ -185,14 +186,14 @@ def resolve_stream(spec: str, split: str, data_root: str | None = None) -> Shard
     if data_root is not None:
         root = Path(data_root).expanduser()
         if not is_shard_folder(root):
-            raise ValueError(
+            raise OptionError(
                 f"--streaming reads shards: --data-root {root} has no data/{split}-*.parquet (an image folder is read "
                 "without --streaming, file by file)"
             )
         return ShardStream(str(root), split, keep=SUBSETS.get(spec))
     path = Path(spec).expanduser()
     if path.is_dir() and not is_shard_folder(path):
-        raise ValueError(
+        raise OptionError(
             f"--streaming reads shards: --dataset {spec} has no data/{split}-*.parquet (an image folder is read "
             "without --streaming, file by file)"
         )

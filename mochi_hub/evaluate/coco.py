@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mochi_hub.core.seeding import generator
+from mochi_hub.errors import InputError, OptionError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,20 @@ def _number(value: Any) -> bool:
 
 def _read(path: Path, where: str) -> dict[str, Any]:
     if not path.is_file():
-        raise ValueError(f"{where}: {path.relative_to(path.parents[1])} is missing (the COCO layout: {LAYOUT})")
+        raise InputError(f"{where}: {path.relative_to(path.parents[1])} is missing (the COCO layout: {LAYOUT})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(
+        raise InputError(
             f"{where}: {path.name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
         ) from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{where}: {path.name} is not readable ({error})") from None
+        raise InputError(f"{where}: {path.name} is not readable ({error})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: {path.name} must hold an object with images, annotations and categories")
+        raise InputError(f"{where}: {path.name} must hold an object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(
+            raise InputError(
                 f"{where}: {path.name} has no {key!r} list (a COCO file has images, annotations, categories)"
             )
     return data
@@ -109,7 +110,7 @@ def load_split(root: str | Path, split: str) -> CocoSplit:
     root = Path(root).expanduser()
     where = f"--data {root}"
     if not root.is_dir():
-        raise ValueError(f"{where}: not a folder (expected the COCO layout: {LAYOUT})")
+        raise OptionError(f"{where}: not a folder (expected the COCO layout: {LAYOUT})")
     path = annotation_file(root, split)
     data = _read(path, where)
     name = path.name
@@ -118,64 +119,64 @@ def load_split(root: str | Path, split: str) -> CocoSplit:
     category_ids: set[int] = set()
     for i, category in enumerate(categories):
         if not isinstance(category, dict) or not isinstance(category.get("id"), int) or "name" not in category:
-            raise ValueError(f"{where}: {name}: categories[{i}] needs an integer 'id' and a 'name'")
+            raise InputError(f"{where}: {name}: categories[{i}] needs an integer 'id' and a 'name'")
         if category["id"] in category_ids:
-            raise ValueError(f"{where}: {name}: category id {category['id']} is declared twice")
+            raise InputError(f"{where}: {name}: category id {category['id']} is declared twice")
         category_ids.add(category["id"])
     if not categories:
-        raise ValueError(f"{where}: {name} declares no categories")
+        raise InputError(f"{where}: {name} declares no categories")
 
     images: dict[int, dict[str, Any]] = {}
     files_bytes = 0
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict):
-            raise ValueError(f"{where}: {name}: images[{i}] is not an object")
+            raise InputError(f"{where}: {name}: images[{i}] is not an object")
         for key, kind in (("id", int), ("file_name", str), ("width", int), ("height", int)):
             if not isinstance(image.get(key), kind) or isinstance(image.get(key), bool):
-                raise ValueError(f"{where}: {name}: images[{i}] needs {key!r} ({kind.__name__})")
+                raise InputError(f"{where}: {name}: images[{i}] needs {key!r} ({kind.__name__})")
         if image["width"] <= 0 or image["height"] <= 0:
-            raise ValueError(f"{where}: {name}: image {image['file_name']} has size {image['width']}x{image['height']}")
+            raise InputError(f"{where}: {name}: image {image['file_name']} has size {image['width']}x{image['height']}")
         if image["id"] in images:
-            raise ValueError(f"{where}: {name}: image id {image['id']} is listed twice")
+            raise InputError(f"{where}: {name}: image id {image['id']} is listed twice")
         file = root / split / image["file_name"]
         try:
             files_bytes += file.stat().st_size
         except OSError:
-            raise ValueError(
+            raise InputError(
                 f"{where}: image {image['file_name']} (id {image['id']}) is listed in {name} but {file} does not exist"
             ) from None
         images[image["id"]] = image
     if not images:
-        raise ValueError(f"{where}: {name} lists no images: the {split} set is empty")
+        raise InputError(f"{where}: {name} lists no images: the {split} set is empty")
 
     boxes: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
     dropped, annotation_ids = 0, set()
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not isinstance(ann.get("id"), int):
-            raise ValueError(f"{where}: {name}: annotations[{i}] needs an integer 'id'")
+            raise InputError(f"{where}: {name}: annotations[{i}] needs an integer 'id'")
         label = f"{where}: {name}: annotation id {ann['id']}"
         if ann["id"] in annotation_ids:
-            raise ValueError(f"{label} is listed twice")
+            raise InputError(f"{label} is listed twice")
         annotation_ids.add(ann["id"])
         image = images.get(ann["image_id"]) if isinstance(ann.get("image_id"), int) else None
         if image is None:
-            raise ValueError(f"{label} refers to image id {ann.get('image_id')!r}, which {name} does not list")
+            raise InputError(f"{label} refers to image id {ann.get('image_id')!r}, which {name} does not list")
         if not isinstance(ann.get("category_id"), int) or ann["category_id"] not in category_ids:
             known = sorted(category_ids)
-            raise ValueError(
+            raise InputError(
                 f"{label} has category_id {ann.get('category_id')!r}, which is not in 'categories' "
                 f"(ids {known[0]}..{known[-1]})"
             )
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
-            raise ValueError(f"{label}: bbox must be [x, y, width, height] (4 numbers), got {bbox!r}")
+            raise InputError(f"{label}: bbox must be [x, y, width, height] (4 numbers), got {bbox!r}")
         x, y, w, h = (float(v) for v in bbox)
         width, height = image["width"], image["height"]
         if w < 0 or h < 0:
-            raise ValueError(f"{label}: bbox {bbox} has a negative width or height")
+            raise InputError(f"{label}: bbox {bbox} has a negative width or height")
         t = BOX_TOLERANCE
         if x < -t or y < -t or x + w > width + t or y + h > height + t:
-            raise ValueError(f"{label}: box {bbox} lies outside its image {image['file_name']} ({width}x{height})")
+            raise InputError(f"{label}: box {bbox} lies outside its image {image['file_name']} ({width}x{height})")
         x1, y1 = max(0.0, x), max(0.0, y)
         x2, y2 = min(float(width), x + w), min(float(height), y + h)
         if ann.get("iscrowd", 0):
@@ -186,7 +187,7 @@ def load_split(root: str | Path, split: str) -> CocoSplit:
         boxes[image["id"]].append(([x1, y1, x2, y2], ann["category_id"]))
     split_data = CocoSplit(root, split, data, list(images.values()), boxes, categories, dropped, files_bytes)
     if split_data.num_annotations == 0:
-        raise ValueError(
+        raise InputError(
             f"{where}: {name} has no usable annotations: nothing to {'learn' if split == 'train' else 'evaluate'}"
         )
     return split_data
@@ -197,7 +198,7 @@ def load_dataset(root: str | Path) -> tuple[CocoSplit, CocoSplit]:
     train, val = load_split(root, "train"), load_split(root, "val")
     key = lambda cats: sorted((c["id"], c["name"]) for c in cats)  # noqa: E731
     if key(train.categories) != key(val.categories):
-        raise ValueError(f"--data {root}: instances_val.json declares other categories than instances_train.json")
+        raise InputError(f"--data {root}: instances_val.json declares other categories than instances_train.json")
     for split in (train, val):
         if split.dropped:
             log.warning("%s: %d zero-area box(es) left out of the training targets", split.split, split.dropped)
@@ -226,9 +227,9 @@ class DetectionImages(Dataset):
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
         except (OSError, ValueError) as error:
-            raise ValueError(f"image {path}: not readable ({error})") from None
+            raise InputError(f"image {path}: not readable ({error})") from None
         if image.size != (info["width"], info["height"]):
-            raise ValueError(
+            raise InputError(
                 f"image {path}: {image.size[0]}x{image.size[1]} pixels, but its annotation file says "
                 f"{info['width']}x{info['height']}"
             )
@@ -262,7 +263,7 @@ def evaluator() -> tuple[str, str]:
             return package, version(package)
         except (ImportError, PackageNotFoundError):
             continue
-    raise ValueError(
+    raise UserError(
         "no COCO evaluator is installed: pip install 'mochi-hub[detect]' (faster-coco-eval, or pycocotools)"
     )
 

@@ -55,6 +55,7 @@ from mochi_hub.core.distributed import all_ranks_true, launched_accelerator
 from mochi_hub.core.seeding import stream_seed
 from mochi_hub.data.augment import MEAN, STD
 from mochi_hub.data.sampling import GlobalBatches, subset
+from mochi_hub.errors import OptionError, UserError
 from mochi_hub.evaluate.coco import (
     CocoSplit,
     DetectionImages,
@@ -82,7 +83,7 @@ METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 DETECTOR = "torchvision Faster R-CNN + FPN (LastLevelMaxPool), timm features_only C2-C5"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the message says where and what to change."""
 
 
@@ -96,7 +97,7 @@ def feature_indices(backbone: nn.Module) -> list[int]:
     missing = [s for s in STRIDES if s not in reductions]
     if missing or not hasattr(backbone, "forward_intermediates"):
         name = type(backbone).__name__
-        raise ValueError(
+        raise OptionError(
             f"SOURCE: a {name} has no feature maps at strides {', '.join(map(str, STRIDES))} that timm can return "
             f"(feature strides: {reductions or 'none'}); an FPN needs a hierarchical CNN such as a ResNet"
         )
@@ -128,7 +129,7 @@ def prepare_backbone(backbone: nn.Module, *, trainable_layers: int | None, batch
     count = len(backbone.feature_info)
     trainable_layers = count if trainable_layers is None else trainable_layers
     if trainable_layers > count:
-        raise ValueError(f"--trainable-layers {trainable_layers}: this backbone has {count} stages (0..{count})")
+        raise OptionError(f"--trainable-layers {trainable_layers}: this backbone has {count} stages (0..{count})")
     first = count - trainable_layers  # stages >= first train
     trains = {name for name, stage in stages.items() if stage >= first}
     for name, parameter in backbone.named_parameters():
@@ -383,7 +384,7 @@ def _prepare(
     source: str, config: DetectConfig, accelerator: Accelerator | None, backbone: tuple[nn.Module, dict] | None
 ) -> tuple[_Detect, nn.Module]:
     if config.data is None:
-        raise ValueError("--data DIR is required: a folder in the COCO layout")
+        raise OptionError("--data DIR is required: a folder in the COCO layout")
     evaluator()  # fail now, not after training, when none is installed
     train, val = load_dataset(config.data)
     train, val = _subset(train, config.max_images, config.seed, 0), _subset(val, config.max_images, config.seed, 1)
@@ -394,7 +395,7 @@ def _prepare(
         several_gpus = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
         config = dataclasses.replace(config, batch_norm="sync" if several_gpus else "train")
     if config.batch_norm == "sync" and accelerator.num_processes > 1 and accelerator.device.type != "cuda":
-        raise ValueError("--batch-norm sync needs GPUs (SyncBatchNorm does not run on the CPU); use train")
+        raise OptionError("--batch-norm sync needs GPUs (SyncBatchNorm does not run on the CPU); use train")
     # A caller's backbone is copied: freezing replaces its BatchNorm layers in place.
     module, info = (copy.deepcopy(backbone[0]), backbone[1]) if backbone is not None else load_backbone(source)
     model, frozen = build_detector(module, info, len(train.categories), config)

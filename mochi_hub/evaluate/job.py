@@ -32,6 +32,7 @@ from torch import nn
 
 from mochi_hub.config import result_settings, resume_differences
 from mochi_hub.core import persist
+from mochi_hub.errors import OptionError
 from mochi_hub.version import __version__
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class EpochStates:
             return {"epoch": 0}
         path, meta = states[-1], persist.read_json(states[-1] / persist.STATE)
         if different := resume_differences(meta.get("settings", {}), self.settings):
-            raise ValueError(
+            raise OptionError(
                 f"--resume {path}: the saved state was trained differently ({'; '.join(different)}); "
                 "run without --resume to start over"
             )

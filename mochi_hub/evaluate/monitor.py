@@ -25,6 +25,7 @@ from mochi_hub.config import TrainConfig
 from mochi_hub.data.augment import eval_transform
 from mochi_hub.data.datasets import DecodedImages, num_classes, train_and_val
 from mochi_hub.data.sampling import subset
+from mochi_hub.errors import OptionError
 from mochi_hub.evaluate.classify import knn_scores, topk_hits
 from mochi_hub.evaluate.features import extract
 
@@ -51,7 +52,7 @@ class KnnMonitor:
             return None, "kNN monitor off (--knn-monitor-every 0)"
         if config.streaming:  # the monitor picks images by index: it would download a stream whole
             if config.knn_monitor_every is not None:
-                raise ValueError(
+                raise OptionError(
                     "--knn-monitor-every: the monitor reads images by index, not from a --streaming source"
                 )
             return None, "kNN monitor off: --streaming (the monitor reads images by index)"
@@ -59,7 +60,7 @@ class KnnMonitor:
             train, val = train_and_val(config.dataset, config.data_root)
         except ValueError as error:
             if config.knn_monitor_every is not None:
-                raise ValueError(f"--knn-monitor-every: the monitor needs a labelled val split ({error})") from None
+                raise OptionError(f"--knn-monitor-every: the monitor needs a labelled val split ({error})") from None
             return None, "kNN monitor off: the dataset has no val split"
         every = config.knn_monitor_every or max(1, math.ceil(last_step / DEFAULT_POINTS))
         n = config.knn_monitor_images

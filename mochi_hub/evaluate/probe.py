@@ -51,6 +51,7 @@ from mochi_hub.data.datasets import (
     train_and_val,
 )
 from mochi_hub.data.sampling import EpochShuffle, SeededItems, subset
+from mochi_hub.errors import OptionError
 from mochi_hub.evaluate.classify import knn_scores, lr_at, make_classifier, topk_hits
 from mochi_hub.evaluate.features import (
     FeatureTensors,
@@ -289,7 +290,7 @@ class _Probe(Job):
             return None
         hit = load_cached(self.cache_dir, key)
         if not bool(all_ranks_true(torch.tensor(hit is not None, device=accelerator.device), accelerator)):
-            raise ValueError(
+            raise OptionError(
                 f"--cache-dir {self.cache_dir}: process 0 found cached features that other processes cannot read; "
                 "with several nodes --cache-dir must be one folder every node shares"
             )

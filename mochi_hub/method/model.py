@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mochi_hub.config import Init
+from mochi_hub.errors import OptionError
 
 INITS = get_args(Init)
 INIT_ONLY_ARGS = ("zero_init_last",)
@@ -22,7 +23,7 @@ def check_model_name(name: str) -> None:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise ValueError(f"--model: unknown timm architecture {name!r}{hint}")
+        raise OptionError(f"--model: unknown timm architecture {name!r}{hint}")
 
 
 def _accepts(name: str, **kwargs: Any) -> bool:
@@ -50,7 +51,7 @@ def backbone_args(name: str, *, init: str = "moco", image_size: int | None = Non
       init "timm": timm's default.
     """
     if init not in INITS:
-        raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+        raise OptionError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     check_model_name(name)
     args: dict[str, Any] = {}
     cfg = timm.get_pretrained_cfg(name)

@@ -17,13 +17,14 @@ from torch import nn
 
 from mochi_hub.core.persist import atomic_write, save_tensors
 from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.errors import InputError
 from mochi_hub.publish.card import PAPER_ID
 
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 DETECTRON2_FILE = "model_detectron2.pkl"
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A backbone that has no counterpart in the asked format; the message says why."""
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from mochi_hub.config import TrainConfig
 from mochi_hub.core.persist import atomic_write, ensure_writable_dir, read_json, save_tensors, write_json
 from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.errors import InputError, OptionError
 from mochi_hub.method.model import pooled_width
 from mochi_hub.publish import plots
 from mochi_hub.publish.card import (
@@ -41,7 +42,6 @@ from mochi_hub.training.runs import (
     DETECTION,
     METRICS,
     PROBES,
-    RunError,
     default_export,
     is_run_dir,
     load_run_backbone,
@@ -62,7 +62,7 @@ HEAD = "projection_head.safetensors"  # `mochi import --keep-head`: the source's
 EXPORT_FILES = (WEIGHTS, CONFIG, CARD, CURVES, HEAD)
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A run or backbone that cannot be exported as asked; the message says why."""
 
 
@@ -254,41 +254,38 @@ def export_run(run_dir: Path, output: Path | None = None, format: str = "timm", 
     `license`: the weights' license (default: apache-2.0 for a run, a timm folder's own).
     """
     if format not in FORMATS:
-        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise OptionError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir) and (run_dir / CONFIG).is_file():
         return _convert_timm_folder(run_dir, output, format, license)
-    try:
-        backbone, config, run, checkpoint = load_run_backbone(run_dir)
-        output = ensure_writable_dir(output if output is not None else default_export(run_dir, format), "--output")
-        if format == "timm":
-            extra = {
-                "run": {
-                    "checkpoint_step": checkpoint_step(checkpoint),
-                    "num_processes": run.get("num_processes"),
-                    "global_batch_size": run.get("global_batch_size"),
-                    "mochi_hub_version": run.get("mochi_hub_version"),
-                    "backbone": run.get("backbone"),
-                    "summary": run.get("summary"),
-                },
-                "detection_results": [redact_local_paths(r) for r in read_results(run_dir, DETECTION)],
-            }
-            return save_timm_folder(
-                backbone,
-                config,
-                output,
-                probe_results=read_results(run_dir, PROBES),
-                metrics_file=run_dir / METRICS,
-                extra=extra,
-                license=license or DEFAULT_LICENSE,
-                model_args=run_backbone_args(config, run),
-            )
-        state = torchvision_state_dict(backbone, config.model)
-        name = f"{config.model} {method_name(config.mochi)} {tuple(config.mochi)}"
-        write = write_torchvision if format == "torchvision" else write_detectron2
-        return write(state, config.model, output, name, license=license or DEFAULT_LICENSE)
-    except (RunError, ConversionError, ValueError) as error:
-        raise ExportError(str(error)) from None
+    backbone, config, run, checkpoint = load_run_backbone(run_dir)
+    output = ensure_writable_dir(output if output is not None else default_export(run_dir, format), "--output")
+    if format == "timm":
+        extra = {
+            "run": {
+                "checkpoint_step": checkpoint_step(checkpoint),
+                "num_processes": run.get("num_processes"),
+                "global_batch_size": run.get("global_batch_size"),
+                "mochi_hub_version": run.get("mochi_hub_version"),
+                "backbone": run.get("backbone"),
+                "summary": run.get("summary"),
+            },
+            "detection_results": [redact_local_paths(r) for r in read_results(run_dir, DETECTION)],
+        }
+        return save_timm_folder(
+            backbone,
+            config,
+            output,
+            probe_results=read_results(run_dir, PROBES),
+            metrics_file=run_dir / METRICS,
+            extra=extra,
+            license=license or DEFAULT_LICENSE,
+            model_args=run_backbone_args(config, run),
+        )
+    state = torchvision_state_dict(backbone, config.model)
+    name = f"{config.model} {method_name(config.mochi)} {tuple(config.mochi)}"
+    write = write_torchvision if format == "torchvision" else write_detectron2
+    return write(state, config.model, output, name, license=license or DEFAULT_LICENSE)
 
 
 def _convert_timm_folder(folder: Path, output: Path | None, format: str, license: str | None) -> Path:
@@ -296,17 +293,17 @@ def _convert_timm_folder(folder: Path, output: Path | None, format: str, license
     import timm
 
     if format == "timm":
-        raise ExportError(f"{folder} is already a timm folder: use --format detectron2 or torchvision")
+        raise OptionError(f"{folder} is already a timm folder: use --format detectron2 or torchvision")
     try:
         hf_config = read_json(folder / CONFIG)
         architecture = hf_config["architecture"]
         backbone = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True, num_classes=0)
-        output = ensure_writable_dir(
-            output if output is not None else folder.with_name(f"{folder.name}-{format}"), "--output"
-        )
         state = torchvision_state_dict(backbone, architecture)
-    except (ConversionError, ValueError, KeyError, RuntimeError) as error:
+    except (ConversionError, ValueError, KeyError, RuntimeError) as error:  # a folder timm cannot read as it says
         raise ExportError(f"{folder}: {error}") from None
+    output = ensure_writable_dir(
+        output if output is not None else folder.with_name(f"{folder.name}-{format}"), "--output"
+    )
     name = f"{architecture} {hf_config.get('method') or 'backbone'}"
     cfg = hf_config.get("pretrained_cfg") or {}
     if format == "torchvision":

@@ -30,6 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
+from mochi_hub.errors import OptionError, UserError
 from mochi_hub.publish.card import GENERATED_MARK, method_name, model_card_from_export
 from mochi_hub.publish.export import CARD, CONFIG, CURVES, EXPORT_FILES, WEIGHTS, export_run
 from mochi_hub.publish.sources import HUB, RUN, Source
@@ -42,7 +43,7 @@ ALLOWED_FILES = set(EXPORT_FILES) | {".gitattributes"}
 SKIPPED_DIRS = {".git", ".cache"}  # .cache/huggingface is huggingface_hub's own upload cache
 
 
-class PushError(RuntimeError):
+class PushError(UserError):
     """A push that cannot or did not succeed; the message says why and what to do."""
 
 
@@ -82,12 +83,9 @@ class PushResult:
 
 def resolve_source(source: str | Path) -> tuple[Path, bool]:
     """SOURCE -> (export folder, whether it was exported now). Exports a run whose export is missing/stale."""
-    try:
-        parsed = Source.parse(source)
-    except ValueError as error:
-        raise PushError(str(error)) from None
+    parsed = Source.parse(source)
     if parsed.kind == HUB:
-        raise PushError(f"SOURCE {source}: already on the Hub; push takes a run directory or an export folder")
+        raise OptionError(f"SOURCE {source}: already on the Hub; push takes a run directory or an export folder")
     if parsed.kind == RUN:
         export = default_export(parsed.path)
         latest = latest_checkpoint(parsed.path)
@@ -167,9 +165,9 @@ def _check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise PushError(f"invalid --repo-id {repo_id!r}: {error}") from None
+        raise OptionError(f"invalid --repo-id {repo_id!r}: {error}") from None
     if repo_id.count("/") != 1:
-        raise PushError(
+        raise OptionError(
             f"invalid --repo-id {repo_id!r}: expected 'namespace/name' (a user or organisation, then the model's name)"
         )
 
@@ -210,9 +208,9 @@ def plan_push(
     """Everything a push decides before the network: the options, SOURCE (a stale export is redone), the files."""
     _check_repo_id(repo_id)
     if tag and create_pr:
-        raise PushError("--tag cannot be combined with --create-pr: tag the commit once the pull request is merged")
+        raise OptionError("--tag cannot be combined with --create-pr: tag the commit once the pull request is merged")
     if revision is not None and not revision.strip():
-        raise PushError("--revision must name a branch")
+        raise OptionError("--revision must name a branch")
     folder, exported = resolve_source(source)
     if exported:
         log(f"exported the newest checkpoint to {folder}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import pickle
 import re
 import shutil
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 
 from mochi_hub.config import check_mochi_settings
 from mochi_hub.core.persist import publish, read_json, save_tensors, staging
+from mochi_hub.errors import InputError, OptionError
 from mochi_hub.method.model import backbone_args, create_backbone, structural_args
 from mochi_hub.publish.card import PAPER_ID, PAPER_NAME, method_name, redact_local_paths
 from mochi_hub.publish.export import CONFIG, HEAD, network_info, timm_keys, write_timm_folder
@@ -76,7 +78,7 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
 LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save before 1.6 pickles this number first
 
 
-class CheckpointImportError(ValueError):
+class CheckpointImportError(InputError):
     """A checkpoint that cannot be imported as asked; the one-line message says why and which option helps."""
 
 
@@ -96,10 +98,10 @@ class Quote:
             number = float(value)
         except ValueError:
             number = None
-        if not metric.strip() or number is None:
-            raise ValueError(f"--quote takes METRIC=VALUE, e.g. 'ImageNet-1K linear top-1 (%)=68.0'; got {text!r}")
+        if not metric.strip() or number is None or not math.isfinite(number):
+            raise OptionError(f"--quote takes METRIC=VALUE, e.g. 'ImageNet-1K linear top-1 (%)=68.0'; got {text!r}")
         if not source:
-            raise ValueError("--quote needs --quote-source: where the figure was published")
+            raise OptionError("--quote needs --quote-source: where the figure was published")
         return cls(metric.strip(), number, source)
 
 
@@ -123,7 +125,7 @@ class Declared:
         check_mochi_settings(*self.mochi)
         implied = method_name(self.mochi)
         if given and given != implied:
-            raise CheckpointImportError(
+            raise OptionError(
                 f"--method {self.method} contradicts --mochi {','.join(map(str, self.mochi))}, which is {implied}"
             )
         return implied
@@ -524,14 +526,14 @@ def head_module(head: Mapping[str, Tensor]) -> str | None:
 def _check_output(output: Path) -> None:
     """--output: absent, empty, or a folder `mochi import`/`mochi export` wrote (it is replaced as a whole)."""
     if output.exists() and not output.is_dir():
-        raise CheckpointImportError(f"--output {output}: is a file, not a folder")
+        raise OptionError(f"--output {output}: is a file, not a folder")
     if output.is_dir() and any(output.iterdir()):
         try:
             ours = "mochi_hub_version" in read_json(output / CONFIG)
         except ValueError:
             ours = False
         if not ours:
-            raise CheckpointImportError(
+            raise OptionError(
                 f"--output {output}: a folder with other files in it; give a new or empty folder (one that "
                 "`mochi import` or `mochi export` wrote is replaced)"
             )

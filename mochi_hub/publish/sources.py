@@ -13,7 +13,6 @@ feature cache and the probe results are keyed by it, not by where the weights we
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,10 @@ import torch
 from torch import nn
 
 from mochi_hub.config import ProbeConfig, resolve_probe_config
+from mochi_hub.core.persist import read_json
 from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.data.datasets import check_dataset_spec
+from mochi_hub.errors import InputError, OptionError
 from mochi_hub.method.model import pooled_width
 from mochi_hub.training.checkpoint import latest_checkpoint
 from mochi_hub.training.runs import RUN_JSON, RunError, is_run_dir, load_run_backbone
@@ -80,7 +82,7 @@ class Source:
             return cls(text, HUB, repo_id=repo_id, revision=revision or None)
         path = Path(text.removeprefix(LOCAL_DIR)).expanduser()
         if not path.is_dir():
-            raise ValueError(
+            raise OptionError(
                 f"SOURCE {text}: {'a file' if path.exists() else 'no such folder'}, and not hf-hub:org/name "
                 "(expected a run directory, an exported timm folder, or hf-hub:org/name[@revision])"
             )
@@ -91,29 +93,46 @@ class Source:
             return cls(text, EXPORT, path)
         if is_run_dir(path):  # checkpoints/ before run.json was written
             return cls(text, RUN, path)
-        raise ValueError(
+        raise OptionError(
             f"SOURCE {text}: neither a run directory (run.json, checkpoints/) nor an exported timm folder "
             "(config.json + model.safetensors)"
         )
 
     def trained_on(self) -> dict[str, Any]:
         """What the backbone was trained on, from JSON alone (no weights are read): {"dataset", "image_size"} where
-        known (a run's run.json, an export's or a Hub model's config.json); {} where nothing says."""
-        try:
-            if self.kind == RUN:
-                return _from_training(json.loads((self.path / RUN_JSON).read_text()).get("config") or {})
-            if self.kind == HUB:
-                from huggingface_hub import hf_hub_download
-
-                config = Path(hf_hub_download(self.repo_id, "config.json", revision=self.revision))
-            else:
-                config = self.path / "config.json"
-            data = json.loads(config.read_text())
-            return _from_training(
-                data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size")
-            )
-        except Exception:  # a run without run.json, an offline Hub, a config.json of another shape: nothing says
+        known (a run's run.json, an export's or a Hub model's config.json); {} where nothing says (a run without
+        run.json yet, a config.json of another project). A file that cannot be read raises, naming it."""
+        if self.kind == RUN:
+            run = self.path / RUN_JSON
+            data = read_json(run) if run.is_file() else {}
+            return _from_training((data.get("config") if isinstance(data, dict) else None) or {})
+        data = read_json(self._hub_config() if self.kind == HUB else self.path / "config.json")
+        if not isinstance(data, dict):
             return {}
+        return _from_training(data.get("training_config") or {}, (data.get("pretrained_cfg") or {}).get("input_size"))
+
+    def _hub_config(self) -> Path:
+        """The Hub model's config.json (the HF cache serves it offline)."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            return Path(hf_hub_download(self.repo_id, "config.json", revision=self.revision))
+        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, HFValidationError) as error:
+            raise OptionError(
+                f"SOURCE {self.text}: no timm model there on the Hub ({type(error).__name__}: "
+                f"{str(error).splitlines()[0]})"
+            ) from None
+        except Exception as error:  # no connection and no cached copy, or the endpoint failed
+            raise InputError(
+                f"SOURCE {self.text}: its config.json could not be read from the Hub or the HF cache "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            ) from None
 
     def load(self) -> tuple[nn.Module, dict[str, Any]]:
         """(backbone in eval mode, info). info: kind, source, architecture, num_features, weights_sha256, where it
@@ -122,7 +141,7 @@ class Source:
             try:
                 backbone = timm.create_model(self.text, pretrained=True, num_classes=0)
             except Exception as error:
-                raise ValueError(
+                raise InputError(
                     f"SOURCE {self.text}: could not load from the Hub or the HF cache ({type(error).__name__}: {error})"
                 ) from error
             info: dict[str, Any] = {"kind": "hf-hub", "repo_id": self.repo_id, "revision": self.revision or "main"}
@@ -148,13 +167,13 @@ class Source:
         if (export / "config.json").is_file():
             return _timm_folder(export), {"kind": "run-export", "run_dir": str(self.path), "path": str(export)}
         if latest_checkpoint(self.path) is None:
-            raise ValueError(
+            raise InputError(
                 f"SOURCE {self.text}: a run directory with neither export/ nor a complete checkpoint under checkpoints/"
             )
         try:
             backbone, _, _, checkpoint = load_run_backbone(self.path)
         except RunError as error:
-            raise ValueError(f"SOURCE {self.text}: {error}") from None
+            raise InputError(f"SOURCE {self.text}: {error}") from None
         return backbone, {
             "kind": "run-checkpoint",
             "run_dir": str(self.path),
@@ -174,11 +193,13 @@ def probe_config_for(source: str | Source, **options: Any) -> ProbeConfig:
     neither gives."""
     source = source if isinstance(source, Source) else Source.parse(source)
     config = resolve_probe_config(trained_on=source.trained_on(), **options)
+    if config.dataset is not None:
+        check_dataset_spec(config.dataset)  # a --dataset that names nothing: refused before any work, as in train
     if config.dataset is None:
-        raise ValueError(
+        raise OptionError(
             f"--dataset: SOURCE {source.text} does not record a dataset it was trained on that can be read here; "
             "pass --dataset"
         )
     if config.image_size is None:
-        raise ValueError(f"--image-size: SOURCE {source.text} records no input size; pass --image-size")
+        raise OptionError(f"--image-size: SOURCE {source.text} records no input size; pass --image-size")
     return config

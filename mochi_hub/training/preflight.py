@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from mochi_hub.config import TrainConfig
 from mochi_hub.data.datasets import check_dataset_spec
+from mochi_hub.errors import OptionError
 from mochi_hub.method.model import backbone_args, min_image_size
 
 
@@ -17,7 +18,7 @@ def preflight(config: TrainConfig) -> TrainConfig:
     args = backbone_args(config.model, init=config.init, image_size=config.image_size)  # checks the name too
     smallest = min_image_size(config.model, **args)
     if config.image_size < smallest:
-        raise ValueError(
+        raise OptionError(
             f"--image-size {config.image_size}: {config.model} reduces its input {smallest}x, so it "
             f"needs at least {smallest} px"
         )

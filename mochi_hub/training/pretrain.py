@@ -26,9 +26,10 @@ from torch import Tensor
 from mochi_hub.config import TrainConfig, fit_to_data, resume_differences, train_config_from_dict
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, broadcast_buffers, check_shared_folder, on_main_process
-from mochi_hub.core.persist import StateFileError, ensure_writable_dir
+from mochi_hub.core.persist import StateFileError, output_dir
 from mochi_hub.data.datasets import missing_classes_note
 from mochi_hub.data.views import BatchViews, PretrainingLoader, loader_output, open_dataset, pretraining_views
+from mochi_hub.errors import InputError, OptionError, UserError
 from mochi_hub.evaluate.monitor import KnnMonitor
 from mochi_hub.method.metrics import alignment, false_negative_rate, proxy_top1, uniformity
 from mochi_hub.method.mixing import hardest_negatives
@@ -48,8 +49,8 @@ from mochi_hub.version import __version__
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError):
+    """A non-finite loss under --on-nonfinite stop; the message says where and what survived."""
 
 
 def train(
@@ -60,7 +61,8 @@ def train(
 ) -> Path:
     """Pretrain, checkpoint, export. Returns the run directory. `accelerator`: an existing one (a library user
     running train and probe in one process); `on_step(step, info)` is for tests."""
-    run = _Run.start(config, accelerator)
+    with output_dir(config.output, "--output") as run_dir:  # a start that fails leaves no empty folder behind
+        run = _Run.start(config, run_dir, accelerator)
     try:
         with progress_bar(run.is_main, fields="{task.fields[status]}") as progress:
             task = progress.add_task("mochi train", total=run.last_step, completed=run.step, status="")
@@ -156,8 +158,7 @@ class _Run:
     # --- set-up ------------------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, config: TrainConfig, accelerator: Accelerator | None) -> _Run:
-        run_dir = ensure_writable_dir(config.output, "--output")
+    def start(cls, config: TrainConfig, run_dir: Path, accelerator: Accelerator | None) -> _Run:
         trackers = _trackers(config.report_to)
         config, accelerator, device_choices = launch(
             config, accelerator, log_with=trackers or None, project_dir=str(run_dir)
@@ -169,7 +170,7 @@ class _Run:
         source = open_dataset(config, "train")
         views = pretraining_views(source, config, loader_output(config.augment_on, accelerator.device))
         if len(views) < config.batch_size:
-            raise ValueError(
+            raise InputError(
                 f"--dataset {config.dataset}: {len(views)} images, fewer than one global batch "
                 f"(--batch-size {config.batch_size})"
             )
@@ -252,7 +253,7 @@ class _Run:
                 scaler=self.accelerator.scaler,
             )
         except StateFileError as error:
-            raise ValueError(f"--resume: {error}") from None
+            raise InputError(f"--resume: {error}") from None
         self.step = state["step"]
         self.summary = RunSummary.from_dict(state["summary"])
         self.summary.resumes += 1
@@ -354,9 +355,11 @@ class _Run:
             return
         bad = int(self.first_bad_step)
         self.summary.nonfinite_steps += 1
+        newest = latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was saved before it"
         raise NonFiniteLossError(
-            f"non-finite loss at step {bad} (epoch {bad // self.steps_per_epoch}); the last good checkpoint is kept "
-            f"in {self.run_dir / 'checkpoints'}. Lower --lr, or pass --on-nonfinite skip to skip such steps"
+            f"non-finite loss at step {bad} (epoch {bad // self.steps_per_epoch}); {kept}. Lower --lr, or pass "
+            "--on-nonfinite skip to skip such steps"
         )
 
     def log_step(
@@ -506,7 +509,7 @@ def _trackers(report_to: str) -> list[str]:
             return []
         return ["tensorboard"]
     if importlib.util.find_spec(module[report_to]) is None:
-        raise ValueError(
+        raise OptionError(
             f"--report-to {report_to}: the {module[report_to]} package is not installed "
             f"(pip install {module[report_to]}, or --report-to none)"
         )
@@ -517,7 +520,7 @@ def _resume_point(config: TrainConfig, run_dir: Path, world: int) -> Path | None
     """The checkpoint to continue from, after checking it continues *this* config; refuses to overwrite a run."""
     if config.resume is None:
         if latest_checkpoint(run_dir) is not None:
-            raise ValueError(
+            raise OptionError(
                 f"--output {run_dir} already holds checkpoints: pass --resume auto to continue that run, "
                 "or choose another --output (nothing was overwritten)"
             )
@@ -526,14 +529,14 @@ def _resume_point(config: TrainConfig, run_dir: Path, world: int) -> Path | None
     if path is None:
         return None  # auto with nothing saved yet: a fresh start
     if not (path / "state.json").is_file():
-        raise ValueError(f"--resume {config.resume}: no complete checkpoint at {path}")
+        raise OptionError(f"--resume {config.resume}: no complete checkpoint at {path}")
     try:
         state = read_state(path)
         saved = train_config_from_dict(state["config"])
     except (StateFileError, TypeError, ValueError) as error:
-        raise ValueError(f"--resume {path}: {error}") from None
+        raise InputError(f"--resume {path}: {error}") from None
     if different := resume_differences(saved, config):
-        raise ValueError(f"--resume {path}: incompatible config ({'; '.join(different)})")
+        raise OptionError(f"--resume {path}: incompatible config ({'; '.join(different)})")
     if state.get("num_processes", world) != world:
         log.warning(
             "resuming a run saved by %s process(es) on %d: the data order and the queue continue exactly, "

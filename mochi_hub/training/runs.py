@@ -23,6 +23,7 @@ from torch import nn
 
 from mochi_hub.config import TrainConfig, train_config_from_dict
 from mochi_hub.core.persist import StateFileError, read_json, write_json
+from mochi_hub.errors import InputError, OptionError
 from mochi_hub.method.model import backbone_args, create_backbone, structural_args
 from mochi_hub.training.checkpoint import latest_checkpoint, load_query_backbone_tensors, read_state
 
@@ -35,7 +36,7 @@ EXPORT = "export"
 log = logging.getLogger(__name__)
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run directory that cannot be used as asked; the message says why."""
 
 
@@ -154,7 +155,7 @@ def read_run(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any], Path]:
     """(config, run.json, newest checkpoint) of a run directory, or a RunError saying what is missing."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunError(f"no such run directory: {run_dir}")
+        raise OptionError(f"no such run directory: {run_dir}")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise RunError(f"{run_dir} holds no complete checkpoint (checkpoints/step-*/): nothing to export")

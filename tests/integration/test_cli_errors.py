@@ -3,6 +3,7 @@ code (2 bad usage, 1 runtime failure) before any work starts, and the defaults f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,11 +13,13 @@ import yaml
 from typer.testing import CliRunner
 
 from mochi_hub.cli.app import app
+from mochi_hub.config import DetectConfig, ProbeConfig, TrainConfig
 from mochi_hub.evaluate.probe import result_name
 from mochi_hub.publish.sources import probe_config_for
 from mochi_hub.training.checkpoint import latest_checkpoint
 from mochi_hub.training.pretrain import train
 
+from hub_server import TOKENS, FakeHub
 from runs import tiny_config, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,9 +96,9 @@ def test_numbers_in_a_config_file_as_yaml_writes_them(tmp_path):
     assert (printed["weight_decay"], printed["lr"], printed["epochs"]) == (0.0005, 0.01, 30)
     config.write_text("weight_decay: a little\n")
     result = mochi("train", "--config", config)
-    assert result.exit_code == 2 and "--weight-decay must be a number, got 'a little'" in one_error_line(result)
+    assert result.exit_code == 2 and "--weight-decay must be a number >= 0, got 'a little'" in one_error_line(result)
     config.write_text("epochs: 2.5\n")
-    assert "--epochs must be an integer, got 2.5" in one_error_line(mochi("train", "--config", config))
+    assert "--epochs must be an integer > 0, got 2.5" in one_error_line(mochi("train", "--config", config))
 
 
 @pytest.mark.parametrize(
@@ -159,7 +162,8 @@ def test_a_missing_tracker_is_refused(tmp_path):
         "--output",
         tmp_path / "r",
     )
-    assert result.exit_code == 1 and "wandb package is not installed" in one_error_line(result)
+    assert result.exit_code == 2 and "wandb package is not installed" in one_error_line(result)
+    assert not (tmp_path / "r").exists()  # refused before any work: no empty run directory
 
 
 def test_a_corrupt_checkpoint_under_resume_is_one_line(run_dir, tmp_path):
@@ -214,7 +218,7 @@ def test_export_to_a_file_is_one_line(run_dir, tmp_path):
     target = tmp_path / "a-file"
     target.write_text("")
     result = mochi("export", run_dir, "--output", target)
-    assert result.exit_code == 1 and "is a file, not a folder" in one_error_line(result)
+    assert result.exit_code == 2 and "is a file, not a folder" in one_error_line(result)
 
 
 def test_a_bad_probe_output_fails_before_any_work(run_dir, tmp_path):
@@ -222,7 +226,7 @@ def test_a_bad_probe_output_fails_before_any_work(run_dir, tmp_path):
     blocker.write_text("")
     cache = tmp_path / "cache"
     result = mochi("probe", run_dir, "--protocol", "knn", "--output", blocker / "r.json", "--cache-dir", cache)
-    assert result.exit_code == 1 and "--output" in one_error_line(result)
+    assert result.exit_code == 2 and "--output" in one_error_line(result)
     assert not cache.exists()  # nothing was extracted
 
 
@@ -245,3 +249,95 @@ def test_the_start_summary_is_short_and_says_when_mixing_starts(tmp_path, caplog
     summary = "\n".join(lines[:3])
     assert "test_resnet (moco init) on fashion-mnist" in summary and "4 steps/epoch" in summary
     assert "mixing MoCHi (8, 8, 4) from epoch 2 (step 4)" in summary and "lr 0.00" in summary
+
+
+COMMANDS = {"train": TrainConfig, "probe": ProbeConfig, "detect": DetectConfig}
+
+
+def _outside(within) -> str:
+    """A value just outside a range, as the command line writes it."""
+    low, high = within.bounds
+    return str(int(low) - 1 if within.text[0] == "[" else int(low)) if high == float("inf") else str(high + 1)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_number_option_refuses_nan_infinity_and_its_range_saying_which(command, tmp_path):
+    """From one place (the field's declaration): NaN, infinities (1e400 reads as one) and values outside the range
+    are refused with the range stated, before any work."""
+    (tmp_path / "config.json").write_text("{}")  # an export folder as SOURCE of probe and detect
+    head = {"train": ["train", "--dataset", "fashion-mnist"], "probe": ["probe", tmp_path, "--dataset", "d"]}
+    head["detect"] = ["detect", tmp_path, "--data", tmp_path]
+    numbers = [f for f in dataclasses.fields(COMMANDS[command]) if f.metadata["within"] is not None]
+    assert len(numbers) >= 8
+    for field in numbers:
+        flag, within = "--" + field.name.replace("_", "-"), field.metadata["within"]
+        values = ("nan", "inf", "-inf", "1e400") if field.type.startswith("float") else ()
+        for value in (*values, _outside(within)):
+            result = mochi(*head[command], flag, value, "--output", tmp_path / "out")
+            assert result.exit_code == 2, (flag, value, result.output)
+            assert f"{flag} must be " in one_error_line(result) or "Invalid value" in result.output, result.output
+            assert str(within) in result.output, (flag, value, result.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cases_of_the_report_are_refused_and_named():
+    result = mochi("train", "--dataset", "fashion-mnist", "--sgd-momentum", "1.5")
+    assert result.exit_code == 2 and "--sgd-momentum must be a number in [0, 1), got 1.5" in one_error_line(result)
+    result = mochi("detect", "SRC", "--data", "d", "--lr", "nan")
+    assert result.exit_code == 2 and "--lr must be a number > 0, got nan" in one_error_line(result)
+    result = mochi("train", "--dataset", "fashion-mnist", "--seed", "-1", "--print-config")
+    assert result.exit_code == 2 and "--seed must be an integer >= 0, got -1" in one_error_line(result)
+    result = mochi("train", "--dataset", "fashion-mnist", "--beta-max", "2")
+    assert result.exit_code == 2 and one_error_line(result).startswith("Error: --beta-max must be a number in (0, 1)")
+
+
+def test_an_output_that_cannot_be_written_is_a_usage_error_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = mochi("train", "--dataset", "fashion-mnist", "--model", "test_resnet", "--image-size", "32",
+                   "--output", blocker / "run")  # fmt: skip
+    assert result.exit_code == 2 and "--output" in one_error_line(result) and "not writable" in one_error_line(result)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only errors a user can fix are one line: a ValueError from a bug is not dressed up as bad input."""
+    import mochi_hub.training.preflight as preflight
+
+    def broken(config):
+        raise ValueError("an internal mistake")
+
+    monkeypatch.setattr(preflight, "preflight", broken)
+    result = CliRunner().invoke(app, ["train", "--dataset", "fashion-mnist"])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+    assert "Error: an internal mistake" not in result.output
+
+
+def test_probe_checks_its_source_before_anything_else(run_dir, tmp_path, monkeypatch):
+    """SOURCE is checked first, whatever it is; a --dataset that names nothing is a usage error as in train."""
+    folder = write_image_folder(tmp_path / "images", per_class=2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    (tmp_path / "empty").mkdir()
+    for source, expected in (
+        (folder, "neither a run directory"),
+        (tmp_path / "typo", "no such folder"),
+        (notes, "a file, and not hf-hub:org/name"),
+        (tmp_path / "empty", "neither a run directory"),
+    ):
+        result = mochi("probe", source)
+        assert result.exit_code == 2 and f"SOURCE {source}: {expected}" in one_error_line(result), result.output
+    result = mochi("probe", run_dir, "--dataset", "nope")
+    assert result.exit_code == 2 and "--dataset 'nope': not a folder" in one_error_line(result)
+
+    hub = FakeHub(TOKENS).start()
+    try:
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        result = mochi("probe", "hf-hub:nobody/nothing")
+    finally:
+        hub.stop()
+    line = one_error_line(result)
+    assert result.exit_code == 2 and "SOURCE hf-hub:nobody/nothing: no timm model there on the Hub" in line, line

@@ -281,18 +281,18 @@ def test_missing_data_option_and_bad_values_are_usage_errors(tmp_path):
     result = CliRunner().invoke(app, ["detect", "SRC"])
     assert result.exit_code == 2 and "--data DIR is required" in _error_line(result)
     result = CliRunner().invoke(app, ["detect", "SRC", "--data", str(tmp_path), "--image-size", "16"])
-    assert result.exit_code == 2 and "--image-size must be >= 32, got 16" in _error_line(result)
+    assert result.exit_code == 2 and "--image-size must be an integer >= 32, got 16" in _error_line(result)
 
 
 def test_a_bad_source_or_too_many_trainable_layers_is_one_line_and_leaves_no_folder(data, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["detect", str(tmp_path / "nowhere"), "--data", str(data), "--output", str(out)])
-    assert result.exit_code == 1 and "no such folder, and not hf-hub:org/name" in _error_line(result)
+    assert result.exit_code == 2 and "no such folder, and not hf-hub:org/name" in _error_line(result)
     source = tiny_timm_folder(tmp_path / "tiny")
     result = CliRunner().invoke(
         app, ["detect", str(source), "--data", str(data), "--output", str(out), "--trainable-layers", "6"]
     )
-    assert result.exit_code == 1 and "--trainable-layers 6: this backbone has 5 stages" in _error_line(result)
+    assert result.exit_code == 2 and "--trainable-layers 6: this backbone has 5 stages" in _error_line(result)
     assert not out.exists()
 
 

@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 
 from mochi_hub.cli.app import app
 from mochi_hub.data.augment import MEAN, STD
+from mochi_hub.errors import OptionError
 from mochi_hub.method.model import create_backbone
 from mochi_hub.publish.card import redact_local_paths
 from mochi_hub.publish.convert import ConversionError, to_detectron2, torchvision_state_dict
-from mochi_hub.publish.export import ExportError, clean_pretrained_cfg, export_run
-from mochi_hub.training.runs import describe_host, load_run_backbone
+from mochi_hub.publish.export import clean_pretrained_cfg, export_run
+from mochi_hub.training.runs import RunError, describe_host, load_run_backbone
 
 from runs import PROBES, assert_close, make_run, sample_images
 
@@ -182,7 +183,7 @@ def test_torchvision_format_loads_strictly(run18, tmp_path):
 
 
 def test_torchvision_and_detectron2_refuse_non_torchvision_layouts(run_dir):
-    with pytest.raises(ExportError, match="ResNet-family"):
+    with pytest.raises(ConversionError, match="ResNet-family"):
         export_run(run_dir, format="torchvision")
     with pytest.raises(ConversionError, match="no torchvision counterpart|does not match"):
         torchvision_state_dict(create_backbone("resnet18d"), "resnet18d")
@@ -234,12 +235,12 @@ def test_detectron2_pickle_from_a_run(run18, tmp_path):
 
 
 def test_export_errors(tmp_path):
-    with pytest.raises(ExportError, match="no such run directory"):
+    with pytest.raises(OptionError, match="no such run directory"):
         export_run(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ExportError, match="no complete checkpoint"):
+    with pytest.raises(RunError, match="no complete checkpoint"):
         export_run(tmp_path / "empty")
-    with pytest.raises(ExportError, match="--format"):
+    with pytest.raises(OptionError, match="--format"):
         export_run(tmp_path / "empty", format="onnx")
 
 

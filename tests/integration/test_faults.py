@@ -151,6 +151,14 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000002"]
 
 
+def test_a_nan_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
+    nan_at_step(monkeypatch, 1)
+    config = tiny_config(tmp_path / "run", mochi=(0, 0, 0), mixing_warmup_epochs=0)
+    with pytest.raises(NonFiniteLossError, match="step 0 .*; no checkpoint was saved before it. Lower --lr"):
+        train(config)
+    assert list_checkpoints(tmp_path / "run") == []
+
+
 def test_a_nan_loss_can_be_skipped_and_is_counted(tmp_path, monkeypatch):
     nan_at_step(monkeypatch, 3)
     train(tiny_config(tmp_path / "run", on_nonfinite="skip", mochi=(0, 0, 0), mixing_warmup_epochs=0))

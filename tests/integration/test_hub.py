@@ -118,7 +118,7 @@ def test_pull_request_branch_and_tag(hub_env, run_dir):
     assert "/alice/reviewed/tree/dev" in result.stdout and "hf-hub:alice/reviewed@dev" in result.stdout
 
     result = push(str(changed), "--repo-id", "alice/reviewed", "--create-pr", "--tag", "v2")
-    assert result.exit_code == 1 and "--tag cannot be combined with --create-pr" in result.stderr
+    assert result.exit_code == 2 and "--tag cannot be combined with --create-pr" in result.stderr
 
 
 def test_private_repo_is_not_public(hub_env, run_dir):
@@ -158,7 +158,7 @@ def test_rejected_token(hub_env, run_dir, monkeypatch):
 def test_invalid_repo_id(hub_env, run_dir, repo_id):
     sent = len(hub_env.requests)
     result = push(str(run_dir), "--repo-id", repo_id)
-    assert result.exit_code == 1 and "invalid --repo-id" in result.stderr
+    assert result.exit_code == 2 and "invalid --repo-id" in result.stderr
     assert len(hub_env.requests) == sent
 
 
@@ -198,7 +198,7 @@ def test_source_without_weights(hub_env, tmp_path, run_dir):
     sent = len(hub_env.requests)
     (tmp_path / "empty").mkdir()
     result = push(str(tmp_path / "empty"), "--repo-id", "mochi-org/x")
-    assert result.exit_code == 1 and "neither a run directory (run.json, checkpoints/) nor an exported" in result.stderr
+    assert result.exit_code == 2 and "neither a run directory (run.json, checkpoints/) nor an exported" in result.stderr
 
     (tmp_path / "bare-run").mkdir()
     (tmp_path / "bare-run" / "run.json").write_text(json.dumps({"config": {}}))
@@ -211,7 +211,7 @@ def test_source_without_weights(hub_env, tmp_path, run_dir):
     assert result.exit_code == 1 and "holds no weights" in result.stderr
 
     result = push(str(tmp_path / "missing"), "--repo-id", "mochi-org/x")
-    assert result.exit_code == 1 and "no such folder" in result.stderr
+    assert result.exit_code == 2 and "no such folder" in result.stderr
     assert len(hub_env.requests) == sent and "mochi-org/x" not in hub_env.repos
 
 

@@ -293,7 +293,7 @@ def test_bad_options_are_usage_errors(moco_ddp, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("keep me")
     result = mochi_import(moco_ddp, "--output", tmp_path / "mine")
-    assert result.exit_code == 1 and "a folder with other files in it" in result.output
+    assert result.exit_code == 2 and "a folder with other files in it" in result.output
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
 
 

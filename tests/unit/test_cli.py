@@ -34,7 +34,7 @@ from mochi_hub.training import pretrain as train_module
 
 COMMANDS = {  # command: config class, presets, the command's function, where it is called, fields that must agree
     "train": (TrainConfig, TRAIN_PRESETS, cli_train.train, (train_module, "train"), {"batch_size": 32, "bn_splits": 4}),
-    "probe": (ProbeConfig, PROBE_PRESETS, cli_probe.probe, (probe_module, "run_probe"), {}),
+    "probe": (ProbeConfig, PROBE_PRESETS, cli_probe.probe, (probe_module, "run_probe"), {"dataset": "some/dataset"}),
     "detect": (DetectConfig, DETECT_PRESETS, cli_detect.detect, (detect_module, "run_detect"), {}),
 }
 # What the train preflight checks must exist here (--data-root: a folder, for a named dataset).
@@ -119,7 +119,7 @@ def test_cli_reports_bad_options_without_a_traceback(tmp_path):
         result = CliRunner().invoke(
             app, ["probe", str(tmp_path), "--dataset", "d", "--image-size", "32", "--lr", value]
         )
-        assert result.exit_code == 2 and f"--lr must be a finite number, got {value}" in result.output
+        assert result.exit_code == 2 and f"--lr must be a number > 0, got {value}" in result.output
     result = CliRunner().invoke(app, ["probe", "nowhere", "--dataset", "d"])
     assert result.exit_code == 2 and "SOURCE nowhere: no such folder" in result.output
     result = CliRunner().invoke(app, ["detect", "SRC", "--data", "d", "--batch-norm", "sync-ish"])

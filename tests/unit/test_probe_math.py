@@ -19,7 +19,7 @@ def test_the_evaluation_crop_follows_crop_pct():
     resize = lambda transform: transform.transforms[0].size  # noqa: E731
     assert resize(eval_transform(224)) == 256 and resize(eval_transform(32)) == 37  # 256/224, ImageNet's
     assert resize(eval_transform(32, resolve_probe_config(crop_pct=1.0).crop_pct)) == 32  # the whole image
-    with pytest.raises(ValueError, match=r"--crop-pct must be in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"--crop-pct must be a number in \(0, 1\], got 1.5"):
         resolve_probe_config(crop_pct=1.5)
 
 
