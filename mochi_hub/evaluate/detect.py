@@ -52,6 +52,7 @@ from mochi_hub.config import DetectConfig, resume_settings
 from mochi_hub.core import persist
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, launched_accelerator
+from mochi_hub.core.memory import Need, check_fits
 from mochi_hub.core.seeding import stream_seed
 from mochi_hub.data.augment import MEAN, STD
 from mochi_hub.data.sampling import GlobalBatches, subset
@@ -67,6 +68,7 @@ from mochi_hub.evaluate.coco import (
 )
 from mochi_hub.evaluate.job import EpochStates, Job, slug
 from mochi_hub.evaluate.job import result_name as job_result_name
+from mochi_hub.method.model import forward_sizes
 from mochi_hub.publish.sources import load_backbone
 from mochi_hub.training.runs import DETECTION
 
@@ -398,6 +400,12 @@ def _prepare(
         raise OptionError("--batch-norm sync needs GPUs (SyncBatchNorm does not run on the CPU); use train")
     # A caller's backbone is copied: freezing replaces its BatchNorm layers in place.
     module, info = (copy.deepcopy(backbone[0]), backbone[1]) if backbone is not None else load_backbone(source)
+    local, size = max(1, config.batch_size // accelerator.num_processes), config.image_size
+    activations = forward_sizes(module, size).activations  # the backbone alone at the shorter side: a lower bound
+    need = local * (3 * size * round(size * MAX_SIZE_RATIO) + activations) * 4
+    check_fits(
+        [Need(f"--batch-size {config.batch_size} at --image-size {size}", f"{local} images", need)], accelerator.device
+    )
     model, frozen = build_detector(module, info, len(train.categories), config)
     output = persist.ensure_writable_dir(config.output, "--output")  # the last check: bad input leaves no folder
     if config.batch_norm == "sync" and accelerator.num_processes > 1:

@@ -40,6 +40,7 @@ from mochi_hub.config import (
 from mochi_hub.core import persist
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, launched_accelerator, on_main_process
+from mochi_hub.core.memory import Need, check_fits
 from mochi_hub.data.augment import MEAN, STD, eval_transform, probe_train_transform
 from mochi_hub.data.datasets import (
     IMAGENET100_CMC_CLASSES,
@@ -67,6 +68,7 @@ from mochi_hub.evaluate.features import (
 from mochi_hub.evaluate.frozen import check_frozen, freeze, snapshot
 from mochi_hub.evaluate.job import EpochStates, Job, slug
 from mochi_hub.evaluate.job import result_name as job_result_name
+from mochi_hub.method.model import forward_sizes, pooled_width
 from mochi_hub.publish.sources import load_backbone, probe_config_for
 from mochi_hub.training.runs import PROBES
 
@@ -362,6 +364,7 @@ def _prepare(
     eval_indices = (
         train_indices if eval_source is train_source else subset(len(eval_source), config.max_images, config.seed, 1)
     )
+    check_fits(_memory(config, module, accelerator, len(train_indices) + len(eval_indices)), accelerator.device)
     name = result_name(config)
     run_dir = Path(info["run_dir"]) if "run_dir" in info else None
     if run_dir is not None:
@@ -390,6 +393,25 @@ def _prepare(
         EpochStates(state_root, settings, accelerator),
         cache_dir,
     )
+
+
+def _memory(config: ProbeConfig, module: nn.Module, accelerator: Accelerator, images: int) -> list[Need]:
+    """What one process holds at least: a batch through the frozen backbone (its largest activation at a time), and
+    the cached features of every image for knn and fast."""
+    local, size = _local_batch(config, accelerator), config.image_size
+    sizes = forward_sizes(module, size)
+    needs = [
+        Need(
+            f"--batch-size {config.batch_size} at --image-size {size}",
+            f"{local} images through the backbone",
+            local * (3 * size**2 + 2 * sizes.largest) * 4,
+        )
+    ]
+    if config.protocol != "linear":
+        width = pooled_width(module)
+        option = f"--max-images {config.max_images}" if config.max_images else "--max-images (every image now)"
+        needs.append(Need(option, f"the features of {images} images ({width} floats each)", images * width * 4))
+    return needs
 
 
 def _linear(p: _Probe, progress: Any) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import timm
@@ -69,6 +70,41 @@ def min_image_size(name: str, **kwargs: Any) -> int:
     info = getattr(model, "feature_info", None)
     reductions = [int(f["reduction"]) for f in info] if info else [32]
     return max(reductions)
+
+
+@dataclass(frozen=True)
+class ForwardSizes:
+    """What one image through a network holds, in elements, counted on the meta device (no memory, no compute)."""
+
+    parameters: int
+    activations: int  # every layer's output: what a training step keeps for backward
+    largest: int  # the largest single output: what inference holds at once
+
+
+def forward_sizes(model: nn.Module | str, image_size: int, **kwargs: Any) -> ForwardSizes:
+    """One image of `image_size` pixels through `model` (a module, or a timm name built with `kwargs`), run on meta
+    tensors in place of its weights: the sizes of what it would hold, whatever the weights' size or device."""
+    if isinstance(model, str):
+        with torch.device("meta"):
+            model = timm.create_model(model, num_classes=0, **kwargs)
+    outputs: list[int] = []
+
+    def count(module: nn.Module, inputs: tuple, output: Any) -> None:
+        new = torch.is_tensor(output) and output._base is None  # a view (flatten) or an in-place layer adds nothing
+        if new and not any(output is x for x in inputs):
+            outputs.append(output.numel())
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not next(m.children(), None)]
+    tensors = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict(keep_vars=True).items()}
+    was_training = model.training
+    try:
+        with torch.no_grad():  # eval: BatchNorm takes a single image
+            torch.func.functional_call(model.eval(), tensors, torch.empty(1, 3, image_size, image_size, device="meta"))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return ForwardSizes(sum(p.numel() for p in model.parameters()), sum(outputs), max(outputs, default=0))
 
 
 def structural_args(args: dict[str, Any]) -> dict[str, Any]:

@@ -1,18 +1,23 @@
 """What a new run's config names must exist here before any work starts: the dataset and the timm model, and the
-model must take inputs of --image-size. These checks read timm's registry and the file system, so they live here,
-not in mochi_hub.config (a leaf that imports nothing of the package). A saved config is rebuilt without them: its
-local dataset may be gone."""
+model must take inputs of --image-size; and, once the device is known, what the run will hold must fit in its memory.
+These checks read timm's registry, the file system and the device, so they live here, not in mochi_hub.config (a leaf
+that imports nothing of the package). A saved config is rebuilt without them: its local dataset may be gone."""
 
 from __future__ import annotations
 
+import torch
+
 from mochi_hub.config import TrainConfig
+from mochi_hub.core.memory import Need
 from mochi_hub.data.datasets import check_dataset_spec
 from mochi_hub.errors import OptionError
-from mochi_hub.method.model import backbone_args, min_image_size
+from mochi_hub.method.model import backbone_args, forward_sizes, min_image_size
+
+FLOAT32 = 4
 
 
 def preflight(config: TrainConfig) -> TrainConfig:
-    """Raise ValueError, naming the option, when the dataset or the model does not exist or cannot take the
+    """Raise OptionError, naming the option, when the dataset or the model does not exist or cannot take the
     image size; return the config unchanged."""
     check_dataset_spec(config.dataset, config.data_root)
     args = backbone_args(config.model, init=config.init, image_size=config.image_size)  # checks the name too
@@ -23,3 +28,29 @@ def preflight(config: TrainConfig) -> TrainConfig:
             f"needs at least {smallest} px"
         )
     return config
+
+
+def training_memory(config: TrainConfig, world: int, build: dict) -> list[Need]:
+    """What one training process holds at least, known before its first step (mochi_hub.core.memory.check_fits
+    compares it with the device): the queue and the logits against it, the two views of its share of the batch and
+    the activations its backward needs, the weights with their gradients and momentum and the key encoder's copy.
+    `build`: the backbone's timm arguments."""
+    local = config.batch_size // world
+    n_hard, s, s_prime = config.mochi
+    sizes = forward_sizes(config.model, config.image_size, **build)
+    activation = 2 if config.mixed_precision in ("bf16", "fp16") else FLOAT32
+    views = 2 * local * 3 * config.image_size**2 * FLOAT32  # [2, b, 3, S, S]
+    k, dim = config.queue_size, config.proj_dim
+    return [
+        Need(
+            f"--queue-size {k}",
+            f"the queue (K x {dim}, fp32) and {local} queries' logits against it",
+            k * (dim * FLOAT32 + torch.int64.itemsize) + local * (1 + k + s + s_prime) * FLOAT32,
+        ),
+        Need(
+            f"--batch-size {config.batch_size} at --image-size {config.image_size}",
+            f"the views of {local} images and the activations kept for backward",
+            views + local * sizes.activations * activation,
+        ),
+        Need(f"--model {config.model}", "weights, gradients, momentum and the key encoder", 4 * sizes.parameters * 4),
+    ]

@@ -26,6 +26,7 @@ from torch import Tensor
 from mochi_hub.config import TrainConfig, fit_to_data, resume_differences, train_config_from_dict
 from mochi_hub.core.console import progress_bar
 from mochi_hub.core.distributed import all_ranks_true, broadcast_buffers, check_shared_folder, on_main_process
+from mochi_hub.core.memory import check_fits
 from mochi_hub.core.persist import StateFileError, output_dir
 from mochi_hub.data.datasets import missing_classes_note
 from mochi_hub.data.views import BatchViews, PretrainingLoader, loader_output, open_dataset, pretraining_views
@@ -33,7 +34,7 @@ from mochi_hub.errors import InputError, OptionError, UserError
 from mochi_hub.evaluate.monitor import KnnMonitor
 from mochi_hub.method.metrics import alignment, false_negative_rate, proxy_top1, uniformity
 from mochi_hub.method.mixing import hardest_negatives
-from mochi_hub.method.model import structural_args
+from mochi_hub.method.model import backbone_args, structural_args
 from mochi_hub.method.step import StepOutput, cosine_lr
 from mochi_hub.training.checkpoint import (
     finish_checkpoint,
@@ -42,6 +43,7 @@ from mochi_hub.training.checkpoint import (
     read_state,
     save_checkpoint,
 )
+from mochi_hub.training.preflight import training_memory
 from mochi_hub.training.runs import MetricsLog, RunSummary, describe_host, write_run_info
 from mochi_hub.training.state import TrainingState, build_training_state, launch
 from mochi_hub.version import __version__
@@ -164,6 +166,8 @@ class _Run:
             config, accelerator, log_with=trackers or None, project_dir=str(run_dir)
         )
         world = accelerator.num_processes
+        build = backbone_args(config.model, init=config.init, image_size=config.image_size)
+        check_fits(training_memory(config, world, build), accelerator.device)  # before a byte of it is allocated
         check_shared_folder(run_dir, accelerator, "--output")
 
         # Data: every image decoded lazily; undecodable ones replaced and reported (DecodedImages).

@@ -341,3 +341,16 @@ def test_probe_checks_its_source_before_anything_else(run_dir, tmp_path, monkeyp
         hub.stop()
     line = one_error_line(result)
     assert result.exit_code == 2 and "SOURCE hf-hub:nobody/nothing: no timm model there on the Hub" in line, line
+
+
+@pytest.mark.parametrize(
+    "option, value, named",
+    [("--queue-size", "1000000000", "--queue-size 1000000000: needs at least"),
+     ("--image-size", "100000", "--batch-size 256 at --image-size 100000: needs at least")],
+)  # fmt: skip
+def test_a_size_that_cannot_fit_is_refused_before_the_first_step(tmp_path, option, value, named):
+    result = mochi("train", "--dataset", "fashion-mnist", "--model", "test_resnet", "--image-size", "32",
+                   "--report-to", "none", option, value, "--output", tmp_path / "run")  # fmt: skip
+    line = one_error_line(result)
+    assert result.exit_code == 2 and named in line and "of RAM this machine has available" in line, line
+    assert not (tmp_path / "run").exists()

@@ -25,8 +25,17 @@ from mochi_hub.config import (
 )
 from mochi_hub.core import persist
 from mochi_hub.core.distributed import local_bn_splits, shuffled_keys
+from mochi_hub.core.memory import Need, check_fits, free_memory
 from mochi_hub.core.seeding import STREAMS, generator, stream_seed
-from mochi_hub.method.model import Encoder, GroupedBatchNorm2d, create_backbone, make_key_encoder, momentum_update
+from mochi_hub.errors import OptionError
+from mochi_hub.method.model import (
+    Encoder,
+    GroupedBatchNorm2d,
+    create_backbone,
+    forward_sizes,
+    make_key_encoder,
+    momentum_update,
+)
 from mochi_hub.method.queue import NegativeQueue
 from mochi_hub.method.step import StepSettings, training_step
 
@@ -357,3 +366,24 @@ def test_saved_configs_of_older_versions_keep_their_meaning():
     config = train_config_from_dict(old)
     assert config.mixing_warmup_epochs == 3  # the old name of the field
     assert config.init == "timm"  # runs saved before --init existed used timm's init
+
+
+def test_forward_sizes_count_what_a_step_holds_without_allocating_it():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    net.append(nn.AdaptiveAvgPool2d(1)).append(nn.Flatten())
+    sizes = forward_sizes(net, 8)
+    # conv 4x8x8 + BatchNorm 4x8x8 + pool 4; the in-place ReLU and the flattening view hold nothing new
+    assert (sizes.parameters, sizes.activations, sizes.largest) == (3 * 4 * 9 + 4 + 4 + 4, 256 + 256 + 4, 256)
+    assert net.training and next(net.parameters()).device.type == "cpu"  # the module itself is untouched
+    huge = forward_sizes("test_resnet", 100_000)  # on the meta device: nothing of it is allocated
+    assert huge.activations > 10**11
+
+
+def test_check_fits_names_the_option_behind_the_largest_need():
+    free, _ = free_memory(torch.device("cpu"))
+    check_fits([Need("--batch-size 8", "a batch", 1000)], torch.device("cpu"))
+    needs = [Need("--batch-size 8", "a batch", 1000), Need("--queue-size 9", "the queue", 2 * free)]
+    with pytest.raises(
+        OptionError, match=r"^--queue-size 9: needs at least .* \(the queue .*; a batch 1.0 kB\), more than the "
+    ):
+        check_fits(needs, torch.device("cpu"))
