@@ -1,9 +1,12 @@
 """The one way mochi-hub writes state to disk: atomic files, safetensors for tensors, JSON for the rest.
 
 - `atomic_write`: every file goes through a temporary sibling and a rename, so a crash never leaves a
-  half-written file under the real name.
+  half-written file under the real name; files are readable as any other the user makes (the umask decides).
 - State folders (training checkpoints, probe classifier states): written into `NAME.tmp/`, renamed to
   `NAME/` when complete; a `.tmp` folder is an interrupted save and is never read.
+- Folders of files written as one (an export): `staged_files`, each file moved in only when all are written.
+- A full disk (or quota) raises `DiskFullError` naming the file, and leaves no temporary file, `.tmp` folder or
+  folder it made empty behind; the caller adds what survived (the last complete checkpoint).
 - Optimizer, GradScaler and RNG states are split into tensors (safetensors) and plain values (JSON):
   nothing is ever pickled, so reading a state cannot run code.
 A file that cannot be read raises `StateFileError`, naming the file.
@@ -27,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mochi_hub.errors import InputError, OptionError
+from mochi_hub.errors import DiskFullError, InputError, OptionError, is_disk_full
 
 STATE = "state.json"
 
@@ -36,13 +39,37 @@ class StateFileError(InputError):
     """A saved file that is missing, truncated or not what it should be; the message names it."""
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the mode a file made by this user gets (safetensors' writer alone would make it 0600)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """`write(tmp)` then rename tmp -> path."""
+    """`write(tmp)`, then rename tmp -> path. A write that fails leaves no temporary file; a full disk raises
+    DiskFullError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the pid: two writers never share a temporary
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise DiskFullError(f"disk full while writing {path}") from None
+        raise
     return path
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """One line appended to a log (metrics.jsonl); a full disk raises DiskFullError naming it (a torn last line is
+    skipped by its readers)."""
+    try:
+        with Path(path).open("a") as handle:
+            handle.write(line + "\n")
+    except OSError as error:
+        if is_disk_full(error):
+            raise DiskFullError(f"disk full while writing {path}") from None
+        raise
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -126,11 +153,31 @@ def set_rng_state(tensors: dict[str, Tensor], values: dict[str, Any]) -> None:
 # --- state folders ---------------------------------------------------------------------------------------
 
 
-def staging(final: Path) -> Path:
-    """The `.tmp` sibling a state folder is written into (created if needed; a stale attempt is overwritten)."""
+def _missing(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    return [p for p in (path, *path.absolute().parents) if not p.exists()]
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Folders a failed block made, deepest first: each goes when nothing was written into it."""
+    for folder in folders:
+        with suppress(OSError):
+            folder.rmdir()
+
+
+@contextmanager
+def staging(final: Path) -> Iterator[Path]:
+    """The `.tmp` sibling a state folder is written into (created if needed; a stale attempt is overwritten). When the
+    block fails (a full disk), it goes again, with the parents made for it that stay empty."""
     tmp = final.with_name(final.name + ".tmp")
+    made = _missing(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    return tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(made[1:])
+        raise
 
 
 def publish(final: Path) -> Path:
@@ -186,16 +233,38 @@ def ensure_writable_dir(path: str | Path, option: str) -> Path:
 def output_dir(path: str | Path, option: str) -> Iterator[Path]:
     """`ensure_writable_dir` around a block: when the block fails and leaves the folders it made empty, they go
     again, so a start that is refused or fails leaves nothing behind."""
-    path = Path(path).absolute()
-    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    made = _missing(Path(path))
     folder = ensure_writable_dir(path, option)
     try:
         yield folder
     except BaseException:
-        for empty in made:
-            with suppress(OSError):  # not empty (the block wrote something): kept
-                empty.rmdir()
+        _remove_if_empty(made)
         raise
+
+
+@contextmanager
+def staged_files(folder: str | Path, option: str) -> Iterator[Path]:
+    """Files written as one set into `folder` (an export): into a hidden sibling first, each moved into `folder`
+    (made if needed; other files in it are left alone) only when the block completes. When it fails, `folder` is as
+    it was, or absent, and a full disk says so."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OptionError(f"{option} {folder}: is a file, not a folder")
+    existed = folder.is_dir()
+    with output_dir(folder if existed else folder.parent, option):
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # an earlier attempt, interrupted
+        try:
+            tmp.mkdir()
+            yield tmp
+            folder.mkdir(exist_ok=True)
+            for path in sorted(tmp.iterdir()):
+                os.replace(path, folder / path.name)
+        except DiskFullError:
+            kept = "its files are as they were" if existed else "nothing was left behind"
+            raise DiskFullError(f"disk full while writing {folder}; {kept}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_writable_file(path: str | Path, option: str) -> Path:

@@ -56,7 +56,7 @@ from mochi_hub.core.memory import Need, check_fits
 from mochi_hub.core.seeding import stream_seed
 from mochi_hub.data.augment import MEAN, STD
 from mochi_hub.data.sampling import GlobalBatches, subset
-from mochi_hub.errors import OptionError, UserError
+from mochi_hub.errors import DiskFullError, OptionError, UserError
 from mochi_hub.evaluate.coco import (
     CocoSplit,
     DetectionImages,
@@ -66,7 +66,7 @@ from mochi_hub.evaluate.coco import (
     load_dataset,
     to_coco_detections,
 )
-from mochi_hub.evaluate.job import EpochStates, Job, slug
+from mochi_hub.evaluate.job import STATE_PREFIX, EpochStates, Job, slug
 from mochi_hub.evaluate.job import result_name as job_result_name
 from mochi_hub.method.model import forward_sizes
 from mochi_hub.publish.sources import load_backbone
@@ -79,6 +79,7 @@ MAX_SIZE_RATIO = 1333 / 800  # torchvision's max_size / min_size
 WARMUP_FACTOR = 0.001  # torchvision's reference: the warm-up starts at 0.1 % of the lr
 MAX_ROLLBACKS = 3  # a non-finite loss: back to the epoch's start with half the lr, at most this often
 RESULTS = "results.json"
+STATES = "state"  # OUTPUT/state/epoch-N: the per-epoch states (job.EpochStates)
 DETECTIONS = "detections.json"  # the val predictions in COCO's results format: any COCO tool can re-score them
 WEIGHTS = "detector.safetensors"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -415,7 +416,7 @@ def _prepare(
         "weights_sha256": info["weights_sha256"],
         "data": {"train": train.fingerprint(), "val": val.fingerprint()},
     }
-    states = EpochStates(output / "state", settings, accelerator)
+    states = EpochStates(output / STATES, settings, accelerator)
     d = _Detect(source, config, accelerator, info, train, val, output, states, frozen)
     return d, model.to(accelerator.device)
 
@@ -431,7 +432,24 @@ def run_detect(
     """Fine-tune a detector on SOURCE's backbone and evaluate it on config.data's val split. Returns the result
     written to OUTPUT/results.json (and, for a run directory, RUN/detection/<name>.json). `backbone`
     (module, info as load_backbone returns it) replaces what SOURCE would load, for tests and library callers;
-    `show`: progress bars."""
+    `show`: progress bars. A failure leaves no empty --output; a full disk is one DiskFullError naming the file and
+    the last complete state."""
+    try:
+        with persist.output_dir(config.output, "--output"):
+            return _detect(source, config, accelerator, backbone, show)
+    except DiskFullError as error:
+        states = persist.complete_folders(Path(config.output) / STATES, STATE_PREFIX)
+        survived = f"the last complete state is {states[-1]} (--resume continues from it)" if states else ""
+        raise DiskFullError(f"{error}; {survived or 'no epoch was complete yet'}") from None
+
+
+def _detect(
+    source: str,
+    config: DetectConfig,
+    accelerator: Accelerator | None,
+    backbone: tuple[nn.Module, dict[str, Any]] | None,
+    show: bool,
+) -> dict[str, Any]:
     d, model = _prepare(source, config, accelerator, backbone)
     with progress_bar(d.accelerator.is_main_process and show, fields="{task.fields[loss]}") as progress:
         with d.timed("train"):

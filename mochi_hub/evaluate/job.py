@@ -80,15 +80,21 @@ class EpochStates:
         """After `epoch` epochs (every process calls it; the main process writes), older states removed."""
         if self.accelerator.is_main_process:
             final = self.root / f"{STATE_PREFIX}-{epoch:04d}"
-            tmp = persist.staging(final)
-            persist.save_tensors(tmp / STATE_MODEL, model.state_dict())
-            tensors, optimizer_meta = persist.split_state(optimizer.state_dict())
-            persist.save_tensors(tmp / STATE_OPTIMIZER, tensors)
-            scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
-            persist.write_json(
-                tmp / persist.STATE,
-                {**meta, "epoch": epoch, "settings": self.settings, "optimizer": optimizer_meta, "grad_scaler": scaler},
-            )
+            with persist.staging(final) as tmp:  # a save that fails (a full disk) leaves no epoch-N.tmp/ behind
+                persist.save_tensors(tmp / STATE_MODEL, model.state_dict())
+                tensors, optimizer_meta = persist.split_state(optimizer.state_dict())
+                persist.save_tensors(tmp / STATE_OPTIMIZER, tensors)
+                scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
+                persist.write_json(
+                    tmp / persist.STATE,
+                    {
+                        **meta,
+                        "epoch": epoch,
+                        "settings": self.settings,
+                        "optimizer": optimizer_meta,
+                        "grad_scaler": scaler,
+                    },
+                )
             persist.publish(final)
             persist.prune(self.root, STATE_PREFIX, keep=1)
         self.accelerator.wait_for_everyone()

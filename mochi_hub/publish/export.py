@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from mochi_hub.config import TrainConfig
-from mochi_hub.core.persist import atomic_write, ensure_writable_dir, read_json, save_tensors, write_json
+from mochi_hub.core.persist import atomic_write, read_json, save_tensors, staged_files, write_json
 from mochi_hub.data.augment import MEAN, STD
 from mochi_hub.errors import InputError, OptionError
 from mochi_hub.method.model import pooled_width
@@ -221,17 +221,20 @@ def write_timm_folder(
     backbone: nn.Module, hf_config: Mapping[str, Any], output: Path, *, metrics_file: Path | None = None
 ) -> Path:
     """The one writer of a timm folder (`mochi export` and `mochi import`): model.safetensors + config.json +
-    README.md (+ training_curves.png), each file written atomically."""
-    output = ensure_writable_dir(output, "--output")
+    README.md (+ training_curves.png), written as one set (persist.staged_files): a failure, a full disk included,
+    leaves an earlier export as it was and no half-written or empty folder."""
     if getattr(backbone, "num_classes", 0):
         raise ExportError("the backbone has a classifier; export the backbone created with num_classes=0")
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in backbone.state_dict().items()}
-    save_tensors(output / WEIGHTS, state, metadata={"format": "pt"})
-    write_json(output / CONFIG, hf_config)
-    has_curves = _write_curves(metrics_file, output / CURVES)
-    card = model_card_from_export(hf_config, has_curves=has_curves)
-    atomic_write(output / CARD, lambda p: p.write_text(str(card), encoding="utf-8"))
-    return output
+    with staged_files(output, "--output") as staged:
+        save_tensors(staged / WEIGHTS, state, metadata={"format": "pt"})
+        write_json(staged / CONFIG, hf_config)
+        has_curves = _write_curves(metrics_file, staged / CURVES)
+        card = model_card_from_export(hf_config, has_curves=has_curves)
+        atomic_write(staged / CARD, lambda p: p.write_text(str(card), encoding="utf-8"))
+    if not has_curves:
+        (Path(output) / CURVES).unlink(missing_ok=True)  # a curve from an older export would not describe these weights
+    return Path(output)
 
 
 def _write_curves(metrics_file: Path | None, path: Path) -> bool:
@@ -242,7 +245,7 @@ def _write_curves(metrics_file: Path | None, path: Path) -> bool:
     elif rows:
         log.info("no training_curves.png: matplotlib is not installed (pip install 'mochi-hub[plots]')")
     if not drawn:
-        path.unlink(missing_ok=True)  # a curve from an older export would not describe these weights
+        path.unlink(missing_ok=True)
     return drawn
 
 
@@ -259,7 +262,7 @@ def export_run(run_dir: Path, output: Path | None = None, format: str = "timm", 
     if not is_run_dir(run_dir) and (run_dir / CONFIG).is_file():
         return _convert_timm_folder(run_dir, output, format, license)
     backbone, config, run, checkpoint = load_run_backbone(run_dir)
-    output = ensure_writable_dir(output if output is not None else default_export(run_dir, format), "--output")
+    output = Path(output) if output is not None else default_export(run_dir, format)
     if format == "timm":
         extra = {
             "run": {
@@ -285,7 +288,9 @@ def export_run(run_dir: Path, output: Path | None = None, format: str = "timm", 
     state = torchvision_state_dict(backbone, config.model)
     name = f"{config.model} {method_name(config.mochi)} {tuple(config.mochi)}"
     write = write_torchvision if format == "torchvision" else write_detectron2
-    return write(state, config.model, output, name, license=license or DEFAULT_LICENSE)
+    with staged_files(output, "--output") as staged:
+        weights = write(state, config.model, staged, name, license=license or DEFAULT_LICENSE)
+    return output / weights.name
 
 
 def _convert_timm_folder(folder: Path, output: Path | None, format: str, license: str | None) -> Path:
@@ -301,13 +306,14 @@ def _convert_timm_folder(folder: Path, output: Path | None, format: str, license
         state = torchvision_state_dict(backbone, architecture)
     except (ConversionError, ValueError, KeyError, RuntimeError) as error:  # a folder timm cannot read as it says
         raise ExportError(f"{folder}: {error}") from None
-    output = ensure_writable_dir(
-        output if output is not None else folder.with_name(f"{folder.name}-{format}"), "--output"
-    )
+    output = Path(output) if output is not None else folder.with_name(f"{folder.name}-{format}")
     name = f"{architecture} {hf_config.get('method') or 'backbone'}"
     cfg = hf_config.get("pretrained_cfg") or {}
-    if format == "torchvision":
-        return write_torchvision(
-            state, architecture, output, name, license=license or cfg.get("license"), paper=cfg.get("paper_ids")
-        )
-    return write_detectron2(state, architecture, output, name, license=license or cfg.get("license"))
+    with staged_files(output, "--output") as staged:
+        if format == "torchvision":
+            weights = write_torchvision(
+                state, architecture, staged, name, license=license or cfg.get("license"), paper=cfg.get("paper_ids")
+            )
+        else:
+            weights = write_detectron2(state, architecture, staged, name, license=license or cfg.get("license"))
+    return output / weights.name

@@ -644,14 +644,10 @@ def _write_folder(output: Path, backbone: nn.Module, hf_config: dict[str, Any], 
     leaves no half-written OUTPUT."""
     shutil.rmtree(output.with_name(output.name + ".tmp"), ignore_errors=True)  # an earlier, interrupted import
     try:
-        tmp = staging(output)
-        try:
+        with staging(output) as tmp:
             write_timm_folder(backbone, hf_config, tmp)
             if head is not None:
                 save_tensors(tmp / HEAD, head, metadata={"format": "pt"})
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         publish(output)
     except OSError as error:
         raise CheckpointImportError(f"--output {output}: not writable ({error.strerror or error})") from None

@@ -66,16 +66,16 @@ def save_checkpoint(
     """Every process writes its RNG files; the main process writes the rest. Call on all processes;
     the caller synchronises (wait_for_everyone) before the main process calls `finish_checkpoint`."""
     final = checkpoint_dir(run_dir, step)
-    tmp = persist.staging(final)
-    rng_tensors, rng_values = persist.rng_state()
-    persist.save_tensors(tmp / f"rng-rank{rank}.safetensors", rng_tensors)
-    persist.write_json(tmp / f"rng-rank{rank}.json", rng_values)
-    if is_main:
-        persist.save_tensors(tmp / WEIGHTS, model_tensors(modules))
-        opt_tensors, opt_meta = persist.split_state(optimizer.state_dict())
-        persist.save_tensors(tmp / OPTIMIZER, opt_tensors)
-        scaler_state = scaler.state_dict() if scaler is not None else None
-        persist.write_json(tmp / STATE, {**state, "optimizer": opt_meta, "grad_scaler": scaler_state})
+    with persist.staging(final) as tmp:  # a save that fails (a full disk) leaves no step-N.tmp/ behind
+        rng_tensors, rng_values = persist.rng_state()
+        persist.save_tensors(tmp / f"rng-rank{rank}.safetensors", rng_tensors)
+        persist.write_json(tmp / f"rng-rank{rank}.json", rng_values)
+        if is_main:
+            persist.save_tensors(tmp / WEIGHTS, model_tensors(modules))
+            opt_tensors, opt_meta = persist.split_state(optimizer.state_dict())
+            persist.save_tensors(tmp / OPTIMIZER, opt_tensors)
+            scaler_state = scaler.state_dict() if scaler is not None else None
+            persist.write_json(tmp / STATE, {**state, "optimizer": opt_meta, "grad_scaler": scaler_state})
     return final
 
 

@@ -30,7 +30,7 @@ from mochi_hub.core.memory import check_fits
 from mochi_hub.core.persist import StateFileError, output_dir
 from mochi_hub.data.datasets import missing_classes_note
 from mochi_hub.data.views import BatchViews, PretrainingLoader, loader_output, open_dataset, pretraining_views
-from mochi_hub.errors import InputError, OptionError, UserError
+from mochi_hub.errors import DiskFullError, InputError, OptionError, UserError
 from mochi_hub.evaluate.monitor import KnnMonitor
 from mochi_hub.method.metrics import alignment, false_negative_rate, proxy_top1, uniformity
 from mochi_hub.method.mixing import hardest_negatives
@@ -62,7 +62,23 @@ def train(
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> Path:
     """Pretrain, checkpoint, export. Returns the run directory. `accelerator`: an existing one (a library user
-    running train and probe in one process); `on_step(step, info)` is for tests."""
+    running train and probe in one process); `on_step(step, info)` is for tests. A full disk is one DiskFullError
+    naming the file and the last complete checkpoint; nothing half-written is left (persist)."""
+    try:
+        return _train(config, accelerator, on_step)
+    except DiskFullError as error:
+        newest = latest_checkpoint(config.output)
+        survived = (
+            f"the last complete checkpoint is {newest} (--resume auto continues from it once there is room)"
+            if newest
+            else "no checkpoint was complete yet"
+        )
+        raise DiskFullError(f"{error}; {survived}") from None
+
+
+def _train(
+    config: TrainConfig, accelerator: Accelerator | None, on_step: Callable[[int, dict[str, Any]], None] | None
+) -> Path:
     with output_dir(config.output, "--output") as run_dir:  # a start that fails leaves no empty folder behind
         run = _Run.start(config, run_dir, accelerator)
     try:

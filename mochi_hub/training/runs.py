@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mochi_hub.config import TrainConfig, train_config_from_dict
-from mochi_hub.core.persist import StateFileError, read_json, write_json
+from mochi_hub.core.persist import StateFileError, append_line, atomic_write, read_json, write_json
 from mochi_hub.errors import InputError, OptionError
 from mochi_hub.method.model import backbone_args, create_backbone, structural_args
 from mochi_hub.training.checkpoint import latest_checkpoint, load_query_backbone_tensors, read_state
@@ -109,12 +109,11 @@ class MetricsLog:
 
     def truncate(self, step: int) -> None:
         if self.path.is_file():
-            kept = [row for row in read_metrics(self.path) if row["step"] <= step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            kept = "".join(json.dumps(row) + "\n" for row in read_metrics(self.path) if row["step"] <= step)
+            atomic_write(self.path, lambda path: path.write_text(kept))
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
 
 
 # --- reading -------------------------------------------------------------------------------------------

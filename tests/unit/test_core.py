@@ -4,13 +4,17 @@ non-finite skip, and what a resume may change. Exact values where the math gives
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from fields import other_values
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -27,7 +31,7 @@ from mochi_hub.core import persist
 from mochi_hub.core.distributed import local_bn_splits, shuffled_keys
 from mochi_hub.core.memory import Need, check_fits, free_memory
 from mochi_hub.core.seeding import STREAMS, generator, stream_seed
-from mochi_hub.errors import OptionError
+from mochi_hub.errors import DiskFullError, OptionError
 from mochi_hub.method.model import (
     Encoder,
     GroupedBatchNorm2d,
@@ -104,12 +108,61 @@ def test_unreadable_state_files_name_the_file(tmp_path):
 def test_state_folders_publish_whole_and_prune(tmp_path):
     for step in (1, 2, 3):
         final = tmp_path / f"step-{step:07d}"
-        persist.write_json(persist.staging(final) / persist.STATE, {"step": step})
+        with persist.staging(final) as tmp:
+            persist.write_json(tmp / persist.STATE, {"step": step})
         persist.publish(final)
-    persist.staging(tmp_path / "step-0000004")  # a save cut short
+    (tmp_path / "step-0000004.tmp").mkdir()  # a save cut short by kill -9
     assert [p.name for p in persist.complete_folders(tmp_path, "step")] == [f"step-{s:07d}" for s in (1, 2, 3)]
     persist.prune(tmp_path, "step", keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000002", "step-0000003"]
+
+
+def _disk_full(path):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_named_and_leaves_nothing_half_written(tmp_path):
+    """An injected ENOSPC at the write layer (tests/integration/test_disk_full.py fills a real tmpfs)."""
+    with pytest.raises(DiskFullError, match=f"^disk full while writing {tmp_path / 'a.json'}$"):
+        persist.atomic_write(tmp_path / "a.json", _disk_full)
+    with pytest.raises(DiskFullError, match="disk full while writing .*b.safetensors"):
+        persist.atomic_write(tmp_path / "b.safetensors", lambda p: (_ for _ in ()).throw(
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # no temporary file
+    with pytest.raises(DiskFullError), persist.staging(tmp_path / "runs" / "checkpoints" / "step-0000002") as tmp:
+        persist.write_json(tmp / "state.json", {"step": 2})
+        persist.atomic_write(tmp / "model.safetensors", _disk_full)
+    assert list(tmp_path.iterdir()) == []  # neither step-N.tmp/ nor the folders made for it
+    with pytest.raises(OSError):  # any other failure is not a full disk, and still leaves nothing
+        persist.atomic_write(tmp_path / "c.json", lambda p: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_files_leave_an_earlier_set_as_it_was(tmp_path):
+    folder = tmp_path / "export"
+    with persist.staged_files(folder, "--output") as staged:
+        persist.write_json(staged / "config.json", {"v": 1})
+        persist.write_json(staged / "card.json", {"v": 1})
+    (folder / "notes.txt").write_text("the user's")
+    full = pytest.raises(DiskFullError, match=f"disk full while writing {folder}; its files are as they were")
+    with full, persist.staged_files(folder, "--output") as staged:
+        persist.write_json(staged / "config.json", {"v": 2})
+        persist.atomic_write(staged / "card.json", _disk_full)
+    assert persist.read_json(folder / "config.json") == {"v": 1} and persist.read_json(folder / "card.json") == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left
+    full = pytest.raises(DiskFullError, match="nothing was left behind")
+    with full, persist.staged_files(tmp_path / "new" / "export", "--output") as staged:
+        persist.atomic_write(staged / "model.safetensors", _disk_full)
+    assert not (tmp_path / "new").exists()
+
+
+def test_written_files_get_the_users_mode_not_0600(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    persist.save_tensors(tmp_path / "w.safetensors", {"w": torch.zeros(2)})  # safetensors alone writes 0600
+    persist.write_json(tmp_path / "c.json", {})
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
 # --- the momentum update --------------------------------------------------------------------------------------
