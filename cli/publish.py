@@ -42,6 +42,7 @@ def export(
         typer.Argument(
             help="A run directory written by `mochi train` (run.json, checkpoints/), or a timm folder (`mochi import`) "
             "for --format detectron2 / torchvision.",
+            metavar="RUN_DIR",
             show_default=False,
         ),
     ],
@@ -86,6 +87,7 @@ def push(
         Path,
         typer.Argument(
             help="A run directory (its export is pushed, exported first if missing or stale) or an export folder.",
+            metavar="SOURCE",
             show_default=False,
         ),
     ],
@@ -122,6 +124,15 @@ def push(
         str | None,
         typer.Option("--license", help=LICENSE_HELP + " Overrides the export's for this upload.", show_default=False),
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="A Hugging Face token that may write to the repository. [default: HF_TOKEN, else the login saved by "
+            "`hf auth login`] Prefer those: a token on the command line shows in the process list and shell history.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Upload an export, with its model card, in one commit; then verify the remote files."""
     from mochi_hub.publish.hub import push as push_export
@@ -136,23 +147,33 @@ def push(
             tag=tag,
             commit_message=commit_message,
             dry_run=dry_run,
+            token=token,
             allow_extra=allow_extra,
             license=license,
             log=lambda message: typer.echo(message, err=True),
         )
     total = sum(f.size for f in result.files)
-    verb = "would upload" if result.dry_run else "uploaded"
-    typer.echo(
-        f"{verb} {len(result.files)} files ({_size(total)}) from {result.folder} to {repo_id}"
-        + (f" @ {revision}" if revision else "")
-        + (" as a pull request" if create_pr else "")
-    )
+    where = f"{repo_id}" + (f" @ {revision}" if revision else "")
+    if not result.changed:
+        typer.echo(
+            f"nothing to upload: {where} already holds these {len(result.files)} files from {result.folder}; no commit"
+            + (" and no pull request" if create_pr else "")
+            + " was made"
+        )
+    else:
+        verb = "would upload" if result.dry_run else "uploaded"
+        typer.echo(
+            f"{verb} {len(result.files)} files ({_size(total)}) from {result.folder} to {where}"
+            + (" as a pull request" if create_pr else "")
+        )
     for f in result.files:
         typer.echo(f"  {f.path_in_repo:<28} {_size(f.size):>10}")
     if result.dry_run:
         typer.echo("dry run: nothing was sent")
         return
     typer.echo(f"verified: the remote files and sizes match (commit {result.commit_oid[:12]})")
+    if result.pr_url:
+        typer.echo(f"pull request: {result.pr_url}")
     if result.tag:
         typer.echo(f"tagged {result.tag}")
     if result.remote_extra:
@@ -167,6 +188,7 @@ def import_(
         typer.Argument(
             help="A MoCo / MoCHi .pth.tar (main_moco.py), a Lightning .ckpt (lightly, solo-learn: backbone.*), or a "
             "torchvision / timm state dict (.pth, .safetensors).",
+            metavar="CHECKPOINT",
             show_default=False,
         ),
     ],
@@ -185,7 +207,9 @@ def import_(
             show_default=False,
         ),
     ] = None,
-    image_size: Annotated[int, typer.Option("--image-size", help="Input size the weights were trained at.")] = 224,
+    image_size: Annotated[
+        int, typer.Option("--image-size", min=1, help="Input size the weights were trained at, in pixels.")
+    ] = 224,
     keep_head: Annotated[
         bool,
         typer.Option(
@@ -212,7 +236,9 @@ def import_(
     ] = None,
     epochs: Annotated[
         int | None,
-        typer.Option("--epochs", help="Pretraining epochs. [default: a MoCo file's 'epoch']", show_default=False),
+        typer.Option(
+            "--epochs", min=1, help="Pretraining epochs. [default: a MoCo file's 'epoch']", show_default=False
+        ),
     ] = None,
     dataset: Annotated[
         str | None, typer.Option("--dataset", help="Pretraining data, e.g. imagenet-1k.", show_default=False)
@@ -227,6 +253,7 @@ def import_(
             "--quote",
             help="A published figure for this checkpoint, METRIC=VALUE (e.g. 'ImageNet-1K linear top-1 (%)=68.0'); "
             "repeatable; shown as quoted, with --quote-source.",
+            metavar="METRIC=VALUE",
             show_default=False,
         ),
     ] = None,
@@ -238,6 +265,7 @@ def import_(
         typer.Option(
             "--results",
             help="A result JSON of `mochi probe --output` or `mochi detect` measured on these weights; repeatable.",
+            metavar="FILE",
             show_default=False,
         ),
     ] = None,

@@ -430,6 +430,8 @@ class TrainConfig(_Config):
     )
 
     def check_together(self) -> None:
+        if self.lr is None:  # resolved here, so run.json, checkpoints and --print-config hold the lr that runs
+            self.lr = self.base_lr
         n_hard, s, s_prime = self.mochi
         if self.bn_splits is not None and (self.batch_size % self.bn_splits or self.batch_size // self.bn_splits < 2):
             raise OptionError(
@@ -734,11 +736,17 @@ class ProbeConfig(_Config):
         "Continue the classifier from its last per-epoch state (in RUN/probes/, or next to --output).",
         affects=RUNS,
     )
+    card: bool = option(
+        True,
+        "Keep the result of a run directory's SOURCE in RUN/probes/, which its next export puts on the model card "
+        "(--no-card: a trial, written only to --output; delete a kept file to drop it from the card).",
+        affects=RUNS,
+    )
     cache_dir: str | None = option(
         None,
         "Feature cache of fast and knn.",
         affects=RUNS,
-        default_text="$MOCHI_HUB_CACHE or ~/.cache/mochi-hub, /features",
+        default_text="$MOCHI_HUB_CACHE/features, else $XDG_CACHE_HOME/mochi-hub/features, else ~/.cache/mochi-hub/features",
     )
     max_images: int | None = option(
         None, "Use a seeded random subset of N images of each split (smoke runs).", within="(0, inf)"
@@ -862,6 +870,12 @@ class DetectConfig(_Config):
     )
     resume: bool = option(
         False, "Continue from the last per-epoch state in --output (after a crash or kill).", affects=RUNS
+    )
+    card: bool = option(
+        True,
+        "Keep the result of a run directory's SOURCE in RUN/detection/, which its next export puts on the model card "
+        "(--no-card: a trial, written only to --output; delete a kept file to drop it from the card).",
+        affects=RUNS,
     )
     mixed_precision: MixedPrecision = option("no", "Autocast of the detector's forward.")
     preset: str | None = option(None, "Start from a preset.", affects=RUNS)

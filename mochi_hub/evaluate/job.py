@@ -174,13 +174,14 @@ class Job:
         }
 
     def write(self, result: dict[str, Any], output: Path | None, *, run_folder: str, name: str) -> None:
-        """On the main process: the result to `output` (when given) and, when SOURCE is a run directory, to
-        RUN/<run_folder>/<name>.json, where `mochi export` finds it for the card."""
+        """On the main process: the result to `output` (when given) and, when SOURCE is a run directory and the
+        result is kept (--card, the default), to RUN/<run_folder>/<name>.json, where `mochi export` finds it for the
+        card."""
         if not self.accelerator.is_main_process:
             return
         if output is not None:
             persist.write_json(output, result)
-        if "run_dir" in self.info:
+        if "run_dir" in self.info and self.config.card:
             kept = Path(self.info["run_dir"]) / run_folder
             kept.mkdir(parents=True, exist_ok=True)
             persist.write_json(kept / f"{name}.json", result)

@@ -531,4 +531,6 @@ def _result(p: _Probe, hits: Tensor) -> dict[str, Any]:
         "frozen_backbone_check": "passed: no backbone weight or BatchNorm statistic changed",
         **p.extra,
     }
-    return p.result(numbers, {"images_seen": p.decoded, "images_skipped": len(p.skipped)})
+    result = p.result(numbers, {"images_seen": p.decoded, "images_skipped": len(p.skipped)})
+    result["hyperparameters"]["augment"] = c.augment and c.protocol == "linear"  # what ran: fast and knn never augment
+    return result

@@ -18,9 +18,8 @@ from torch import nn
 from mochi_hub.core.persist import atomic_write, save_tensors
 from mochi_hub.data.augment import MEAN, STD
 from mochi_hub.errors import InputError
-from mochi_hub.publish.card import PAPER_ID
+from mochi_hub.publish.card import PAPER_ID, RESNET_FAMILY
 
-RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 DETECTRON2_FILE = "model_detectron2.pkl"
 
 
@@ -88,11 +87,15 @@ MODEL:
   PIXEL_STD: [{pixel_std}]
   RESNETS:
     DEPTH: {depth}
-    STRIDE_IN_1X1: False   # torchvision/timm ResNets stride in the 3x3 conv
+    STRIDE_IN_1X1: False   # torchvision/timm ResNets stride in the 3x3 conv{basic_block}
 INPUT:
   FORMAT: "RGB"
 ```
 """
+# detectron2's build_resnet_backbone asserts RES2_OUT_CHANNELS == 64 for its BasicBlock ResNets; its C4 box head
+# (Res5ROIHeads) builds bottleneck blocks, so those depths take an FPN config.
+BASIC_BLOCK = """
+    RES2_OUT_CHANNELS: 64  # ResNet-18/34 (BasicBlock): detectron2 requires it; use an FPN config, not C4"""
 
 TORCHVISION_NOTES = """# {name}: torchvision weights
 
@@ -147,7 +150,8 @@ def write_detectron2(
     atomic_write(target, write_pickle)
     depth = "".join(ch for ch in architecture.split("_")[0] if ch.isdigit()) or "50"
     pixels = dict(pixel_mean=_pixels(MEAN), pixel_std=_pixels(STD))
-    notes = DETECTRON2_NOTES.format(name=name, file=target.name, depth=depth, **pixels)
+    basic_block = BASIC_BLOCK if depth in ("18", "34") else ""
+    notes = DETECTRON2_NOTES.format(name=name, file=target.name, depth=depth, basic_block=basic_block, **pixels)
     notes += LICENSE_NOTE.format(license=license) if license else ""
     atomic_write(output / "README.md", lambda p: p.write_text(notes))
     return target

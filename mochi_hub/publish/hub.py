@@ -1,7 +1,8 @@
 """Push an export folder to the Hugging Face Hub: the only module that talks to the network.
 
-    push(SOURCE, "org/name")     SOURCE: a run directory (its export, exported first when missing or
-                                 older than the newest checkpoint) or an export folder
+    push(SOURCE, "org/name")     SOURCE: a run directory (its export, exported first when missing, older than the
+                                 newest checkpoint, or without the run's newest probe and detect results) or an
+                                 export folder
 
     plan_push    what to upload, checked offline (files, the card rendered for the repo id, the commit message)
     commit       one commit (or one pull request) carrying every file, so the repository holds all or none
@@ -31,11 +32,11 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
 from mochi_hub.errors import OptionError, UserError
-from mochi_hub.publish.card import GENERATED_MARK, method_name, model_card_from_export
+from mochi_hub.publish.card import GENERATED_MARK, method_name, model_card_from_export, redact_local_paths
 from mochi_hub.publish.export import CARD, CONFIG, CURVES, EXPORT_FILES, WEIGHTS, export_run
 from mochi_hub.publish.sources import HUB, RUN, Source
 from mochi_hub.training.checkpoint import checkpoint_step, latest_checkpoint
-from mochi_hub.training.runs import default_export
+from mochi_hub.training.runs import DETECTION, PROBES, default_export, read_results
 from mochi_hub.version import __version__
 
 # What an export holds; anything else (optimizer state, checkpoints, RNG files) needs --allow-extra.
@@ -68,6 +69,7 @@ class PushResult:
     revision: str | None = None
     tag: str | None = None
     remote_extra: list[str] = field(default_factory=list)  # files already in the repo, not in this export
+    changed: bool = True  # False: the branch already held these files; no commit (and no pull request) was made
 
     @property
     def timm_name(self) -> str:
@@ -94,7 +96,7 @@ def resolve_source(source: str | Path) -> tuple[Path, bool]:
                 f"{source} is a run without weights: no complete checkpoint and no export "
                 f"({export.name}/{WEIGHTS}); nothing to push"
             )
-        if latest is not None and _exported_step(export) != checkpoint_step(latest):
+        if latest is not None and not _export_is_current(parsed.path, export, checkpoint_step(latest)):
             export_run(parsed.path)  # offline; may raise ExportError (a ValueError) with its own message
             return export, True
         return export, False
@@ -103,12 +105,19 @@ def resolve_source(source: str | Path) -> tuple[Path, bool]:
     return parsed.path, False
 
 
-def _exported_step(export: Path) -> int | None:
+def _export_is_current(run_dir: Path, export: Path, step: int) -> bool:
+    """Whether the run's export holds its newest checkpoint and, for the card, the probe and detect results the run
+    keeps now (a result kept after the export, or one deleted since, makes it stale)."""
     try:
         config = json.loads((export / CONFIG).read_text())
-        return int(config["run"]["checkpoint_step"]) if (export / WEIGHTS).is_file() else None
+        exported_step = int(config["run"]["checkpoint_step"]) if (export / WEIGHTS).is_file() else None
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return False
+    kept = {
+        "probe_results": redact_local_paths(read_results(run_dir, PROBES)),
+        "detection_results": redact_local_paths(read_results(run_dir, DETECTION)),
+    }
+    return exported_step == step and all(config.get(key, []) == results for key, results in kept.items())
 
 
 def plan_upload(
@@ -293,8 +302,9 @@ def _client(plan: PushPlan, token: str | None) -> HfApi:
     return HfApi(endpoint=plan.result.endpoint, token=token, library_name="mochi-hub", library_version=__version__)
 
 
-def commit(api: HfApi, plan: PushPlan, log: Callable[[str], None]) -> tuple[CommitInfo, str]:
-    """The repository (and branch) made if missing, every file in one commit, the tag: (commit, repository URL)."""
+def commit(api: HfApi, plan: PushPlan, log: Callable[[str], None]) -> tuple[CommitInfo, str, bool]:
+    """The repository (and branch) made if missing, every file in one commit, the tag: (commit, repository URL,
+    whether anything changed: huggingface_hub skips a commit whose files the branch already holds)."""
     r = plan.result
     with hub_errors(plan, "checking the token"):
         user = api.whoami().get("name", "?")
@@ -303,6 +313,8 @@ def commit(api: HfApi, plan: PushPlan, log: Callable[[str], None]) -> tuple[Comm
     if plan.branch:
         with hub_errors(plan, f"creating branch {plan.branch}"):
             api.create_branch(r.repo_id, branch=plan.branch, exist_ok=True)
+    with hub_errors(plan, "reading the branch"):
+        head = api.repo_info(r.repo_id, revision=r.revision or constants.DEFAULT_REVISION).sha
     log(f"uploading {len(r.files)} files to {r.repo_id} as {user}")
     with hub_errors(plan, "uploading"):
         operations = [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=f.content) for f in r.files]
@@ -312,7 +324,7 @@ def commit(api: HfApi, plan: PushPlan, log: Callable[[str], None]) -> tuple[Comm
     if r.tag:
         with hub_errors(plan, f"tagging the commit {r.tag}", committed=done.oid):
             api.create_tag(r.repo_id, tag=r.tag, revision=done.oid, tag_message=plan.message)
-    return done, str(repo_url)
+    return done, str(repo_url), done.oid != head
 
 
 def verify(api: HfApi, plan: PushPlan, done: CommitInfo) -> list[str]:
@@ -350,10 +362,10 @@ def push(
     if dry_run:
         return result
     api = _client(plan, token)
-    done, repo_url = commit(api, plan, log)
+    done, repo_url, result.changed = commit(api, plan, log)
     result.remote_extra = verify(api, plan, done)
     result.commit_oid = done.oid
-    if plan.create_pr:
+    if plan.create_pr and result.changed:
         result.pr_url = result.url = done.pr_url
         result.revision = done.pr_revision
     else:

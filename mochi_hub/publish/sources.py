@@ -28,6 +28,7 @@ from mochi_hub.data.datasets import check_dataset_spec
 from mochi_hub.errors import InputError, OptionError
 from mochi_hub.method.model import pooled_width
 from mochi_hub.training.checkpoint import latest_checkpoint
+from mochi_hub.training.preflight import absolute_folders
 from mochi_hub.training.runs import RUN_JSON, RunError, is_run_dir, load_run_backbone
 
 HF_HUB = "hf-hub:"
@@ -194,7 +195,8 @@ def probe_config_for(source: str | Source, **options: Any) -> ProbeConfig:
     source = source if isinstance(source, Source) else Source.parse(source)
     config = resolve_probe_config(trained_on=source.trained_on(), **options)
     if config.dataset is not None:
-        check_dataset_spec(config.dataset)  # a --dataset that names nothing: refused before any work, as in train
+        check_dataset_spec(config.dataset, config.data_root)  # one that names nothing: refused now, as in train
+        config = absolute_folders(config)
     if config.dataset is None:
         raise OptionError(
             f"--dataset: SOURCE {source.text} does not record a dataset it was trained on that can be read here; "

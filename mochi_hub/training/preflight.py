@@ -5,6 +5,10 @@ that imports nothing of the package). A saved config is rebuilt without them: it
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from mochi_hub.config import TrainConfig
@@ -16,9 +20,21 @@ from mochi_hub.method.model import backbone_args, forward_sizes, min_image_size
 FLOAT32 = 4
 
 
+def absolute_folders(config: Any) -> Any:
+    """The config (train or probe) with a --dataset or --data-root that is a local folder as its absolute path, so
+    that run.json, a resume, a probe or an export from another folder read the same folder, and no card takes
+    "data/images" for a Hub id; anything else as given."""
+
+    def absolute(spec: str | None) -> str | None:
+        path = Path(spec).expanduser() if spec is not None else None
+        return str(path.resolve()) if path is not None and path.is_dir() else spec
+
+    return dataclasses.replace(config, dataset=absolute(config.dataset), data_root=absolute(config.data_root))
+
+
 def preflight(config: TrainConfig) -> TrainConfig:
     """Raise OptionError, naming the option, when the dataset or the model does not exist or cannot take the
-    image size; return the config unchanged."""
+    image size; return the config with a local dataset folder as its absolute path."""
     check_dataset_spec(config.dataset, config.data_root)
     args = backbone_args(config.model, init=config.init, image_size=config.image_size)  # checks the name too
     smallest = min_image_size(config.model, **args)
@@ -27,7 +43,7 @@ def preflight(config: TrainConfig) -> TrainConfig:
             f"--image-size {config.image_size}: {config.model} reduces its input {smallest}x, so it "
             f"needs at least {smallest} px"
         )
-    return config
+    return absolute_folders(config)
 
 
 def training_memory(config: TrainConfig, world: int, build: dict) -> list[Need]:

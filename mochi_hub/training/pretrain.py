@@ -43,7 +43,7 @@ from mochi_hub.training.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from mochi_hub.training.preflight import training_memory
+from mochi_hub.training.preflight import absolute_folders, training_memory
 from mochi_hub.training.runs import MetricsLog, RunSummary, describe_host, write_run_info
 from mochi_hub.training.state import TrainingState, build_training_state, launch
 from mochi_hub.version import __version__
@@ -177,6 +177,7 @@ class _Run:
 
     @classmethod
     def start(cls, config: TrainConfig, run_dir: Path, accelerator: Accelerator | None) -> _Run:
+        config = absolute_folders(config)
         trackers = _trackers(config.report_to)
         config, accelerator, device_choices = launch(
             config, accelerator, log_with=trackers or None, project_dir=str(run_dir)
@@ -309,7 +310,7 @@ class _Run:
             f" (stopping at {self.last_step})" if self.last_step < self.total_steps else "",
         )
         log.info(
-            "  lr %.4g (cosine%s), K %d, T %g, m %g; %s; %s; views drawn in the %s",
+            "  lr %r (cosine%s), K %d, T %g, m %g; %s; %s; views drawn in the %s",
             c.base_lr,
             f", {c.lr_warmup_epochs} warm-up epochs" if c.lr_warmup_epochs else "",
             c.queue_size,
@@ -553,6 +554,7 @@ def _resume_point(config: TrainConfig, run_dir: Path, world: int) -> Path | None
     try:
         state = read_state(path)
         saved = train_config_from_dict(state["config"])
+        saved = absolute_folders(saved)  # an older run stored a local folder as typed
     except (StateFileError, TypeError, ValueError) as error:
         raise InputError(f"--resume {path}: {error}") from None
     if different := resume_differences(saved, config):

@@ -176,7 +176,7 @@ def probes_from_card(card) -> dict[tuple, dict]:
     found: dict[tuple, dict] = {}
     for result in card.data.eval_results:
         key = (result.metric_config, result.dataset_name, result.dataset_split)
-        label = "top1" if result.metric_name.startswith("top-1") else "top5"
+        label = "top1" if "top-1" in result.metric_name else "top5"
         found.setdefault(key, {})[label] = result.metric_value
     return found
 

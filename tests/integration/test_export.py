@@ -232,6 +232,7 @@ def test_detectron2_pickle_from_a_run(run18, tmp_path):
     assert (obj["model"]["stem.conv1.weight"] == state["conv1.weight"].numpy()).all()
     notes = (tmp_path / "d2" / "README.md").read_text()
     assert "STRIDE_IN_1X1: False" in notes and "DEPTH: 18" in notes
+    assert "RES2_OUT_CHANNELS: 64" in notes  # detectron2 asserts it for ResNet-18/34
 
 
 def test_export_errors(tmp_path):

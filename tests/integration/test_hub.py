@@ -237,3 +237,39 @@ def test_stale_export_is_redone(tmp_path):
     config["run"]["checkpoint_step"] = 1  # as if exported before the newest checkpoint
     (run_dir / "export" / "config.json").write_text(json.dumps(config))
     assert resolve_source(run_dir) == (run_dir / "export", True)
+
+
+def test_nothing_changed_says_so_and_opens_no_pull_request(hub_env, run_dir):
+    hub = hub_env
+    assert push(str(run_dir / "export"), "--repo-id", "alice/unchanged").exit_code == 0
+    head = hub.repos["alice/unchanged"].branches["main"]
+    result = push(str(run_dir / "export"), "--repo-id", "alice/unchanged", "--create-pr")
+    assert result.exit_code == 0, result.output
+    assert "nothing to upload: alice/unchanged already holds these 4 files" in result.stdout
+    assert "no commit and no pull request was made" in result.stdout and "url: None" not in result.stdout
+    assert "uploaded" not in result.stdout and "pull request:" not in result.stdout
+    repo = hub.repos["alice/unchanged"]
+    assert not repo.pulls and repo.branches["main"] == head
+    result = push(str(run_dir / "export"), "--repo-id", "alice/unchanged")
+    assert result.exit_code == 0 and "nothing to upload" in result.stdout and repo.branches["main"] == head
+
+
+def test_a_result_kept_after_the_export_is_exported_before_a_push(hub_env, tmp_path):
+    run = make_run(tmp_path / "run")
+    export_run(run)
+    assert resolve_source(run) == (run / "export", False)  # current: pushed as it is
+    newer = {**PROBES[1], "top1": 66.25, "dataset": "fashion-mnist"}
+    (run / "probes" / "knn-newer.json").write_text(json.dumps(newer))
+    assert resolve_source(run) == (run / "export", True)  # a result the export lacks: exported again
+    assert 66.25 in [p["top1"] for p in json.loads((run / "export" / "config.json").read_text())["probe_results"]]
+    assert resolve_source(run) == (run / "export", False)
+    (run / "probes" / "knn-newer.json").unlink()  # a result dropped from the card
+    assert resolve_source(run) == (run / "export", True)
+
+
+def test_a_token_can_be_given_as_an_option(hub_env, run_dir, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    assert push(str(run_dir), "--repo-id", "alice/by-option").exit_code == 1  # no token anywhere
+    result = push(str(run_dir), "--repo-id", "alice/by-option", "--token", ALICE)
+    assert result.exit_code == 0, result.output
+    assert "alice/by-option" in hub_env.repos

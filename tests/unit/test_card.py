@@ -5,7 +5,7 @@ from importlib import resources
 from huggingface_hub import ModelCard
 
 from mochi_hub.config import TrainConfig, resolve_train_config
-from mochi_hub.publish.card import TAGS, generate_model_card, redact_local_paths
+from mochi_hub.publish.card import PAPER_RESULTS, TAGS, generate_model_card, redact_local_paths
 
 from runs import PROBES, probes_by_key, probes_from_card
 
@@ -55,20 +55,17 @@ def test_card_without_probes_has_no_model_index():
     assert "model-index" not in str(card) and "No evaluation was run" in card.text
 
 
-def test_paper_numbers_only_for_the_same_setting():
-    config = resolve_train_config(preset="imagenet-100").to_dict()
-    text = generate_model_card(config, probe_results=[{**PROBES[0], "dataset": "imagenet-100"}]).text
-    assert "| MoCHi (1024, 1024, 512) (this configuration) | 79.00 |" in text
-    assert "| MoCo-v2 | 78.00 |" in text and "arXiv:2010.01028" in text
-
-    moco = {**config, "mochi": [1024, 0, 0]}
-    text = generate_model_card(moco).text
-    assert "| MoCo-v2 (this configuration) | 78.00 |" in text and "without mixing" in text
-
-    text = generate_model_card({**config, "epochs": 100}).text
-    assert "reports no linear-probe number for this setting" in text
+def test_published_numbers_only_checked_ones_and_only_for_the_same_setting():
+    """Every quoted number names its source; the MoCHi paper's tables could not be checked, so none is quoted."""
+    assert [(r["dataset"], r["method"], r["top1"]) for r in PAPER_RESULTS] == [("imagenet-1k", "MoCo-v2", 67.5)]
+    assert all("facebookresearch/moco README" in r["source"] for r in PAPER_RESULTS)
     imagenet_1k = resolve_train_config(preset="imagenet-1k").to_dict()
-    assert "| MoCHi (1024, 1024, 512) (this configuration) | 68.00 |" in generate_model_card(imagenet_1k).text
+    text = generate_model_card({**imagenet_1k, "mochi": [1024, 0, 0]}).text
+    assert "| MoCo-v2 (this configuration) | 67.50 | facebookresearch/moco README" in text and "without mixing" in text
+    assert "| MoCo-v2 | 67.50 |" in generate_model_card(imagenet_1k).text  # a MoCHi run beside the baseline
+    for config in (resolve_train_config(preset="imagenet-100").to_dict(), {**imagenet_1k, "epochs": 100}):
+        text = generate_model_card(config).text
+        assert "Top-1 (%) | Source" not in text and "was checked against its source for this card" in text
 
 
 def test_local_dataset_path_is_redacted():
@@ -123,6 +120,49 @@ def test_short_probes_say_what_they_were_and_splits_keep_their_names():
 
 
 def test_a_smoke_run_of_a_paper_preset_is_not_this_configuration():
-    config = resolve_train_config(preset="imagenet-100", max_steps=20).to_dict()
+    config = resolve_train_config(preset="imagenet-1k", max_steps=20, mochi=(1024, 0, 0)).to_dict()
     text = generate_model_card(config).text
-    assert "(this configuration)" not in text and "| MoCHi (1024, 1024, 512) | 79.00 |" in text
+    assert "(this configuration)" not in text and "| MoCo-v2 | 67.50 |" in text
+
+
+def test_the_header_declares_only_what_is_known():
+    """A Hub dataset is declared; a local folder is described in the text, never declared (datasets, model-index);
+    detection data is always a local folder; results of one dataset and split share a task name that fits them all,
+    and each metric names its protocol."""
+    config = {
+        **TrainConfig(model="resnet18", image_size=32, epochs=2, batch_size=8, queue_size=64, mochi=(0, 0, 0)).to_dict()
+    }
+    local = {**config, "dataset": "/data/private/color"}
+    probes = [PROBES[0], PROBES[1], {**PROBES[0], "dataset": "/data/private/color", "top1": 55.5}]
+    detection = {"AP": 31.5, "AP50": 60.0, "dataset": "/data/coco", "dataset_name": "coco", "split": "val",
+                 "train_images": 24, "val_images": 12, "hyperparameters": {"image_size": 128, "epochs": 3}}  # fmt: skip
+    card = generate_model_card(local, probe_results=probes, detection_results=[detection])
+    assert card.data.datasets is None and "a local image folder (`color`)" in card.text
+    assert {r.dataset_type for r in card.data.eval_results} == {"zalando-datasets/fashion_mnist"}
+    assert 55.5 not in [r.metric_value for r in card.data.eval_results] and "| `color` (local folder) |" in card.text
+    assert all(r.task_type != "object-detection" for r in card.data.eval_results)
+    assert "| `coco` (local folder) | val | Faster R-CNN + FPN (torchvision), 128 px, 3 epochs | 24 / 12 | 31.50 |" in (
+        card.text
+    )
+    assert {r.task_name for r in card.data.eval_results} == {"Image classification on frozen features"}
+    assert {r.metric_name for r in card.data.eval_results} == {
+        "linear probe top-1 accuracy (%)",
+        "linear probe top-5 accuracy (%)",
+        "kNN top-1 accuracy (%)",
+        "kNN top-5 accuracy (%)",
+    }
+
+
+def test_a_vit_card_gives_no_resnet_advice():
+    config = TrainConfig(
+        model="vit_tiny_patch16_224", image_size=32, epochs=2, batch_size=8, queue_size=64, mochi=(0, 0, 0)
+    )
+    info = {"architecture": "vit_tiny_patch16_224", "feature_info": {"channels": [192] * 3, "reduction": [16] * 3}}
+    text = generate_model_card(config.to_dict(), model_info=info).text
+    assert "out_indices=(1, 2, 3, 4)" not in text and "--format" not in text and "strides (16, 16, 16)" in text
+    resnet = {
+        "architecture": "resnet18",
+        "feature_info": {"channels": [64, 64, 128, 256, 512], "reduction": [2, 4, 8, 16, 32]},
+    }
+    text = generate_model_card(config.to_dict(), model_info=resnet).text
+    assert "out_indices=(1, 2, 3, 4)" in text and "--format detectron2" in text
