@@ -136,15 +136,22 @@ SOURCE = inspect.Parameter(
 
 def print_table(title: str, row: dict[str, str], *, text_columns: int = 1, note: str = "") -> None:
     """One result as a table on stdout: `row` maps each column's name to its value; the first `text_columns`
-    are left-aligned, the numbers after them right-aligned."""
+    are left-aligned, the numbers after them right-aligned. Where the row does not fit the terminal, one line per
+    column instead: a value is never cut in two ("fashion-mnis" / "t")."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
     table = Table(title=title)
     for i, column in enumerate(row):
-        table.add_column(column, justify="left" if i < text_columns else "right", overflow="fold")
+        table.add_column(column, justify="left" if i < text_columns else "right", no_wrap=True)
     table.add_row(*row.values())
-    console = Console()
+    if console.measure(table, options=console.options.update_width(10**6)).maximum > console.width:
+        table = Table(title=title, show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")  # only a value wider than the terminal itself is folded
+        for column, value in row.items():
+            table.add_row(column, value)
     console.print(table)
     if note:
         console.print(note, markup=False, soft_wrap=True)

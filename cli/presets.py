@@ -21,7 +21,9 @@ from .options import fail
 
 
 def presets(
-    name: Annotated[str | None, typer.Argument(help="One preset; all when omitted.", show_default=False)] = None,
+    name: Annotated[
+        str | None, typer.Argument(help="One preset; all when omitted.", metavar="NAME", show_default=False)
+    ] = None,
 ) -> None:
     """List the presets of train, probe and detect with their resolved values (what `--preset NAME` runs)."""
     import yaml

@@ -15,7 +15,7 @@ from mochi_hub.cli import detect as cli_detect
 from mochi_hub.cli import probe as cli_probe
 from mochi_hub.cli import train as cli_train
 from mochi_hub.cli.app import app
-from mochi_hub.cli.options import help_text
+from mochi_hub.cli.options import help_text, print_table
 from mochi_hub.config import (
     DETECT_PRESETS,
     PROBE_PRESETS,
@@ -126,3 +126,35 @@ def test_cli_reports_bad_options_without_a_traceback(tmp_path):
     assert result.exit_code == 2 and "--batch-norm" in result.output
     result = CliRunner().invoke(app, ["probe", "SRC", "--protocol", "svm"])
     assert result.exit_code == 2 and "--protocol" in result.output and "'linear', 'knn', 'fast'" in result.output
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_the_command_list_is_never_cut_and_arguments_are_named_alike(width):
+    listing = CliRunner().invoke(app, ["--help"], terminal_width=width).stdout
+    commands = listing.split("Commands:")[1]
+    assert "..." not in commands and all(f"  {c}" in commands for c in ("train", "probe", "push", "presets"))
+    usage = {c: CliRunner().invoke(app, [c, "--help"]).stdout.splitlines()[0] for c in ("probe", "export", "import")}
+    assert usage == {
+        "probe": "Usage: mochi probe [OPTIONS] {SOURCE}",
+        "export": "Usage: mochi export [OPTIONS] {RUN_DIR}",
+        "import": "Usage: mochi import [OPTIONS] {CHECKPOINT}",
+    }
+    assert CliRunner().invoke(app, ["push", "--help"]).stdout.startswith("Usage: mochi push [OPTIONS] {SOURCE}")
+
+
+def test_the_cache_dir_default_reads_as_a_path():
+    probe = {f.name: f for f in dataclasses.fields(ProbeConfig)}
+    assert help_text(probe["cache_dir"], PROBE_PRESETS).endswith(
+        "[default: $MOCHI_HUB_CACHE/features, else $XDG_CACHE_HOME/mochi-hub/features, else ~/.cache/mochi-hub/features]"
+    )
+
+
+def test_a_result_table_never_cuts_a_value_in_two(capsys, monkeypatch):
+    row = {"protocol": "knn", "dataset": "fashion-mnist", "split": "val", "top-1 %": "71.25", "top-5 %": "97.50"}
+    row |= {"train": "60000", "eval": "10000", "seconds": "12.5"}
+    for width in ("80", "200"):
+        monkeypatch.setenv("COLUMNS", width)
+        print_table("mochi probe: runs/demo", row, text_columns=3)
+        shown = capsys.readouterr().out
+        assert max(len(line) for line in shown.splitlines()) <= int(width)
+        assert all(value in shown for value in row.values()), shown  # "fashion-mnist", not "fashion-mnis" / "t"
