@@ -1,1 +1,2 @@
-"""Publishing: what a SOURCE is, the timm export, other formats, the model card, charts, and the Hub push."""
+"""Publishing: what a SOURCE is, the timm export, other formats, the model card, charts, the Hub push, and a local
+Hub endpoint to try it offline."""

@@ -2,6 +2,8 @@
 it back in fresh subprocesses, then again offline from the populated cache with the server stopped."""
 
 import json
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +12,7 @@ from safetensors.torch import save_file
 
 from mochi_hub.publish.export import export_run, load_run_backbone
 
-from hub_server import ALICE, EXPORT_FILES, TOKENS, FakeHub, assert_clean_upload
+from hub_server import ALICE, EXPORT_FILES, TOKENS, LocalHub, assert_clean_upload
 from runs import (
     clean_env,
     make_run,
@@ -22,7 +24,7 @@ from runs import (
 
 @pytest.fixture(scope="module")
 def hub():
-    server = FakeHub(TOKENS).start()
+    server = LocalHub(TOKENS).start()
     yield server
     server.stop()
 
@@ -72,7 +74,7 @@ def test_mochi_push_then_timm_loads_from_hub_and_offline_cache(tmp_path):
     HF_HOME, gets the same outputs as the exported backbone, a new head and feature maps; then the same
     from the cache with HF_HUB_OFFLINE=1 once the endpoint is gone."""
     run_dir = make_run(tmp_path / "run")
-    hub = FakeHub(TOKENS).start()
+    hub = LocalHub(TOKENS).start()
     try:
         push_home = tmp_path / "hf-home-push"
         result = run(
@@ -113,3 +115,27 @@ def test_mochi_push_then_timm_loads_from_hub_and_offline_cache(tmp_path):
         assert out["channels"] == [32, 32, 48, 192, 96] and out["reduction"] == [2, 4, 8, 16, 32]
         assert out["maps"] == [[3, c, 32 // r, 32 // r] for c, r in zip(out["channels"], out["reduction"])]
         assert out["snippet"] == {"features": [2, 96], "classes": 10, "channels": [32, 32, 48, 192, 96]}
+
+
+@pytest.mark.ci
+def test_the_local_endpoint_a_user_starts_takes_a_push(run_dir, tmp_path):
+    """README's recipe for trying `mochi push` offline: start the endpoint, export what it prints, push."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mochi_hub.publish.local_hub", "--port", "0", "--user", "me"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        lines = [server.stdout.readline() for _ in range(2)]
+        exported = dict(pair.split("=", 1) for pair in lines[1].split("export ", 1)[1].split())
+        assert set(exported) == {"HF_ENDPOINT", "HF_TOKEN"} and exported["HF_ENDPOINT"].startswith("http://127.0.0.1:")
+        env = clean_env(**exported, HF_HOME=str(tmp_path / "hf-home"))
+        pushed = run([*mochi_command(), "push", str(run_dir), "--repo-id", "me/mochi-demo"], env)
+        assert pushed.returncode == 0, pushed.stderr
+        assert "verified: the remote files and sizes match" in pushed.stdout and exported["HF_TOKEN"] not in (
+            pushed.stdout + pushed.stderr
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0

@@ -10,7 +10,7 @@ import torch
 from checkpoints import main_lincls_backbone, save_moco_checkpoint
 from safetensors.torch import save_file
 
-from hub_server import ALICE, TOKENS, FakeHub
+from hub_server import ALICE, TOKENS, LocalHub
 from runs import clean_env, mochi_command, run
 
 LOADER = r"""
@@ -50,7 +50,7 @@ def test_readme_commands_from_checkpoint_to_timm_features(tmp_path):
             maps[f"map{i}"] = x = layer(x)
     save_file({"images": images, **maps}, tmp_path / "reference.safetensors")
 
-    hub = FakeHub(TOKENS).start()
+    hub = LocalHub(TOKENS).start()
     try:
         pushed = run(
             [*mochi_command(), "push", str(tmp_path / "mochi-r18"), "--repo-id", "alice/resnet18-mochi"],

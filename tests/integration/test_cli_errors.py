@@ -19,7 +19,7 @@ from mochi_hub.publish.sources import probe_config_for
 from mochi_hub.training.checkpoint import latest_checkpoint
 from mochi_hub.training.pretrain import train
 
-from hub_server import TOKENS, FakeHub
+from hub_server import TOKENS, LocalHub
 from runs import tiny_config, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -329,7 +329,7 @@ def test_probe_checks_its_source_before_anything_else(run_dir, tmp_path, monkeyp
     result = mochi("probe", run_dir, "--dataset", "nope")
     assert result.exit_code == 2 and "--dataset 'nope': not a folder" in one_error_line(result)
 
-    hub = FakeHub(TOKENS).start()
+    hub = LocalHub(TOKENS).start()
     try:
         from huggingface_hub import constants
 

@@ -1,5 +1,5 @@
 """`mochi push` in-process (typer's CliRunner) against a Hub-compatible endpoint on 127.0.0.1
-(tests/helpers/hub_server.py), with the REAL huggingface_hub client."""
+(mochi_hub/publish/local_hub.py), with the REAL huggingface_hub client."""
 
 import json
 import shutil
@@ -14,7 +14,7 @@ from mochi_hub.publish.card import redact_local_paths
 from mochi_hub.publish.export import export_run
 from mochi_hub.publish.hub import resolve_source
 
-from hub_server import ALICE, BOB, EXPORT_FILES, TOKENS, FakeHub, assert_clean_upload
+from hub_server import ALICE, BOB, EXPORT_FILES, TOKENS, LocalHub, assert_clean_upload
 from runs import (
     PROBES,
     make_run,
@@ -26,7 +26,7 @@ from runs import (
 
 @pytest.fixture(scope="module")
 def hub():
-    server = FakeHub(TOKENS).start()
+    server = LocalHub(TOKENS).start()
     yield server
     server.stop()
 

@@ -35,7 +35,7 @@ from mochi_hub.publish.hub import push
 from mochi_hub.publish.importer import Declared, import_checkpoint
 from mochi_hub.publish.sources import load_backbone
 
-from hub_server import ALICE, TOKENS, FakeHub
+from hub_server import ALICE, TOKENS, LocalHub
 from runs import assert_close
 
 IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -355,7 +355,7 @@ def test_argparse_namespace_needs_the_opt_in_and_its_settings_reach_the_card(tmp
 
 @pytest.fixture(scope="module")
 def hub():
-    server = FakeHub(TOKENS).start()
+    server = LocalHub(TOKENS).start()
     yield server
     server.stop()
 
