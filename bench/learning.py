@@ -40,6 +40,7 @@ class Pixels(nn.Module):
     def __init__(self, mean_image: Tensor):
         super().__init__()
         self.register_buffer("mean_image", mean_image.flatten())  # [C*H*W]
+        self.num_features = mean_image.numel()  # the width a probe reads, as on a timm model
 
     def forward(self, images: Tensor) -> Tensor:
         return images.flatten(1) - self.mean_image  # [B, C*H*W]
