@@ -177,6 +177,14 @@ class TimmFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))  # 5 x [B, out_channels, ...]
 
 
+def resolved_batch_norm(mode: str, num_processes: int, device_type: str) -> str:
+    """--batch-norm auto as MoCo's detection transfer: SyncBatchNorm over several GPU processes, else each process's
+    batch statistics; any other mode as given."""
+    if mode != "auto":
+        return mode
+    return "sync" if num_processes > 1 and device_type == "cuda" else "train"
+
+
 def build_detector(
     backbone: nn.Module, info: dict[str, Any], num_classes: int, config: DetectConfig
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -394,9 +402,10 @@ def _prepare(
     accelerator = launched_accelerator(
         config.batch_size, accelerator=accelerator, mixed_precision=config.mixed_precision
     )
-    if config.batch_norm == "auto":  # recorded resolved: the state, the result and its name say what ran
-        several_gpus = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
-        config = dataclasses.replace(config, batch_norm="sync" if several_gpus else "train")
+    # Recorded resolved: the state, the result and its name say what ran.
+    config = dataclasses.replace(
+        config, batch_norm=resolved_batch_norm(config.batch_norm, accelerator.num_processes, accelerator.device.type)
+    )
     if config.batch_norm == "sync" and accelerator.num_processes > 1 and accelerator.device.type != "cuda":
         raise OptionError("--batch-norm sync needs GPUs (SyncBatchNorm does not run on the CPU); use train")
     # A caller's backbone is copied: freezing replaces its BatchNorm layers in place.

@@ -28,7 +28,15 @@ from typer.testing import CliRunner
 from mochi_hub.cli.app import app
 from mochi_hub.config import DetectConfig
 from mochi_hub.evaluate.coco import evaluate_boxes, load_dataset, to_coco_detections
-from mochi_hub.evaluate.detect import RESULTS, TimmFPN, prepare_backbone, result_name, run_detect
+from mochi_hub.evaluate.detect import (
+    RESULTS,
+    TimmFPN,
+    build_detector,
+    prepare_backbone,
+    resolved_batch_norm,
+    result_name,
+    run_detect,
+)
 from mochi_hub.method.model import create_backbone
 from mochi_hub.publish.export import export_run
 from mochi_hub.training.runs import DETECTION
@@ -104,6 +112,29 @@ def test_feature_maps_are_timms_features_only_and_layers_freeze_as_asked(tmp_pat
     assert all(p.requires_grad for p in backbone.parameters())
     with pytest.raises(ValueError, match="--trainable-layers 6: this backbone has 5 stages"):
         prepare_backbone(create_backbone("test_resnet"), trainable_layers=6, batch_norm="frozen")
+
+
+def test_trained_batchnorm_normalises_the_new_layers_and_auto_follows_the_processes(data, tmp_path):
+    """MoCo's transfer: with BatchNorm trained, the FPN and the box head are normalised too, every backbone stage
+    trains by default; frozen keeps torchvision's supervised layout (no norm in the new layers)."""
+
+    def batchnorms(module: torch.nn.Module) -> int:
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+    info = {"declared_mean": (0.5,) * 3, "declared_std": (0.25,) * 3}
+    config = tiny_detect_config(data, tmp_path / "out", trainable_layers=None, batch_norm="train", fpn_channels=16)
+    model, frozen = build_detector(create_backbone("test_resnet"), info, 10, config)
+    assert batchnorms(model.backbone.fpn) == 8  # 4 inner + 4 layer convolutions
+    assert batchnorms(model.roi_heads.box_head) == 4 and model.roi_heads.box_predictor.cls_score.out_features == 11
+    assert all(p.requires_grad for p in model.backbone.body.parameters())  # every stage
+    assert frozen["new_layers"].startswith("BatchNorm in the FPN")
+    config = tiny_detect_config(data, tmp_path / "out", trainable_layers=3, batch_norm="frozen", fpn_channels=16)
+    model, frozen = build_detector(create_backbone("test_resnet"), info, 10, config)
+    assert batchnorms(model) == 0 and frozen["new_layers"] == "no norm"
+
+    assert resolved_batch_norm("auto", 8, "cuda") == "sync"
+    assert resolved_batch_norm("auto", 1, "cuda") == resolved_batch_norm("auto", 2, "cpu") == "train"
+    assert resolved_batch_norm("frozen", 8, "cuda") == "frozen"
 
 
 # --- box AP: the real evaluator on cases with a known answer ----------------------------------------------
