@@ -34,7 +34,13 @@ from mochi_hub.training import pretrain as train_module
 
 COMMANDS = {  # command: config class, presets, the command's function, where it is called, fields that must agree
     "train": (TrainConfig, TRAIN_PRESETS, cli_train.train, (train_module, "train"), {"batch_size": 32, "bn_splits": 4}),
-    "probe": (ProbeConfig, PROBE_PRESETS, cli_probe.probe, (probe_module, "run_probe"), {"dataset": "imagenet-100", "data_root": "/"}),
+    "probe": (
+        ProbeConfig,
+        PROBE_PRESETS,
+        cli_probe.probe,
+        (probe_module, "run_probe"),
+        {"dataset": "imagenet-100", "data_root": "/"},
+    ),
     "detect": (DetectConfig, DETECT_PRESETS, cli_detect.detect, (detect_module, "run_detect"), {}),
 }
 # What the train preflight checks must exist here (--data-root: a folder, for a named dataset; probe's too).
